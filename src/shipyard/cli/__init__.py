@@ -1,0 +1,65 @@
+"""The `shipyard` command line: a Typer app whose verbs are thin calls into the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from shipyard import __version__
+from shipyard.cli.config_cmd import config_app
+from shipyard.cli.train_cmd import evaluate, train
+from shipyard.errors import ShipyardError
+
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="shipyard",
+    help=(
+        "From data to a secure, fast HTTP endpoint for PyTorch models.\n\n"
+        "Examples:\n\n"
+        "  shipyard train examples/digits-mlp.yaml\n\n"
+        "  shipyard train examples/gpt-tiny.yaml --nproc 2 --set train.max_steps=200\n\n"
+        "  shipyard eval runs/digits-mlp/<run-id> --split test\n\n"
+        "  shipyard config validate examples/*.yaml\n\n"
+        "  shipyard config show examples/digits-mlp.yaml --set train.epochs=5\n\n"
+        "  shipyard config schema > shipyard.schema.json"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
+app.add_typer(config_app, name="config")
+app.command("train")(train)
+app.command("eval")(evaluate)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"shipyard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    if debug:
+        os.environ["SHIPYARD_DEBUG"] = "1"
+
+
+def main() -> None:
+    """Console-script entry point: run the app; project errors become one red line and exit 2."""
+    try:
+        app()
+    except ShipyardError as exc:
+        if os.environ.get("SHIPYARD_DEBUG") == "1":
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,496 @@
+"""The typed run config: one YAML file drives a whole run.
+
+Every section is a strict pydantic model, so a misspelt key is an error that names the key, the
+allowed keys and the closest match. `load_config(path, overrides)` reads YAML, applies `a.b=c`
+overrides and validates; `dump_config(config)` writes the resolved YAML with defaults filled in.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from shipyard.config_base import StrictModel
+from shipyard.data.config import DataConfig
+from shipyard.errors import ConfigError
+from shipyard.models import CAUSAL_MODELS, TOKEN_MODELS, ModelConfig
+
+Task = Literal["classification", "regression", "language-modeling"]
+
+# ----------------------------------------------------------------------------------------------
+# optimizers (torch.optim), chosen by name; each carries only its own hyper-parameters
+
+
+class _OptimBase(StrictModel):
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decay in the optimizer (decoupled for adamw)")
+    decay_exclude: Literal["auto", "none"] = Field(
+        "auto", description="auto: no weight decay on biases, norms and embeddings"
+    )
+
+
+class GDConfig(_OptimBase):
+    """Full-batch gradient descent: one update per pass over the whole train split."""
+
+    name: Literal["gd"] = "gd"
+    lr: float = Field(0.1, gt=0)
+
+
+class SGDConfig(_OptimBase):
+    """Mini-batch stochastic gradient descent, optionally with (Nesterov) momentum."""
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    dampening: float = Field(0.0, ge=0, le=1)
+    nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> SGDConfig:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+        return self
+
+
+class AdagradConfig(_OptimBase):
+    """Adagrad: per-parameter learning rates from the sum of squared gradients."""
+
+    name: Literal["adagrad"] = "adagrad"
+    lr: float = Field(0.01, gt=0)
+    lr_decay: float = Field(0.0, ge=0)
+    initial_accumulator_value: float = Field(0.0, ge=0)
+    eps: float = Field(1e-10, gt=0)
+
+
+class RMSpropConfig(_OptimBase):
+    """RMSprop: divide by a moving average of squared gradients."""
+
+    name: Literal["rmsprop"] = "rmsprop"
+    lr: float = Field(0.01, gt=0)
+    alpha: float = Field(0.99, gt=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    centered: bool = False
+
+
+class AdamConfig(_OptimBase):
+    """Adam with L2-style weight decay (added to the gradient)."""
+
+    name: Literal["adam"] = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    amsgrad: bool = False
+
+
+class AdamWConfig(_OptimBase):
+    """AdamW: Adam with decoupled weight decay."""
+
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    amsgrad: bool = False
+    weight_decay: float = Field(0.01, ge=0)
+
+
+OptimConfig = Annotated[
+    GDConfig | SGDConfig | AdagradConfig | RMSpropConfig | AdamConfig | AdamWConfig,
+    Field(discriminator="name"),
+]
+
+# ----------------------------------------------------------------------------------------------
+# learning-rate schedules; `warmup_steps` of linear warmup can sit in front of any of them
+
+
+class _ScheduleBase(StrictModel):
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr over N steps")
+
+
+class ConstantSchedule(_ScheduleBase):
+    name: Literal["constant"] = "constant"
+
+
+class StepSchedule(_ScheduleBase):
+    """Multiply the lr by `gamma` every `step_size` steps."""
+
+    name: Literal["step"] = "step"
+    step_size: int = Field(..., ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class ExponentialSchedule(_ScheduleBase):
+    """Multiply the lr by `gamma` every step."""
+
+    name: Literal["exponential"] = "exponential"
+    gamma: float = Field(..., gt=0, le=1)
+
+
+class CosineSchedule(_ScheduleBase):
+    """Cosine decay from lr to `min_lr` over the run (after warmup)."""
+
+    name: Literal["cosine"] = "cosine"
+    min_lr: float = Field(0.0, ge=0)
+
+
+class LinearSchedule(_ScheduleBase):
+    """Linear decay from lr to lr * `end_factor` over the run (after warmup)."""
+
+    name: Literal["linear"] = "linear"
+    end_factor: float = Field(0.0, ge=0, le=1)
+
+
+class PlateauSchedule(_ScheduleBase):
+    """Reduce the lr by `factor` when a validation metric stops improving."""
+
+    name: Literal["plateau"] = "plateau"
+    metric: str = Field("loss", description="validation metric to watch, e.g. loss or accuracy")
+    mode: Literal["min", "max"] = "min"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(2, ge=0, description="evaluations without improvement before reducing")
+    threshold: float = Field(1e-4, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class OneCycleSchedule(StrictModel):
+    """One-cycle: warm up to `max_lr` (default: optim.lr), then anneal (it has its own warmup)."""
+
+    name: Literal["onecycle"] = "onecycle"
+    max_lr: float | None = Field(None, gt=0)
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    div_factor: float = Field(25.0, gt=0)
+    final_div_factor: float = Field(1e4, gt=0)
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+
+
+ScheduleConfig = Annotated[
+    ConstantSchedule
+    | StepSchedule
+    | ExponentialSchedule
+    | CosineSchedule
+    | LinearSchedule
+    | PlateauSchedule
+    | OneCycleSchedule,
+    Field(discriminator="name"),
+]
+
+# ----------------------------------------------------------------------------------------------
+
+
+class RegularizationConfig(StrictModel):
+    """Explicit penalties and other regularizers (dropout lives in the model section)."""
+
+    l1: float = Field(
+        0.0, ge=0, description="adds l1/m * sum|w| to the mean loss (m = examples per step)"
+    )
+    l2: float = Field(
+        0.0, ge=0, description="adds l2/(2m) * sum w^2 to the mean loss (weights, not biases)"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy only")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient norm")
+
+
+class EarlyStoppingConfig(StrictModel):
+    """Stop when a validation metric stops improving, and restore the best weights."""
+
+    metric: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(5, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class CheckpointConfig(StrictModel):
+    """When to write checkpoints and how many to keep."""
+
+    every_steps: int | None = Field(
+        None, ge=1, description="write every N optimizer steps (default: at each evaluation)"
+    )
+    keep_last: int = Field(2, ge=1)
+    keep_best: bool = True
+
+
+class TrainConfig(StrictModel):
+    """The training loop."""
+
+    epochs: int | None = Field(10, ge=1, description="passes over the train split")
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
+    batch_size: int = Field(64, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    loss: Literal["auto", "cross-entropy", "mse", "mae", "huber", "bce"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp32 on CPU, bf16 autocast on CUDA"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="torch.compile the model")
+    deterministic: bool = Field(False, description="torch deterministic algorithms")
+    log_every: int = Field(10, ge=1, description="write a metrics.jsonl line every N steps")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="device peak TFLOP/s for the MFU estimate (auto on known GPUs)"
+    )
+    early_stopping: EarlyStoppingConfig | None = None
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _has_a_length(self) -> TrainConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set train.epochs or train.max_steps (or both: the first reached wins)")
+        return self
+
+
+class EvalConfig(StrictModel):
+    """Validation during training and the final evaluation."""
+
+    every_steps: int | None = Field(
+        None, ge=1, description="validate every N optimizer steps (default: each epoch)"
+    )
+    batch_size: int = Field(256, ge=1)
+    max_batches: int | None = Field(None, ge=1, description="cap validation batches (LM runs)")
+    top_k: int = Field(3, ge=1, description="classification: also report top-k accuracy")
+
+
+class RunConfig(StrictModel):
+    """A whole run: data → model → training → evaluation."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    task: Task
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig = Field(default_factory=AdamWConfig)
+    schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        # `optim: {lr: 0.01}` means the default optimizer with another lr
+        if isinstance(data, dict):
+            for section, default in (("optim", "adamw"), ("schedule", "constant")):
+                value = data.get(section)
+                if isinstance(value, dict) and "name" not in value:
+                    data = {**data, section: {"name": default, **value}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        model = self.model.name
+        if self.task == "language-modeling":
+            if model not in CAUSAL_MODELS:
+                raise ValueError(
+                    f"task language-modeling needs a causal model ({', '.join(sorted(CAUSAL_MODELS))}),"
+                    f" got model.name={model!r}"
+                )
+            if self.data.tokenizer is None:
+                raise ValueError(
+                    "task language-modeling needs data.tokenizer (e.g. data.tokenizer.kind: byte)"
+                )
+            if not self.data.is_text_corpus:
+                raise ValueError(
+                    "task language-modeling needs a text corpus: data.source builtin:python-stdlib "
+                    "or data.format: text"
+                )
+        else:
+            if model in CAUSAL_MODELS:
+                raise ValueError(
+                    f"model {model!r} is a language model; use task language-modeling "
+                    f"(task is {self.task!r})"
+                )
+            if self.data.is_text_corpus:
+                raise ValueError(f"a text corpus source needs task language-modeling, not {self.task!r}")
+        if model in TOKEN_MODELS and self.task != "language-modeling":
+            if self.data.text_column is None or self.data.tokenizer is None:
+                raise ValueError(
+                    f"model {model!r} reads token ids: set data.text_column and data.tokenizer"
+                )
+        if self.task == "regression" and self.train.loss in ("cross-entropy", "bce"):
+            raise ValueError(f"train.loss {self.train.loss!r} does not fit task regression")
+        if self.task != "regression" and self.train.loss in ("mse", "mae", "huber"):
+            raise ValueError(f"train.loss {self.train.loss!r} needs task regression")
+        if isinstance(self.optim, GDConfig) and self.train.grad_accum != 1:
+            raise ValueError("optim gd already uses the whole train split per step: set grad_accum 1")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# loading, overrides, errors
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Read a run config from a YAML file (or a dict), apply `a.b=c` overrides, validate."""
+    if isinstance(source, Mapping):
+        raw: Any = json.loads(json.dumps(source))  # deep copy of plain data
+        where = "config"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(str(exc))}") from None
+        if raw is None:
+            raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, where=where)
+
+
+def validate_config(raw: Mapping[str, Any], *, where: str = "config") -> RunConfig:
+    """Validate plain data as a RunConfig; raise ConfigError with one readable line per problem."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, lists...)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.epochs=5)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, defaults filled in, in declaration order."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def config_sha256(config: RunConfig) -> str:
+    """A stable hash of the resolved config (for lineage and resume checks)."""
+    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of a run config, for editor autocompletion of YAML files."""
+    schema = RunConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "shipyard run config"
+    return schema
+
+
+def format_validation_error(exc: ValidationError, where: str = "config") -> str:
+    """One line per problem: the dotted path, what is wrong, and for unknown keys the allowed ones."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path, owner = _resolve_loc(loc)
+        if err["type"] == "extra_forbidden":
+            allowed = sorted(owner.model_fields) if owner is not None else []
+            key = str(loc[-1])
+            msg = f"unknown key {path!r}"
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            if close:
+                msg += f": did you mean {close[0]!r}?"
+            if allowed:
+                msg += f" (allowed: {', '.join(allowed)})"
+        elif err["type"] == "missing":
+            msg = f"missing required key {path!r}"
+        elif err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx") or {}
+            msg = (
+                f"{path + '.name' if path else 'name'}: unknown name {ctx.get('tag')!r}, "
+                f"choose one of {ctx.get('expected_tags')}"
+            )
+        elif err["type"] == "union_tag_not_found":
+            msg = f"{path}: missing 'name' (it selects the kind)"
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            msg = f"{path}: {text}" if path else text
+            if "input" in err and err["type"] not in ("model_type",) and not isinstance(
+                err["input"], dict
+            ):
+                msg += f" (got {err['input']!r})"
+        lines.append(msg)
+    head = f"{where}: " if len(lines) == 1 else f"{where}: {len(lines)} problems:\n  "
+    return head + "\n  ".join(lines)
+
+
+def _resolve_loc(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
+    """Map a pydantic error location to a dotted user path and the model owning the last key.
+
+    Discriminated unions put the tag (e.g. 'sgd') in the location; it is not a user key, so it is
+    dropped from the path and used to pick the variant.
+    """
+    model: type[BaseModel] | None = RunConfig
+    parts: list[str] = []
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        if model is None:
+            parts.append(str(part))
+            i += 1
+            continue
+        owner = model
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            parts.append(str(part))
+            if i == len(loc) - 1:
+                return ".".join(parts), owner
+            i += 1
+            model = None
+            continue
+        parts.append(str(part))
+        model, skip = _submodel(field.annotation, loc[i + 1] if i + 1 < len(loc) else None)
+        if i == len(loc) - 1:
+            return ".".join(parts), owner
+        i += 1 + skip
+    return ".".join(parts), model
+
+
+def _submodel(annotation: Any, next_part: Any) -> tuple[type[BaseModel] | None, int]:
+    """The model class behind a field annotation; for tagged unions pick the variant by tag."""
+    candidates = [a for a in _flatten(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    if len(candidates) == 1:
+        return candidates[0], 0
+    for cand in candidates:
+        tag_field = cand.model_fields.get("name")
+        if tag_field is not None and next_part is not None and tag_field.default == next_part:
+            return cand, 1
+    return None, 0
+
+
+def _flatten(annotation: Any) -> Iterable[Any]:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        yield from _flatten(typing.get_args(annotation)[0])
+    elif origin is Union or origin is types.UnionType:
+        for arg in typing.get_args(annotation):
+            yield from _flatten(arg)
+    else:
+        yield annotation
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

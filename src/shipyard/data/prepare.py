@@ -1,0 +1,296 @@
+"""`prepare_data`: config → loaded, split, preprocessed datasets plus what describes them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from shipyard.data.config import DataConfig
+from shipyard.data.corpus import TokenWindows, default_cache_dir, tokenize_to_file
+from shipyard.data.datasets import ArrayDataset
+from shipyard.data.preprocessing import Preprocessor, encode_labels, fit_class_names
+from shipyard.data.sources import Table, load_table, load_texts
+from shipyard.data.splits import SPLITS, split_documents, split_indices
+from shipyard.data.tokenization import Tokenizer
+from shipyard.errors import DataError
+
+Task = Literal["classification", "regression", "language-modeling"]
+TASKS: tuple[str, ...] = ("classification", "regression", "language-modeling")
+
+
+@dataclass
+class DataInfo:
+    """What a model and a package need to know about the data (JSON via `to_dict`).
+
+    input_shape is per example: (n_features,), (C, H, W) for images ((1, 8, 8) for digits), or
+    (block_size,) for token sequences. num_outputs: classes, regression target columns, or vocab.
+    split_sizes counts rows per split, or tokens per split for language modeling.
+    fingerprint: SHA-256 over the loaded source content, the data config, task, seed and block size.
+    """
+
+    task: str
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    class_names: list[str] | None
+    feature_names: list[str] | None
+    vocab_size: int | None
+    split_sizes: dict[str, int]
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (input_shape becomes a list)."""
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataInfo:
+        """Inverse of `to_dict`."""
+        return cls(**{**d, "input_shape": tuple(int(v) for v in d["input_shape"])})
+
+
+@dataclass
+class PreparedData:
+    """Datasets of (x, y) tensor pairs per split, plus the fitted preprocessing that made them.
+
+    `val`/`test` are None when not requested. `preprocessor` is set for tabular/image/text-column
+    data (fitted on train only); `tokenizer` for text.
+    """
+
+    train: Dataset[Any]
+    val: Dataset[Any] | None
+    test: Dataset[Any] | None
+    info: DataInfo
+    preprocessor: Preprocessor | None = None
+    tokenizer: Tokenizer | None = None
+    splits: dict[str, Dataset[Any]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.splits = {
+            name: ds
+            for name, ds in (("train", self.train), ("val", self.val), ("test", self.test))
+            if ds is not None
+        }
+
+
+def prepare_data(
+    config: DataConfig,
+    task: Task,
+    seed: int,
+    *,
+    block_size: int | None = None,
+    cache_dir: Path | None = None,
+) -> PreparedData:
+    """Load, split (seeded), fit preprocessing on train, and build the datasets for `task`.
+
+    block_size: tokens per example; required for language modeling and `data.text_column`.
+    cache_dir: where language-model token files are cached (default `$SHIPYARD_HOME/cache/tokens`).
+    """
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if block_size is not None and block_size < 1:
+        raise DataError(f"block_size must be ≥ 1, got {block_size}")
+    fingerprint = hashlib.sha256()
+    fingerprint.update(
+        json.dumps(
+            {
+                "data": config.model_dump(mode="json"),
+                "task": task,
+                "seed": seed,
+                "block_size": block_size,
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    if task == "language-modeling":
+        return _prepare_corpus(config, seed, block_size, cache_dir, fingerprint)
+    if config.is_text_corpus:
+        raise DataError(
+            f"{config.source or 'text files'} is a text corpus, usable only for task "
+            f"language-modeling, not {task}; for text classification use a CSV/JSONL with "
+            "data.text_column"
+        )
+    return _prepare_rows(config, task, seed, block_size, fingerprint)
+
+
+def _split_tables(config: DataConfig, task: str, seed: int) -> dict[str, Table]:
+    if config.files is not None:
+        specs = {name: getattr(config.files, name) for name in SPLITS}
+        return {
+            name: load_table(spec, config, task, seed)
+            for name, spec in specs.items()
+            if spec is not None
+        }
+    assert config.source is not None
+    table = load_table(config.source, config, task, seed)
+    indices = split_indices(len(table), config.splits, seed, config.shuffle)
+    return {name: table.take(idx) for name, idx in indices.items()}
+
+
+def _prepare_rows(
+    config: DataConfig, task: str, seed: int, block_size: int | None, fingerprint: Any
+) -> PreparedData:
+    tables = _split_tables(config, task, seed)
+    for name, table in tables.items():
+        fingerprint.update(name.encode())
+        table.update_hash(fingerprint)
+        if len(table) == 0:
+            raise DataError(f"the {name} split has no rows; check the file for that split")
+    train = tables["train"]
+
+    ys: dict[str, np.ndarray] = {}
+    class_names: list[str] | None = None
+    for name, table in tables.items():
+        if table.labels is None:
+            raise DataError(f"the {name} split has no target; set data.target for {task}")
+    if task == "classification":
+        if train.class_names is not None:  # declared by the source (digits, image folders)
+            class_names = train.class_names
+            ys = {n: np.asarray(t.labels, dtype=np.int64) for n, t in tables.items()}
+        else:
+            class_names = fit_class_names(train.labels)  # type: ignore[arg-type]
+            ys = {n: encode_labels(t.labels, class_names, n) for n, t in tables.items()}  # type: ignore[arg-type]
+        if len(class_names) < 2:
+            raise DataError(
+                f"classification needs at least 2 classes, but the train split has "
+                f"{len(class_names)} ({', '.join(class_names)}); check data.target"
+            )
+    else:
+        for name, table in tables.items():
+            labels = np.asarray(table.labels)
+            if labels.dtype == object:
+                raise DataError(f"regression targets in the {name} split are not numbers")
+            ys[name] = labels.reshape(len(labels), -1).astype(np.float32)  # (N, k)
+
+    target_scaling = config.target_scaling if task == "regression" else "none"
+    tokenizer: Tokenizer | None = None
+    if train.texts is not None:
+        if config.tokenizer is None:
+            raise DataError(
+                "data.text_column needs data.tokenizer (e.g. `tokenizer: {kind: byte}`)"
+            )
+        if block_size is None:
+            raise DataError("data.text_column needs block_size (tokens per example)")
+        tokenizer = Tokenizer.from_config(config.tokenizer, train.texts)
+        preprocessor = Preprocessor("none", target_scaling, class_names, None)
+        preprocessor.fit(np.zeros((len(train), 0), np.float32), ys["train"])
+        xs = {n: _encode_padded(t.texts or [], tokenizer, block_size) for n, t in tables.items()}
+        input_shape: tuple[int, ...] = (block_size,)
+    else:
+        assert train.x is not None
+        input_shape = tuple(int(d) for d in train.x.shape[1:])
+        for name, table in tables.items():
+            shape = tuple(table.x.shape[1:]) if table.x is not None else ()
+            if shape != input_shape:
+                raise DataError(
+                    f"the {name} split has examples of shape {shape} but train has {input_shape}; "
+                    "give every split the same columns"
+                )
+        preprocessor = Preprocessor(
+            config.preprocessing, target_scaling, class_names, train.feature_names
+        ).fit(train.x, ys["train"])
+        xs = {n: preprocessor.transform(t.x) for n, t in tables.items() if t.x is not None}
+    if task == "regression":  # identity unless data.target_scaling is standardize
+        ys = {n: preprocessor.transform_target(y) for n, y in ys.items()}
+
+    datasets = {n: ArrayDataset(xs[n], ys[n]) for n in tables}
+    num_outputs = len(class_names) if class_names is not None else int(ys["train"].shape[1])
+    info = DataInfo(
+        task=task,
+        input_shape=input_shape,
+        num_outputs=num_outputs,
+        class_names=class_names,
+        feature_names=train.feature_names if train.texts is None else None,
+        vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
+        split_sizes={n: len(ds) for n, ds in datasets.items()},
+        fingerprint=fingerprint.hexdigest(),
+    )
+    return PreparedData(
+        train=datasets["train"],
+        val=datasets.get("val"),
+        test=datasets.get("test"),
+        info=info,
+        preprocessor=preprocessor,
+        tokenizer=tokenizer,
+    )
+
+
+def _encode_padded(texts: list[str], tokenizer: Tokenizer, block_size: int) -> np.ndarray:
+    """(N, block_size) int64 ids: truncated, or right-padded with `tokenizer.pad_id` (0)."""
+    out = np.full((len(texts), block_size), tokenizer.pad_id, dtype=np.int64)
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode_array(text)[:block_size]
+        out[i, : len(ids)] = ids
+    return out
+
+
+def _prepare_corpus(
+    config: DataConfig,
+    seed: int,
+    block_size: int | None,
+    cache_dir: Path | None,
+    fingerprint: Any,
+) -> PreparedData:
+    if block_size is None:
+        raise DataError("language-modeling needs block_size (tokens per training window)")
+    if config.tokenizer is None:
+        raise DataError(
+            "language-modeling needs data.tokenizer (e.g. `tokenizer: {kind: byte}` or "
+            "`{kind: bpe, vocab_size: 1024}`)"
+        )
+    if config.files is not None:
+        docs = {
+            name: load_texts(spec, config)
+            for name in SPLITS
+            if (spec := getattr(config.files, name)) is not None
+        }
+    else:
+        assert config.source is not None
+        all_docs = load_texts(config.source, config)
+        if not all_docs:
+            raise DataError(f"text source {config.source!r} holds no text")
+        docs = split_documents(all_docs, config.splits, seed, config.shuffle)
+    for name, split_docs in docs.items():
+        fingerprint.update(f"{name}:{len(split_docs)}".encode())
+        for doc in split_docs:
+            fingerprint.update(hashlib.sha256(doc.encode("utf-8")).digest())
+
+    tokenizer = Tokenizer.from_config(config.tokenizer, docs["train"])
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    tokens = {name: tokenize_to_file(d, tokenizer, cache) for name, d in docs.items()}
+    for name, toks in tokens.items():
+        if len(toks) < block_size + 1:
+            raise DataError(
+                f"the {name} split has {len(toks)} tokens, but one window of block_size "
+                f"{block_size} needs {block_size + 1}; use more text (data.max_chars / "
+                "max_documents), a smaller block_size, or a larger split ratio"
+            )
+    train_stride = 1 if config.sampling == "random" else block_size
+    datasets = {
+        name: TokenWindows(toks, block_size, train_stride if name == "train" else block_size)
+        for name, toks in tokens.items()
+    }
+    info = DataInfo(
+        task="language-modeling",
+        input_shape=(block_size,),
+        num_outputs=tokenizer.vocab_size,
+        class_names=None,
+        feature_names=None,
+        vocab_size=tokenizer.vocab_size,
+        split_sizes={name: len(toks) for name, toks in tokens.items()},
+        fingerprint=fingerprint.hexdigest(),
+    )
+    return PreparedData(
+        train=datasets["train"],
+        val=datasets.get("val"),
+        test=datasets.get("test"),
+        info=info,
+        preprocessor=None,
+        tokenizer=tokenizer,
+    )

@@ -1,0 +1,409 @@
+"""Streaming evaluation metrics: fed one batch at a time, summarised once at the end.
+
+Only running sums and a confusion matrix are kept, never every logit, so a metric set evaluates a
+split of any size in constant memory. State lives in torchmetrics `Metric` objects, which all-reduce
+across processes on `compute()` when a `torch.distributed` process group is initialised; loss sums
+and counts are such states too, so every rank reports the same global numbers.
+
+    metrics = build_metrics("classification", num_classes=3, class_names=["a", "b", "c"])
+    for x, y in loader:
+        logits = model(x)
+        metrics.update(logits, y, loss_sum=loss.item() * len(y))
+    print(format_metrics(metrics.compute()))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric, R2Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+
+from shipyard.errors import ShipyardError
+
+Task = Literal["classification", "regression", "language-modeling"]
+TASKS: tuple[str, ...] = ("classification", "regression", "language-modeling")
+
+# Label value that marks padding / unscored tokens, as in F.cross_entropy.
+IGNORE_INDEX = -100
+
+
+class EvaluateError(ShipyardError):
+    """Evaluation inputs are inconsistent: wrong shapes, labels out of range, nothing fed in."""
+
+
+class _Totals(Metric):
+    """Named float64 running sums that all-reduce (sum) across processes on compute()."""
+
+    full_state_update = False
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self._names = names
+        for name in names:
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, **values: Any) -> None:
+        for name, value in values.items():
+            if name not in self._names:
+                raise KeyError(f"unknown total {name!r}; known: {list(self._names)}")
+            delta = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+            setattr(self, name, getattr(self, name) + delta.detach())
+
+    def compute(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in self._names}
+
+
+class MetricSet:
+    """The metrics of one task, accumulated batch by batch; build one with `build_metrics`."""
+
+    task: Task
+
+    def __init__(self, metrics: dict[str, Metric]) -> None:
+        self._metrics = metrics
+
+    def update(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        *,
+        loss_sum: float | Tensor | None = None,
+        count: int | None = None,
+    ) -> None:
+        """Add one batch of model outputs and targets.
+
+        loss_sum: the batch's summed loss (e.g. `loss.item() * batch_size` for a mean-reduced loss).
+        count: how many items `loss_sum` covers; defaults to the batch size (tokens for LMs).
+        """
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Any]:
+        """Summarise everything fed in since the last reset as plain JSON-able values."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget every batch fed in so far."""
+        for metric in self._metrics.values():
+            metric.reset()
+
+    def to(self, device: torch.device | str) -> MetricSet:
+        """Move the metric state to `device` (where the outputs live); returns self."""
+        for name, metric in self._metrics.items():
+            self._metrics[name] = metric.to(device)
+        return self
+
+    def _totals(self) -> _Totals:
+        totals = self._metrics["totals"]
+        assert isinstance(totals, _Totals)
+        return totals
+
+    def _add_loss(self, loss_sum: float | Tensor | None, count: int | None, default: int) -> None:
+        if loss_sum is None:
+            if count is not None:
+                raise EvaluateError("count was given without loss_sum; pass both or neither")
+            return
+        if isinstance(loss_sum, Tensor):
+            if loss_sum.numel() != 1:
+                raise EvaluateError(
+                    f"loss_sum must be a scalar (the batch's summed loss), got shape "
+                    f"{tuple(loss_sum.shape)}"
+                )
+            loss_sum = loss_sum.detach().reshape(())
+        n = default if count is None else count
+        if n < 0:
+            raise EvaluateError(f"count must be >= 0, got {n}")
+        self._totals().update(loss_sum=loss_sum, loss_count=n)
+
+    def _synced_totals(self) -> dict[str, float]:
+        totals = self._totals().compute()
+        if totals["samples"] == 0:
+            raise EvaluateError(
+                f"no {self.task} batches were fed to the metrics since the last reset; "
+                "call update(outputs, targets) at least once before compute()"
+            )
+        return totals
+
+
+def _mean_loss(totals: dict[str, float]) -> dict[str, float]:
+    if totals["loss_count"] == 0:
+        return {}
+    return {"loss": totals["loss_sum"] / totals["loss_count"]}
+
+
+class ClassificationMetrics(MetricSet):
+    """Accuracy, macro and per-class precision/recall/F1, top-k accuracy and the confusion matrix.
+
+    Macro averages run over the classes that occur in the targets or the predictions (as
+    scikit-learn does without `labels`); a class with no predictions has precision 0.
+    """
+
+    task: Task = "classification"
+
+    def __init__(self, num_classes: int, top_k: int, class_names: list[str]) -> None:
+        metrics: dict[str, Metric] = {
+            "totals": _Totals(("samples", "loss_sum", "loss_count")),
+            # rows = true class, columns = predicted class; every other score derives from it
+            "confusion": MulticlassConfusionMatrix(num_classes, validate_args=False),
+        }
+        if 1 < top_k < num_classes:
+            metrics["topk"] = MulticlassAccuracy(
+                num_classes, top_k=top_k, average="micro", validate_args=False
+            )
+        super().__init__(metrics)
+        self.num_classes = num_classes
+        self.top_k = top_k
+        self.class_names = class_names
+
+    def update(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        *,
+        loss_sum: float | Tensor | None = None,
+        count: int | None = None,
+    ) -> None:
+        outputs, targets = outputs.detach(), targets.detach()
+        if outputs.ndim != 2 or outputs.shape[1] != self.num_classes:
+            raise EvaluateError(
+                f"classification outputs must be logits of shape (batch, {self.num_classes}), "
+                f"got {tuple(outputs.shape)}"
+            )
+        if targets.shape != outputs.shape[:1] or targets.is_floating_point():
+            raise EvaluateError(
+                f"classification targets must be integer class indices of shape "
+                f"({outputs.shape[0]},), got {targets.dtype} {tuple(targets.shape)}"
+            )
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+            raise EvaluateError(
+                f"class index out of range: targets span [{int(targets.min())}, "
+                f"{int(targets.max())}] but num_classes={self.num_classes} allows "
+                f"[0, {self.num_classes - 1}]"
+            )
+        logits = outputs.float()
+        self._metrics["confusion"].update(logits.argmax(dim=1), targets)
+        if "topk" in self._metrics:
+            self._metrics["topk"].update(logits, targets)
+        self._totals().update(samples=len(targets))
+        self._add_loss(loss_sum, count, default=len(targets))
+
+    def compute(self) -> dict[str, Any]:
+        totals = self._synced_totals()
+        cm = self._metrics["confusion"].compute().to(torch.float64).cpu()  # (C_true, C_pred)
+        tp = cm.diagonal()
+        support = cm.sum(dim=1)
+        predicted = cm.sum(dim=0)
+        precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
+        recall = torch.where(support > 0, tp / support.clamp(min=1), 0.0)
+        denom = precision + recall
+        f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-300), 0.0)
+        seen = (support + predicted) > 0
+
+        result: dict[str, Any] = _mean_loss(totals)
+        result["accuracy"] = float(tp.sum() / cm.sum())
+        result["precision_macro"] = float(precision[seen].mean())
+        result["recall_macro"] = float(recall[seen].mean())
+        result["f1_macro"] = float(f1[seen].mean())
+        if "topk" in self._metrics:
+            result[f"top{self.top_k}_accuracy"] = float(self._metrics["topk"].compute())
+        result["per_class"] = {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(self.class_names)
+        }
+        result["confusion_matrix"] = [[int(v) for v in row] for row in cm.tolist()]
+        return result
+
+
+class RegressionMetrics(MetricSet):
+    """MSE, MAE, RMSE and R² (uniform average over target dimensions) on the original scale."""
+
+    task: Task = "regression"
+
+    def __init__(self) -> None:
+        metrics: dict[str, Metric] = {
+            "totals": _Totals(("samples", "loss_sum", "loss_count")),
+            "mse": MeanSquaredError(),
+            "mae": MeanAbsoluteError(),
+            "r2": R2Score(multioutput="uniform_average"),
+        }
+        # float64 sums: R² subtracts two large sums of squares, which float32 would cancel away
+        for name in ("mse", "mae", "r2"):
+            metrics[name] = metrics[name].set_dtype(torch.float64)
+        super().__init__(metrics)
+
+    def update(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        *,
+        loss_sum: float | Tensor | None = None,
+        count: int | None = None,
+    ) -> None:
+        outputs, targets = outputs.detach(), targets.detach()
+        if outputs.ndim == 1:
+            outputs = outputs.unsqueeze(1)  # (B,) -> (B, 1)
+        if outputs.ndim != 2:
+            raise EvaluateError(
+                f"regression outputs must have shape (batch, targets), got {tuple(outputs.shape)}"
+            )
+        if targets.shape != outputs.shape:
+            if targets.numel() != outputs.numel():
+                raise EvaluateError(
+                    f"regression targets {tuple(targets.shape)} do not match outputs "
+                    f"{tuple(outputs.shape)}"
+                )
+            targets = targets.reshape(outputs.shape)  # e.g. (B,) targets for (B, 1) outputs
+        preds, target = outputs.to(torch.float64), targets.to(torch.float64)
+        self._metrics["mse"].update(preds.flatten(), target.flatten())
+        self._metrics["mae"].update(preds.flatten(), target.flatten())
+        self._metrics["r2"].update(preds, target)
+        self._totals().update(samples=len(targets))
+        self._add_loss(loss_sum, count, default=len(targets))
+
+    def compute(self) -> dict[str, Any]:
+        totals = self._synced_totals()
+        mse = float(self._metrics["mse"].compute())
+        result: dict[str, Any] = _mean_loss(totals)
+        result["mse"] = mse
+        result["mae"] = float(self._metrics["mae"].compute())
+        result["rmse"] = math.sqrt(mse)
+        # R² needs at least two samples; report NaN rather than fail on a one-row split
+        result["r2"] = float(self._metrics["r2"].compute()) if totals["samples"] > 1 else math.nan
+        return result
+
+
+class LanguageModelingMetrics(MetricSet):
+    """Mean per-token loss, perplexity, token count and next-token accuracy.
+
+    Targets equal to -100 (`IGNORE_INDEX`) are padding: not scored and not counted.
+    """
+
+    task: Task = "language-modeling"
+
+    def __init__(self) -> None:
+        names = ("samples", "tokens", "correct", "loss_sum", "loss_count")
+        super().__init__({"totals": _Totals(names)})
+
+    def update(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        *,
+        loss_sum: float | Tensor | None = None,
+        count: int | None = None,
+    ) -> None:
+        outputs, targets = outputs.detach(), targets.detach()
+        if outputs.ndim != 3 or targets.shape != outputs.shape[:2]:
+            raise EvaluateError(
+                f"language-modeling outputs must be logits (batch, time, vocab) and targets "
+                f"(batch, time); got {tuple(outputs.shape)} and {tuple(targets.shape)}"
+            )
+        V = outputs.shape[-1]
+        logits = outputs.reshape(-1, V)  # (B*T, V)
+        flat = targets.reshape(-1)  # (B*T,)
+        scored = flat != IGNORE_INDEX
+        tokens = int(scored.sum())
+        if tokens and (int(flat[scored].min()) < 0 or int(flat[scored].max()) >= V):
+            raise EvaluateError(
+                f"token id out of range: targets span [{int(flat[scored].min())}, "
+                f"{int(flat[scored].max())}] but the vocabulary has {V} entries "
+                f"(use {IGNORE_INDEX} for padding)"
+            )
+        correct = int(((logits.argmax(dim=1) == flat) & scored).sum())
+        totals = self._totals()
+        totals.update(samples=targets.shape[0], tokens=tokens, correct=correct)
+        if loss_sum is None and count is None:
+            # Per-token losses summed in float64: the total then does not depend on batching.
+            per_token = F.cross_entropy(
+                logits.float(), flat, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            totals.update(loss_sum=per_token.to(torch.float64).sum(), loss_count=tokens)
+        else:
+            self._add_loss(loss_sum, count, default=tokens)
+
+    def compute(self) -> dict[str, Any]:
+        totals = self._synced_totals()
+        result: dict[str, Any] = _mean_loss(totals)
+        if "loss" in result:
+            # exp overflows a float past ~709; an untrained or diverged model can get there
+            result["perplexity"] = math.exp(result["loss"]) if result["loss"] < 709 else math.inf
+        result["tokens"] = int(totals["tokens"])
+        result["accuracy"] = totals["correct"] / totals["tokens"] if totals["tokens"] else math.nan
+        return result
+
+
+def build_metrics(
+    task: Task,
+    *,
+    num_classes: int | None = None,
+    top_k: int = 3,
+    class_names: list[str] | None = None,
+) -> MetricSet:
+    """Build the streaming metric set for `task`.
+
+    num_classes: required for classification (or given through `class_names`).
+    top_k: also report top-k accuracy for classifiers with more than `top_k` classes.
+    class_names: labels for the per-class table; default "0", "1", ...
+    """
+    if task == "classification":
+        if num_classes is None:
+            if class_names is None:
+                raise EvaluateError(
+                    "classification metrics need num_classes (or class_names); pass e.g. "
+                    "build_metrics('classification', num_classes=10)"
+                )
+            num_classes = len(class_names)
+        if num_classes < 2:
+            raise EvaluateError(f"classification needs num_classes >= 2, got {num_classes}")
+        if class_names is None:
+            class_names = [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise EvaluateError(
+                f"got {len(class_names)} class_names for num_classes={num_classes}; "
+                "give one name per class, in class-index order"
+            )
+        if len(set(class_names)) != len(class_names):
+            raise EvaluateError(f"class_names must be unique, got {class_names}")
+        if top_k < 1:
+            raise EvaluateError(f"top_k must be >= 1, got {top_k}")
+        return ClassificationMetrics(num_classes, top_k, list(class_names))
+    if task == "regression":
+        return RegressionMetrics()
+    if task == "language-modeling":
+        return LanguageModelingMetrics()
+    raise EvaluateError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+
+
+def primary_metric(task: Task) -> tuple[str, Literal["min", "max"]]:
+    """The metric that picks the best checkpoint for `task`, and whether lower or higher is better."""
+    if task == "classification":
+        return "accuracy", "max"
+    if task == "regression":
+        return "mse", "min"
+    if task == "language-modeling":
+        return "loss", "min"
+    raise EvaluateError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One log line of the scalar metrics, e.g. `loss=0.3124 accuracy=0.9210 tokens=51200`."""
+    parts = []
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # per-class tables, confusion matrices, strings
+        if isinstance(value, int):
+            parts.append(f"{name}={value}")
+        elif value != 0 and math.isfinite(value) and not 1e-3 <= abs(value) < 1e5:
+            parts.append(f"{name}={value:.4g}")
+        else:
+            parts.append(f"{name}={value:.4f}")
+    return " ".join(parts)

@@ -1,0 +1,870 @@
+"""The training loop: `fit(config)` trains, validates, checkpoints and reports one run.
+
+The loop is a plain PyTorch loop with the bookkeeping a real run needs: a seeded step plan that
+makes resume exact, loss normalised over the whole optimizer step (so gradient accumulation and
+data parallelism give the same update as one big batch), atomic checkpoints, early stopping,
+and a report at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from shipyard.config import GDConfig, RunConfig, dump_config
+from shipyard.data import PreparedData, prepare_data
+from shipyard.errors import CheckpointError, TrainError
+from shipyard.evaluate.metrics import build_metrics, format_metrics, primary_metric
+from shipyard.evaluate.report import read_history, write_report
+from shipyard.models import TOKEN_MODELS, build_model, count_parameters
+from shipyard.train import checkpoint as ckpt
+from shipyard.train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    broadcast_text,
+    setup_distributed,
+    teardown_distributed,
+)
+from shipyard.train.losses import build_loss
+from shipyard.train.optim import build_optimizer
+from shipyard.train.progress import TrainProgress
+from shipyard.train.regularization import penalty
+from shipyard.train.schedules import build_schedule
+
+# Peak dense bf16 throughput (FLOP/s) of common accelerators, for the MFU estimate.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+@dataclass
+class StepInfo:
+    """What a step callback sees after each optimizer step."""
+
+    step: int
+    epoch: int
+    loss: float | None
+    run_dir: Path
+
+
+@dataclass
+class RunResult:
+    """The outcome of `fit`."""
+
+    run_dir: Path
+    steps: int
+    epochs: int
+    best_step: int | None
+    metrics: dict[str, dict[str, Any]]
+    stopped_early: bool
+    elapsed_s: float
+    resumed_from: int | None = None
+    parameters: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+def fit(
+    config: RunConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = False,
+    callbacks: Sequence[StepCallback] = (),
+    runs_root: str | Path = "runs",
+) -> RunResult:
+    """Train one run described by `config` and return its result.
+
+    run_dir: where to write (default `runs/<name>/<timestamp>`).
+    resume: "auto" (newest valid checkpoint of the run, or a fresh start if there is none), or a
+        checkpoint / run directory path.
+    callbacks: called after every optimizer step with a StepInfo (e.g. to stop or to log).
+    """
+    trainer = Trainer(
+        config,
+        run_dir=Path(run_dir) if run_dir is not None else None,
+        resume=resume,
+        progress=progress,
+        callbacks=callbacks,
+        runs_root=Path(runs_root),
+    )
+    try:
+        return trainer.run()
+    finally:
+        teardown_distributed()
+
+
+class Trainer:
+    """One training run. Use `fit`; this class holds the run's state between steps."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        run_dir: Path | None,
+        resume: str | Path | None,
+        progress: bool,
+        callbacks: Sequence[StepCallback],
+        runs_root: Path,
+    ) -> None:
+        self.config = config
+        self.callbacks = list(callbacks)
+        self.show_progress = progress
+        self.device = _pick_device(config.train.device)
+        self.env: DistEnv = setup_distributed(self.device.type)
+        if self.env.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.env.local_rank)
+        self.amp_dtype = _pick_precision(config.train.precision, self.device)
+        _seed_everything(config.seed + self.env.rank)
+        if config.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.run_dir, resume_from = self._resolve_run_dir(run_dir, resume, runs_root)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.resume_from = resume_from
+
+        # data, model, optimisation
+        self.data, model = build_data_and_model(config)
+        info = self.data.info
+        self.model = model.to(self.device)
+        self.n_params = count_parameters(self.model)
+        self.is_lm = config.task == "language-modeling"
+        block_size = getattr(config.model, "block_size", None)
+        self.tokens_per_row = int(block_size) if self.is_lm and block_size else 1
+        self.loss_fn = build_loss(
+            config.task,
+            config.train.loss,
+            label_smoothing=config.regularization.label_smoothing,
+            num_classes=info.num_outputs,
+        )
+        self.optimizer = build_optimizer(config.optim, self.model)
+        self.full_batch = isinstance(config.optim, GDConfig)
+        self.global_batch = (
+            len(self.data.train)
+            if self.full_batch
+            else config.train.batch_size * config.train.grad_accum * self.env.world_size
+        )
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = self._total_steps()
+        self.schedule = build_schedule(config.schedule, self.optimizer, self.total_steps)
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        )
+        self.forward_model: nn.Module = self.model
+        if config.train.compile:
+            self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
+        if self.env.enabled:
+            self.forward_model = DistributedDataParallel(
+                self.forward_model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+        es = config.train.early_stopping
+        self.watch_metric, self.watch_mode = (
+            (es.metric, es.mode) if es is not None else primary_metric(config.task)
+        )
+
+        # counters (restored on resume)
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.stopped_early = False
+        self.last_val: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _resolve_run_dir(
+        self, run_dir: Path | None, resume: str | Path | None, runs_root: Path
+    ) -> tuple[Path, Path | None]:
+        """Pick the run directory and the checkpoint to resume from (if any)."""
+        name = self.config.name
+        resume_from: Path | None = None
+        if resume is not None and str(resume) != "auto":
+            path = Path(resume)
+            if (path / ckpt.META).exists() or path.name.startswith("step-"):
+                resume_from = path
+                run_dir = run_dir or path.parent.parent
+            elif (path / "checkpoints").is_dir():
+                run_dir = run_dir or path
+                resume = "auto"
+            else:
+                raise TrainError(f"--resume {path}: not a checkpoint or run directory")
+        if run_dir is None and resume == "auto":
+            run_dir = _newest_run_with_checkpoints(runs_root / name)
+        if run_dir is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            candidate = runs_root / name / stamp
+            n = 1
+            while candidate.exists():
+                n += 1
+                candidate = runs_root / name / f"{stamp}-{n}"
+            run_dir = candidate
+        run_dir = Path(broadcast_text(str(run_dir), self.env, self.device))
+        if resume == "auto" and resume_from is None:
+            latest, skipped = ckpt.find_latest(run_dir / "checkpoints")
+            for note in skipped:
+                _warn(f"skipping damaged checkpoint: {note}", self.env)
+            resume_from = latest.path if latest else None
+        if resume is None and ckpt.list_checkpoints(run_dir / "checkpoints"):
+            raise TrainError(
+                f"{run_dir} already has checkpoints; continue it with --resume auto, or choose "
+                "another --run-dir"
+            )
+        if self.env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        barrier(self.env)
+        return run_dir, resume_from
+
+    def _steps_per_epoch(self) -> int:
+        n = len(self.data.train)
+        if self.full_batch:
+            return 1
+        steps = n // self.global_batch
+        if steps == 0:
+            raise TrainError(
+                f"the train split has {n} examples, fewer than one optimizer step needs "
+                f"({self.global_batch} = batch_size x grad_accum x processes); lower "
+                "train.batch_size or train.grad_accum"
+            )
+        return steps
+
+    def _total_steps(self) -> int:
+        t = self.config.train
+        candidates = []
+        if t.epochs is not None:
+            candidates.append(t.epochs * self.steps_per_epoch)
+        if t.max_steps is not None:
+            candidates.append(t.max_steps)
+        return min(candidates)
+
+    def _epoch_plan(self, epoch: int) -> list[torch.Tensor]:
+        """Row indices of every optimizer step of an epoch, the same on every rank and resume."""
+        n = len(self.data.train)
+        shuffle = not (self.is_lm and self.config.data.sampling == "sequential")
+        if shuffle:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        if self.full_batch:
+            return [order]
+        g = self.global_batch
+        return [order[i * g : (i + 1) * g] for i in range(self.steps_per_epoch)]
+
+    def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's share of one step's rows, cut into micro-batches."""
+        mine = torch.tensor_split(rows, self.env.world_size)[self.env.rank]
+        if self.full_batch:
+            return [m for m in torch.split(mine, self.config.train.batch_size) if len(m)]
+        return [m for m in torch.tensor_split(mine, self.config.train.grad_accum) if len(m)]
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        cfg = self.config
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        elif self.env.is_main:
+            _atomic_write(self.run_dir / "config.yaml", dump_config(cfg))
+            (self.run_dir / "metrics.jsonl").touch()
+        barrier(self.env)
+        log = _JsonlLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
+        if self.resume_from is not None:
+            log.truncate_after(self.step)
+            _say(f"resuming {self.run_dir} from step {self.step}", self.env)
+
+        eval_every = cfg.eval.every_steps
+        ckpt_every = cfg.train.checkpoint.every_steps
+        window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        window_count = 0
+        window_rows = 0
+        window_start = time.perf_counter()
+        last_log_step = self.step
+        progress = TrainProgress(
+            total=self.total_steps,
+            start=self.step,
+            enabled=self.show_progress and self.env.is_main,
+            title=cfg.name,
+        )
+        done = self.step >= self.total_steps
+        with progress:
+            while not done:
+                plan = self._epoch_plan(self.epoch)
+                while self.step_in_epoch < len(plan):
+                    rows = plan[self.step_in_epoch]
+                    loss_sum, grad_norm = self._train_step(rows)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    window_loss += loss_sum
+                    window_count += len(rows) * self.tokens_per_row
+                    window_rows += len(rows)
+                    end_of_epoch = self.step_in_epoch == len(plan)
+                    last = self.step >= self.total_steps
+                    loss_value: float | None = None
+                    if self.step % cfg.train.log_every == 0 or last or end_of_epoch:
+                        total = all_reduce_sum(window_loss.clone(), self.env)
+                        loss_value = float(total) / max(window_count, 1)
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        record = self._train_record(
+                            loss_value, grad_norm, window_rows, elapsed, self.step - last_log_step
+                        )
+                        log.write(record)
+                        progress.update(self.step, record)
+                        window_loss.zero_()
+                        window_count = window_rows = 0
+                        window_start = time.perf_counter()
+                        last_log_step = self.step
+                    else:
+                        progress.update(self.step, None)
+                    validate = (
+                        (eval_every is not None and self.step % eval_every == 0)
+                        or (eval_every is None and end_of_epoch and cfg.train.epochs is not None)
+                        or last
+                    )
+                    saved = False
+                    if validate:
+                        improved = self._validate(log)
+                        if improved or ckpt_every is None:
+                            self._save()
+                            saved = True
+                    if not saved and (
+                        (ckpt_every is not None and self.step % ckpt_every == 0) or last
+                    ):
+                        self._save()
+                    for callback in self.callbacks:
+                        callback(StepInfo(self.step, self.epoch, loss_value, self.run_dir))
+                    if last or self.stopped_early:
+                        done = True
+                        break
+                if not done:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+        return self._finish(log, started)
+
+    def _train_step(self, rows: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step over `rows` (all ranks, all micro-batches)."""
+        cfg = self.config
+        model = self.forward_model
+        model.train()
+        micro = self._micro_batches(rows)
+        global_count = len(rows) * self.tokens_per_row
+        # DDP averages gradients over ranks, so each rank scales by world / global count
+        scale = self.env.world_size / global_count
+        reg = cfg.regularization
+        loss_sum_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, idx in enumerate(micro):
+            x, y = self._batch(self.data.train, idx)
+            final = i == len(micro) - 1
+            sync = (
+                model.no_sync()  # type: ignore[operator]
+                if self.env.enabled and not final
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with self._autocast():
+                    out = model(x)
+                    loss_sum, _ = self.loss_fn(out, y)
+                loss = loss_sum.float() * scale
+                if final:
+                    extra = penalty(self.model, l1=reg.l1, l2=reg.l2, batch_size=len(rows))
+                    if extra is not None:
+                        loss = loss + extra
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            loss_sum_total += loss_sum.detach().double()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm: float | None = None
+        if reg.grad_clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), reg.grad_clip_norm)
+            grad_norm = float(norm)
+        elif self.step % cfg.train.log_every == cfg.train.log_every - 1:
+            grad_norm = _grad_norm(self.model)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        return loss_sum_total, grad_norm
+
+    def _batch(self, dataset: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = _gather(dataset, idx)
+        nb = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_record(
+        self, loss: float, grad_norm: float | None, rows: int, elapsed: float, steps: int
+    ) -> dict[str, Any]:
+        samples_per_s = rows / elapsed
+        record: dict[str, Any] = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": loss,
+            "lr": self.schedule.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "samples_per_s": samples_per_s,
+            "steps_per_s": steps / elapsed,
+            "time": time.time(),
+        }
+        if self.is_lm:
+            tokens_per_s = samples_per_s * self.tokens_per_row
+            record["tokens_per_s"] = tokens_per_s
+            record["mfu"] = self._mfu(tokens_per_s)
+        return record
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        flops_fn = getattr(self.model, "flops_per_token", None)
+        peak = self.config.train.peak_tflops
+        peak_flops = peak * 1e12 if peak else _device_peak_flops(self.device)
+        if flops_fn is None or not peak_flops:
+            return None
+        return float(flops_fn()) * tokens_per_s / peak_flops
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate_split(self, split: str) -> dict[str, Any]:
+        """Metrics of the current weights on `split` ('val' or 'test'), all ranks combined."""
+        return evaluate_model(
+            self.model,
+            self.data,
+            split,
+            self.config,
+            loss_fn=self.loss_fn,
+            device=self.device,
+            env=self.env,
+            autocast=self._autocast,
+        )
+
+    def _validate(self, log: _JsonlLog) -> bool:
+        """Validate, log, and update best/early-stopping state; True if this is the new best."""
+        results = self.evaluate_split("val")
+        if not results:
+            return False
+        self.last_val = results
+        scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
+        log.write({"kind": "val", "step": self.step, "epoch": self.epoch, **scalars})
+        if self.watch_metric not in scalars:
+            raise TrainError(
+                f"metric {self.watch_metric!r} is not computed for task {self.config.task}; "
+                f"choose one of {sorted(scalars)}"
+            )
+        self.schedule.observe(scalars)
+        value = float(scalars[self.watch_metric])
+        es = self.config.train.early_stopping
+        min_delta = es.min_delta if es is not None else 0.0
+        better = self.best_value is None or (
+            value < self.best_value - min_delta
+            if self.watch_mode == "min"
+            else value > self.best_value + min_delta
+        )
+        if better:
+            self.best_value, self.best_step, self.bad_evals = value, self.step, 0
+        else:
+            self.bad_evals += 1
+            if es is not None and self.bad_evals >= es.patience:
+                self.stopped_early = True
+                _say(
+                    f"early stopping at step {self.step}: val {self.watch_metric} has not improved "
+                    f"for {self.bad_evals} evaluations (best {self.best_value:.4g} at step "
+                    f"{self.best_step})",
+                    self.env,
+                )
+        return better
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self) -> None:
+        if self.env.is_main:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "step": self.step,
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "rng": ckpt.rng_state(),
+                "best_value": self.best_value,
+                "best_step": self.best_step,
+                "bad_evals": self.bad_evals,
+                "stopped_early": self.stopped_early,
+            }
+            val = {k: v for k, v in self.last_val.items() if isinstance(v, int | float)}
+            ckpt.save_checkpoint(
+                self.ckpt_dir,
+                step=self.step,
+                model=self.model,
+                state=state,
+                meta={"epoch": self.epoch, "val": val, "config": self.config.model_dump(mode="json")},
+            )
+            keep = {self.best_step} if (self.best_step is not None) else set()
+            if not self.config.train.checkpoint.keep_best and self.config.train.early_stopping is None:
+                keep = set()
+            ckpt.prune_checkpoints(
+                self.ckpt_dir, keep_last=self.config.train.checkpoint.keep_last, keep=keep
+            )
+        barrier(self.env)
+
+    def _restore(self, path: Path) -> None:
+        info = ckpt.read_checkpoint(path)
+        saved = info.meta.get("config")
+        if saved is not None:
+            diffs = _config_differences(saved, self.config.model_dump(mode="json"))
+            if diffs:
+                raise TrainError(
+                    f"cannot resume {path}: the config changes the model or data: " + "; ".join(diffs)
+                )
+        ckpt.load_weights(path, self.model)
+        state = ckpt.load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.best_value = state["best_value"]
+        self.best_step = state["best_step"]
+        self.bad_evals = int(state["bad_evals"])
+        self.stopped_early = bool(state["stopped_early"])
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+        if self.env.rank == 0:
+            ckpt.set_rng_state(state["rng"])
+        else:
+            _seed_everything(self.config.seed + self.env.rank + self.step)
+
+    # ------------------------------------------------------------------ the end
+
+    def _finish(self, log: _JsonlLog, started: float) -> RunResult:
+        best = self.best_step
+        if best is not None and best != self.step:
+            best_path = self.ckpt_dir / ckpt.checkpoint_name(best)
+            try:
+                ckpt.load_weights(best_path, self.model)
+            except CheckpointError as exc:
+                _warn(f"could not restore the best weights ({exc}); keeping the last", self.env)
+                best = self.step
+        results = {"val": self.evaluate_split("val"), "test": self.evaluate_split("test")}
+        results = {k: v for k, v in results.items() if v}
+        elapsed = time.perf_counter() - started
+        summary: dict[str, Any] = {
+            "name": self.config.name,
+            "task": self.config.task,
+            "model": self.config.model.name,
+            "parameters": self.n_params,
+            "steps": self.step,
+            "epochs": self.epoch + (1 if self.step_in_epoch else 0),
+            "best_step": best,
+            "stopped_early": self.stopped_early,
+            "elapsed_s": round(elapsed, 3),
+            "device": str(self.device),
+            "processes": self.env.world_size,
+        }
+        if self.is_lm:
+            summary["unigram_loss"] = _unigram_loss(self.data)
+        if self.env.is_main:
+            log.write({"kind": "final", "step": self.step, **_scalars(results)})
+            write_report(
+                self.run_dir,
+                results,
+                history=read_history(self.run_dir / "metrics.jsonl"),
+                title=f"{self.config.name} ({self.config.task})",
+                extra={"run": summary},
+            )
+        barrier(self.env)
+        return RunResult(
+            run_dir=self.run_dir,
+            steps=self.step,
+            epochs=summary["epochs"],
+            best_step=best,
+            metrics=results,
+            stopped_early=self.stopped_early,
+            elapsed_s=elapsed,
+            resumed_from=None if self.resume_from is None else self.step,
+            parameters=self.n_params,
+            summary=summary,
+        )
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: nn.Module,
+    data: PreparedData,
+    split: str,
+    config: RunConfig,
+    *,
+    loss_fn: Any = None,
+    device: torch.device | None = None,
+    env: DistEnv | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+) -> dict[str, Any]:
+    """Streaming metrics of `model` on one split; each rank takes every world_size-th row."""
+    dataset = getattr(data, split)
+    if dataset is None or len(dataset) == 0:
+        return {}
+    env = env or DistEnv()
+    device = device or next(model.parameters()).device
+    info = data.info
+    if loss_fn is None:
+        loss_fn = build_loss(
+            config.task,
+            config.train.loss,
+            label_smoothing=config.regularization.label_smoothing,
+            num_classes=info.num_outputs,
+        )
+    metrics = build_metrics(
+        config.task,
+        num_classes=info.num_outputs if config.task == "classification" else None,
+        top_k=config.eval.top_k,
+        class_names=info.class_names,
+    ).to(device)
+    model.eval()
+    mine = torch.arange(len(dataset))[env.rank :: env.world_size]
+    batches = torch.split(mine, config.eval.batch_size)
+    if config.eval.max_batches is not None:
+        batches = batches[: config.eval.max_batches]
+    for idx in batches:
+        x, y = _gather(dataset, idx)
+        x, y = x.to(device), y.to(device)
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            out = model(x)
+        out = out.float()
+        loss_sum, count = loss_fn(out, y)
+        if config.task == "regression" and data.preprocessor is not None:
+            out = data.preprocessor.inverse_transform_target(out)
+            y = data.preprocessor.inverse_transform_target(y)
+        metrics.update(out, y, loss_sum=loss_sum, count=count)
+    return metrics.compute()
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a finished run reports on: its best one, else its newest valid one."""
+    latest, _ = ckpt.find_latest(run_dir / "checkpoints")
+    if latest is None:
+        raise CheckpointError(f"{run_dir}: no valid checkpoint in {run_dir / 'checkpoints'}")
+    best = ckpt.load_state(latest.path).get("best_step")
+    if best is not None:
+        path = run_dir / "checkpoints" / ckpt.checkpoint_name(int(best))
+        if path.is_dir():
+            return path
+    return latest.path
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
+    """Re-evaluate a run's best checkpoint on `split`, rebuilding data and model from its config."""
+    run_dir = Path(run_dir)
+    if split not in ("train", "val", "test"):
+        raise TrainError(f"split must be train, val or test, got {split!r}")
+    config = load_run_config(run_dir)
+    path = best_checkpoint(run_dir)
+    data, model = build_data_and_model(config)
+    ckpt.load_weights(path, model)
+    results = evaluate_model(model, data, split, config)
+    if not results:
+        raise TrainError(f"{run_dir}: the {split} split is empty")
+    return {"checkpoint": str(path), "split": split, "metrics": results}
+
+
+def build_data_and_model(config: RunConfig) -> tuple[PreparedData, nn.Module]:
+    """Prepare the data and build the (untrained) model a config describes."""
+    token_model = config.model.name in TOKEN_MODELS
+    block_size = getattr(config.model, "block_size", None) if token_model else None
+    data = prepare_data(config.data, config.task, config.seed, block_size=block_size)
+    info = data.info
+    model = build_model(
+        config.model,
+        input_shape=tuple(info.input_shape),
+        num_outputs=info.num_outputs,
+        vocab_size=info.vocab_size,
+    )
+    return data, model
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class _JsonlLog:
+    """Append-only metrics.jsonl, one flushed line per record (rank 0 only)."""
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (written after the checkpoint we resume from)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_history(self.path) if int(r.get("step", 0)) <= step]
+        keep = [r for r in keep if r.get("kind") != "final"]
+        _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _gather(dataset: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of rows: direct tensor indexing where the dataset allows it."""
+    if hasattr(dataset, "x") and hasattr(dataset, "y"):
+        return dataset.x[idx], dataset.y[idx]
+    get_batch = getattr(dataset, "get_batch", None)
+    if get_batch is not None:
+        x, y = get_batch(idx)
+        return x, y
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+
+
+def _grad_norm(model: nn.Module) -> float:
+    norms = [p.grad.detach().norm(2) for p in model.parameters() if p.grad is not None]
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(norms), 2))
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train.device is cuda but no CUDA device is available; use auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """None means plain fp32; otherwise the autocast dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name == "fp32":
+        return None
+    if name == "fp16" and device.type != "cuda":
+        raise TrainError("train.precision fp16 needs CUDA; use fp32 (or bf16) on CPU")
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+def _device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in _PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _newest_run_with_checkpoints(root: Path) -> Path | None:
+    if not root.is_dir():
+        return None
+    runs = sorted(
+        (p for p in root.iterdir() if p.is_dir() and ckpt.list_checkpoints(p / "checkpoints")),
+        key=lambda p: p.name,
+    )
+    return runs[-1] if runs else None
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Differences in the parts of a config that a checkpoint depends on."""
+    diffs: list[str] = []
+    for section in ("task", "model", "data", "seed"):
+        for key, (old, new) in _diff(saved.get(section), current.get(section), section).items():
+            diffs.append(f"{key}: {old!r} -> {new!r}")
+    return diffs
+
+
+def _diff(old: Any, new: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(old) | set(new)):
+            out.update(_diff(old.get(key), new.get(key), f"{prefix}.{key}"))
+        return out
+    return {} if old == new else {prefix: (old, new)}
+
+
+def _unigram_loss(data: PreparedData) -> float | None:
+    """Cross-entropy of a unigram model fitted on train tokens, on val tokens (a baseline)."""
+    train_tokens = getattr(data.train, "tokens", None)
+    val_tokens = getattr(data.val, "tokens", None) if data.val is not None else None
+    vocab = data.info.vocab_size
+    if train_tokens is None or val_tokens is None or vocab is None:
+        return None
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    val = np.asarray(val_tokens)
+    return float(-logp[val].mean())
+
+
+def _scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    return {
+        f"{split}_{k}": v
+        for split, metrics in results.items()
+        for k, v in metrics.items()
+        if isinstance(v, int | float)
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _say(message: str, env: DistEnv) -> None:
+    if env.is_main:
+        from rich.console import Console
+
+        Console(stderr=True).print(message, highlight=False)
+
+
+def _warn(message: str, env: DistEnv) -> None:
+    _say(f"[yellow]warning:[/yellow] {message}", env)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved config a run was started with."""
+    from shipyard.config import validate_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise TrainError(f"{run_dir}: not a run directory (no config.yaml)")
+    return validate_config(yaml.safe_load(path.read_text()), where=str(path))
+
