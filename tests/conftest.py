@@ -11,6 +11,8 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 @pytest.fixture(autouse=True)
-def _shipyard_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _shipyard_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SHIPYARD_HOME", str(tmp_path_factory.getbasetemp() / "shipyard-home"))
     monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -32,7 +32,9 @@ Task = Literal["classification", "regression", "language-modeling"]
 
 class _OptimBase(StrictModel):
     lr: float = Field(1e-3, gt=0, description="learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="decay in the optimizer (decoupled for adamw)")
+    weight_decay: float = Field(
+        0.0, ge=0, description="decay in the optimizer (decoupled for adamw)"
+    )
     decay_exclude: Literal["auto", "none"] = Field(
         "auto", description="auto: no weight decay on biases, norms and embeddings"
     )
@@ -240,7 +242,9 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _has_a_length(self) -> TrainConfig:
         if self.epochs is None and self.max_steps is None:
-            raise ValueError("set train.epochs or train.max_steps (or both: the first reached wins)")
+            raise ValueError(
+                "set train.epochs or train.max_steps (or both: the first reached wins)"
+            )
         return self
 
 
@@ -286,8 +290,8 @@ class RunConfig(StrictModel):
         if self.task == "language-modeling":
             if model not in CAUSAL_MODELS:
                 raise ValueError(
-                    f"task language-modeling needs a causal model ({', '.join(sorted(CAUSAL_MODELS))}),"
-                    f" got model.name={model!r}"
+                    "task language-modeling needs a causal model "
+                    f"({', '.join(sorted(CAUSAL_MODELS))}), got model.name={model!r}"
                 )
             if self.data.tokenizer is None:
                 raise ValueError(
@@ -305,18 +309,22 @@ class RunConfig(StrictModel):
                     f"(task is {self.task!r})"
                 )
             if self.data.is_text_corpus:
-                raise ValueError(f"a text corpus source needs task language-modeling, not {self.task!r}")
-        if model in TOKEN_MODELS and self.task != "language-modeling":
-            if self.data.text_column is None or self.data.tokenizer is None:
                 raise ValueError(
-                    f"model {model!r} reads token ids: set data.text_column and data.tokenizer"
+                    f"a text corpus source needs task language-modeling, not {self.task!r}"
                 )
+        needs_text = model in TOKEN_MODELS and self.task != "language-modeling"
+        if needs_text and (self.data.text_column is None or self.data.tokenizer is None):
+            raise ValueError(
+                f"model {model!r} reads token ids: set data.text_column and data.tokenizer"
+            )
         if self.task == "regression" and self.train.loss in ("cross-entropy", "bce"):
             raise ValueError(f"train.loss {self.train.loss!r} does not fit task regression")
         if self.task != "regression" and self.train.loss in ("mse", "mae", "huber"):
             raise ValueError(f"train.loss {self.train.loss!r} needs task regression")
         if isinstance(self.optim, GDConfig) and self.train.grad_accum != 1:
-            raise ValueError("optim gd already uses the whole train split per step: set grad_accum 1")
+            raise ValueError(
+                "optim gd already uses the whole train split per step: set grad_accum 1"
+            )
         return self
 
 
@@ -324,9 +332,7 @@ class RunConfig(StrictModel):
 # loading, overrides, errors
 
 
-def load_config(
-    source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
-) -> RunConfig:
+def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """Read a run config from a YAML file (or a dict), apply `a.b=c` overrides, validate."""
     if isinstance(source, Mapping):
         raw: Any = json.loads(json.dumps(source))  # deep copy of plain data
@@ -343,7 +349,9 @@ def load_config(
         if raw is None:
             raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     for item in overrides:
         apply_override(raw, item)
     return validate_config(raw, where=where)
@@ -358,11 +366,13 @@ def validate_config(raw: Mapping[str, Any], *, where: str = "config") -> RunConf
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, lists...)."""
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, lists)."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.epochs=5)")
+        raise ConfigError(
+            f"override {item!r} must look like section.key=value (e.g. train.epochs=5)"
+        )
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -401,7 +411,7 @@ def config_schema() -> dict[str, Any]:
 
 
 def format_validation_error(exc: ValidationError, where: str = "config") -> str:
-    """One line per problem: the dotted path, what is wrong, and for unknown keys the allowed ones."""
+    """One line per problem: the dotted path, what is wrong, for unknown keys the allowed ones."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
@@ -428,8 +438,10 @@ def format_validation_error(exc: ValidationError, where: str = "config") -> str:
         else:
             text = err["msg"].removeprefix("Value error, ")
             msg = f"{path}: {text}" if path else text
-            if "input" in err and err["type"] not in ("model_type",) and not isinstance(
-                err["input"], dict
+            if (
+                "input" in err
+                and err["type"] not in ("model_type",)
+                and not isinstance(err["input"], dict)
             ):
                 msg += f" (got {err['input']!r})"
         lines.append(msg)
@@ -471,7 +483,9 @@ def _resolve_loc(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
 
 def _submodel(annotation: Any, next_part: Any) -> tuple[type[BaseModel] | None, int]:
     """The model class behind a field annotation; for tagged unions pick the variant by tag."""
-    candidates = [a for a in _flatten(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    candidates = [
+        a for a in _flatten(annotation) if isinstance(a, type) and issubclass(a, BaseModel)
+    ]
     if len(candidates) == 1:
         return candidates[0], 0
     for cand in candidates:

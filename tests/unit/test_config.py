@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.conftest import EXAMPLES
 
 from shipyard.config import (
     RunConfig,
@@ -19,7 +20,6 @@ from shipyard.config import (
     load_config,
 )
 from shipyard.errors import ConfigError
-from tests.conftest import EXAMPLES
 
 
 def minimal(**changes: Any) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def test_misspelt_key_inside_tagged_union_uses_the_variant() -> None:
 
 
 def test_key_of_another_optimizer_is_rejected() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'optim.betas'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.betas'"):
         load_config(minimal(optim={"name": "sgd", "betas": [0.9, 0.99]}))
 
 
@@ -129,7 +129,7 @@ def test_override_can_switch_variant() -> None:
 
 
 def test_bad_override_syntax() -> None:
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         apply_override({}, "train.epochs")
     with pytest.raises(ConfigError, match="is a value, not a section"):
         apply_override({"seed": 1}, "seed.x=2")
@@ -137,7 +137,7 @@ def test_bad_override_syntax() -> None:
 
 def test_language_modeling_needs_tokenizer_and_causal_model() -> None:
     lm = {"source": "builtin:python-stdlib"}
-    with pytest.raises(ConfigError, match="data.tokenizer"):
+    with pytest.raises(ConfigError, match=r"data\.tokenizer"):
         load_config(minimal(task="language-modeling", data=lm, model={"name": "gpt"}))
     lm_tok = {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}}
     with pytest.raises(ConfigError, match="causal model"):
@@ -148,7 +148,7 @@ def test_language_modeling_needs_tokenizer_and_causal_model() -> None:
 
 def test_classifier_has_no_output_size_key() -> None:
     # the number of classes comes from the data, so the model section cannot set it
-    with pytest.raises(ConfigError, match="unknown key 'model.num_classes'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.num_classes'"):
         load_config(minimal(model={"name": "mlp", "num_classes": 10}))
 
 

@@ -23,11 +23,6 @@ from shipyard.data.sources import load_python_stdlib, stdlib_files
 from shipyard.data.splits import split_documents, split_indices
 
 
-@pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SHIPYARD_HOME", str(tmp_path / "home"))
-
-
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -114,8 +109,8 @@ def test_prepared_splits_reproducible_per_seed() -> None:
     a = prepare_data(config, "classification", seed=3)
     b = prepare_data(config, "classification", seed=3)
     c = prepare_data(config, "classification", seed=4)
-    assert torch.equal(a.val.x, b.val.x) and torch.equal(a.test.y, b.test.y)  # type: ignore[union-attr]
-    assert not torch.equal(a.val.x, c.val.x)  # type: ignore[union-attr]
+    assert torch.equal(a.val.x, b.val.x) and torch.equal(a.test.y, b.test.y)
+    assert not torch.equal(a.val.x, c.val.x)
 
 
 def test_split_without_shuffle_is_contiguous() -> None:
@@ -129,7 +124,7 @@ def test_text_split_by_documents_or_characters() -> None:
     ratios = SplitRatios(train=0.5, val=0.25, test=0.25)
     docs = [f"doc{i}" for i in range(8)]
     by_doc = split_documents(docs, ratios, seed=0)
-    assert sorted(sum(by_doc.values(), [])) == sorted(docs)
+    assert sorted(d for split in by_doc.values() for d in split) == sorted(docs)
     assert {k: len(v) for k, v in by_doc.items()} == {"train": 4, "val": 2, "test": 2}
     assert by_doc == split_documents(docs, ratios, seed=0)
     by_chars = split_documents(["abcdefgh"], ratios, seed=0)
@@ -159,7 +154,7 @@ def test_preprocessing_statistics_come_from_train_rows_only(tmp_path: Path) -> N
     np.testing.assert_allclose(pre.offset, train_rows.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(pre.scale, train_rows.std(axis=0), rtol=1e-6)
     assert torch.allclose(data.train.x.mean(0), torch.zeros(3), atol=1e-5)
-    assert float(data.val.x.min()) > 1e4  # type: ignore[union-attr]
+    assert float(data.val.x.min()) > 1e4
 
 
 def test_preprocessing_with_explicit_split_files_fits_train_file(tmp_path: Path) -> None:
@@ -171,10 +166,10 @@ def test_preprocessing_with_explicit_split_files_fits_train_file(tmp_path: Path)
     )
     data = prepare_data(config, "classification", seed=0)
     assert data.preprocessor is not None
-    assert data.preprocessor.offset.tolist() == [1.0]  # type: ignore[union-attr]
-    assert data.preprocessor.scale.tolist() == [6.0]  # type: ignore[union-attr]
+    assert data.preprocessor.offset.tolist() == [1.0]
+    assert data.preprocessor.scale.tolist() == [6.0]
     assert data.train.x[:, 0].tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1])
-    assert data.val.x[:, 0].tolist() == pytest.approx([999 / 6, 2999 / 6])  # type: ignore[union-attr]
+    assert data.val.x[:, 0].tolist() == pytest.approx([999 / 6, 2999 / 6])
     assert data.test is None and data.info.split_sizes == {"train": 4, "val": 2}
 
 
@@ -192,9 +187,9 @@ def test_target_scaling_and_inverse(tmp_path: Path) -> None:
     pre = data.preprocessor
     assert pre is not None
     train_y = np.array([10.0 * i + 100 for i in range(10)])
-    assert pre.target_mean.tolist() == pytest.approx([train_y.mean()])  # type: ignore[union-attr]
-    assert pre.target_std.tolist() == pytest.approx([train_y.std()])  # type: ignore[union-attr]
-    restored = pre.inverse_transform_target(data.val.y)  # type: ignore[union-attr]
+    assert pre.target_mean.tolist() == pytest.approx([train_y.mean()])
+    assert pre.target_std.tolist() == pytest.approx([train_y.std()])
+    restored = pre.inverse_transform_target(data.val.y)
     assert restored[:, 0].tolist() == pytest.approx([10.0 * i + 100 for i in range(10, 20)])
 
 
@@ -330,7 +325,9 @@ def test_text_glob_corpus_for_language_modeling(tmp_path: Path) -> None:
 
 
 def test_python_stdlib_language_modeling_is_deterministic(tmp_path: Path) -> None:
-    config = DataConfig(source="builtin:python-stdlib", max_chars=30_000, tokenizer={"kind": "byte"})
+    config = DataConfig(
+        source="builtin:python-stdlib", max_chars=30_000, tokenizer={"kind": "byte"}
+    )
     a = prepare_data(config, "language-modeling", seed=0, block_size=32, cache_dir=tmp_path)
     b = prepare_data(config, "language-modeling", seed=0, block_size=32, cache_dir=tmp_path)
     assert a.info == b.info

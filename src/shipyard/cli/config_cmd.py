@@ -38,7 +38,9 @@ def validate(
         except ConfigError as exc:
             failures.append(str(exc))
             continue
-        console.print(f"[green]ok[/green] {path} ({cfg.task}, model {cfg.model.name})", highlight=False)
+        console.print(
+            f"[green]ok[/green] {path} ({cfg.task}, model {cfg.model.name})", highlight=False
+        )
     if failures:
         raise ConfigError("\n".join(failures))
 

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,9 @@ def train(
     for key in keys:
         table.add_row(key, *(_fmt(result.metrics[s].get(key)) for s in splits))
     if result.summary.get("unigram_loss") is not None:
-        table.add_row("unigram baseline loss", *(_fmt(result.summary["unigram_loss"]) for _ in splits))
+        table.add_row(
+            "unigram baseline loss", *(_fmt(result.summary["unigram_loss"]) for _ in splits)
+        )
     console.print(table)
     console.print(f"run directory: {result.run_dir}", highlight=False)
 
@@ -107,7 +109,7 @@ def _launch_torchrun(
 ) -> None:
     """Re-run this command under torchrun with `nproc` processes on this machine."""
     if run_dir is None and resume is None:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / name / stamp
     cmd = [
         sys.executable,

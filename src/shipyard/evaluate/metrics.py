@@ -15,13 +15,14 @@ and counts are such states too, so every rank reports the same global numbers.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric, R2Score
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 from shipyard.errors import ShipyardError
@@ -120,7 +121,10 @@ class MetricSet:
         self._totals().update(loss_sum=loss_sum, loss_count=n)
 
     def _synced_totals(self) -> dict[str, float]:
-        totals = self._totals().compute()
+        with warnings.catch_warnings():
+            # a rank that saw no batches still has to join the all-reduce; we check emptiness below
+            warnings.filterwarnings("ignore", message=r".*called before the ``update`` method")
+            totals = self._totals().compute()
         if totals["samples"] == 0:
             raise EvaluateError(
                 f"no {self.task} batches were fed to the metrics since the last reset; "
@@ -146,14 +150,10 @@ class ClassificationMetrics(MetricSet):
 
     def __init__(self, num_classes: int, top_k: int, class_names: list[str]) -> None:
         metrics: dict[str, Metric] = {
-            "totals": _Totals(("samples", "loss_sum", "loss_count")),
+            "totals": _Totals(("samples", "topk_correct", "loss_sum", "loss_count")),
             # rows = true class, columns = predicted class; every other score derives from it
             "confusion": MulticlassConfusionMatrix(num_classes, validate_args=False),
         }
-        if 1 < top_k < num_classes:
-            metrics["topk"] = MulticlassAccuracy(
-                num_classes, top_k=top_k, average="micro", validate_args=False
-            )
         super().__init__(metrics)
         self.num_classes = num_classes
         self.top_k = top_k
@@ -186,8 +186,9 @@ class ClassificationMetrics(MetricSet):
             )
         logits = outputs.float()
         self._metrics["confusion"].update(logits.argmax(dim=1), targets)
-        if "topk" in self._metrics:
-            self._metrics["topk"].update(logits, targets)
+        if 1 < self.top_k < self.num_classes:
+            top = logits.topk(self.top_k, dim=1).indices  # (B, k)
+            self._totals().update(topk_correct=(top == targets[:, None]).any(dim=1).sum())
         self._totals().update(samples=len(targets))
         self._add_loss(loss_sum, count, default=len(targets))
 
@@ -208,8 +209,8 @@ class ClassificationMetrics(MetricSet):
         result["precision_macro"] = float(precision[seen].mean())
         result["recall_macro"] = float(recall[seen].mean())
         result["f1_macro"] = float(f1[seen].mean())
-        if "topk" in self._metrics:
-            result[f"top{self.top_k}_accuracy"] = float(self._metrics["topk"].compute())
+        if 1 < self.top_k < self.num_classes:
+            result[f"top{self.top_k}_accuracy"] = totals["topk_correct"] / totals["samples"]
         result["per_class"] = {
             name: {
                 "precision": float(precision[i]),
@@ -384,7 +385,7 @@ def build_metrics(
 
 
 def primary_metric(task: Task) -> tuple[str, Literal["min", "max"]]:
-    """The metric that picks the best checkpoint for `task`, and whether lower or higher is better."""
+    """The metric that picks the best checkpoint for `task`, and whether lower or higher wins."""
     if task == "classification":
         return "accuracy", "max"
     if task == "regression":

@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from shipyard.evaluate.metrics import EvaluateError
 
@@ -95,7 +95,8 @@ def read_history(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if number == len(lines):
                 break  # cut off mid-write
-            raise EvaluateError(f"{path}:{number} is not a JSON record ({err}); file is corrupt")
+            message = f"{path}:{number} is not a JSON record ({err}); the file is corrupt"
+            raise EvaluateError(message) from err
         if not isinstance(record, dict):
             raise EvaluateError(f"{path}:{number} is a JSON {type(record).__name__}, not a record")
         records.append(record)
@@ -139,7 +140,7 @@ def _jsonable(value: Any) -> Any:
 # ------------------------------------------------------------------------------------- markdown
 
 
-def _is_scalar(value: Any) -> bool:
+def _is_scalar(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -319,5 +320,13 @@ def _plot_confusion(matrix: list[list[int]], class_names: list[str], title: str)
         for i, row in enumerate(matrix):
             for j, count in enumerate(row):
                 color = "white" if peak and count > peak / 2 else "black"
-                ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    color=color,
+                    fontsize=max(6, 14 - n // 2),
+                )
     return _png(fig)

@@ -108,9 +108,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete-looking checkpoint directories (by name), oldest first; temp dirs excluded."""
     if not directory.is_dir():
         return []
-    return sorted(
-        p for p in directory.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)
-    )
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
 
 
 def find_latest(directory: Path) -> tuple[CheckpointInfo | None, list[str]]:
@@ -170,7 +168,7 @@ def prune_checkpoints(directory: Path, *, keep_last: int, keep: set[int]) -> Non
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as tensors and ints."""
     py_version, py_internal, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": {
             "version": py_version,

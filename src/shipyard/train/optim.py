@@ -1,7 +1,7 @@
 """Optimizers from config: each config name maps to one `torch.optim` class.
 
-Weight decay (and the explicit L1/L2 penalties in `shipyard.train.regularization`) applies to weights
-only. `split_decay_params` is the one place that decides what a "weight" is.
+Weight decay (and the explicit L1/L2 penalties in `shipyard.train.regularization`) applies to
+weights only. `split_decay_params` is the one place that decides what a "weight" is.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> Optimizer:
         )
     else:  # pragma: no cover - the config union is exhaustive
         raise ConfigError(f"optim.name {cfg.name!r} is not supported")
-    opt.shipyard_name = cfg.name  # type: ignore[attr-defined]  # for optimizer_summary
+    opt.defaults["shipyard_name"] = cfg.name  # for optimizer_summary: gd and sgd are both SGD
     return opt
 
 
@@ -138,7 +138,7 @@ def optimizer_summary(opt: Optimizer) -> str:
     e.g. "adamw lr=0.001 weight_decay=0.01 (decay: 12 tensors / 30,000 params,
     no decay: 8 tensors / 500 params)".
     """
-    name = getattr(opt, "shipyard_name", type(opt).__name__.lower())
+    name = opt.defaults.get("shipyard_name", type(opt).__name__.lower())
     first = opt.param_groups[0]
     decays = {float(g.get("weight_decay", 0.0)) for g in opt.param_groups} - {0.0}
     head = f"{name} lr={first['lr']:g}"

@@ -59,7 +59,9 @@ class LRSchedule:
         self._plateau: ReduceLROnPlateau | None = None
         self._metric: str | None = None
         if isinstance(cfg, OneCycleSchedule):
-            max_lr = cfg.max_lr if cfg.max_lr is not None else [g["lr"] for g in optimizer.param_groups]
+            max_lr = (
+                cfg.max_lr if cfg.max_lr is not None else [g["lr"] for g in optimizer.param_groups]
+            )
             # cycle_momentum=False keeps the optimizer's own momentum/betas and works with every
             # optimizer (torch would otherwise overwrite them, and refuse Adagrad or plain SGD).
             self._per_step = OneCycleLR(
@@ -221,4 +223,6 @@ def _closed_form(cfg: ScheduleConfig, span: int, base_lr: float) -> Callable[[in
             return 1.0 - (1.0 - end_factor) * t / span
 
         return linear
-    raise ConfigError(f"schedule.name {cfg.name!r} is not a closed-form schedule")  # pragma: no cover
+    raise ConfigError(
+        f"schedule.name {cfg.name!r} is not a closed-form schedule"
+    )  # pragma: no cover

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shipyard.config import GDConfig, RunConfig, dump_config
 from shipyard.data import PreparedData, prepare_data
 from shipyard.errors import CheckpointError, TrainError
-from shipyard.evaluate.metrics import build_metrics, format_metrics, primary_metric
+from shipyard.evaluate.metrics import build_metrics, primary_metric
 from shipyard.evaluate.report import read_history, write_report
 from shipyard.models import TOKEN_MODELS, build_model, count_parameters
 from shipyard.train import checkpoint as ckpt
@@ -154,17 +154,16 @@ class Trainer:
         )
         self.optimizer = build_optimizer(config.optim, self.model)
         self.full_batch = isinstance(config.optim, GDConfig)
+        self.n_train = len(self.data.train)  # type: ignore[arg-type]
         self.global_batch = (
-            len(self.data.train)
+            self.n_train
             if self.full_batch
             else config.train.batch_size * config.train.grad_accum * self.env.world_size
         )
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self._total_steps()
         self.schedule = build_schedule(config.schedule, self.optimizer, self.total_steps)
-        self.scaler = (
-            torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.forward_model: nn.Module = self.model
         if config.train.compile:
             self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
@@ -209,7 +208,7 @@ class Trainer:
         if run_dir is None and resume == "auto":
             run_dir = _newest_run_with_checkpoints(runs_root / name)
         if run_dir is None:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+            stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             candidate = runs_root / name / stamp
             n = 1
             while candidate.exists():
@@ -233,7 +232,7 @@ class Trainer:
         return run_dir, resume_from
 
     def _steps_per_epoch(self) -> int:
-        n = len(self.data.train)
+        n = self.n_train
         if self.full_batch:
             return 1
         steps = n // self.global_batch
@@ -256,7 +255,7 @@ class Trainer:
 
     def _epoch_plan(self, epoch: int) -> list[torch.Tensor]:
         """Row indices of every optimizer step of an epoch, the same on every rank and resume."""
-        n = len(self.data.train)
+        n = self.n_train
         shuffle = not (self.is_lm and self.config.data.sampling == "sequential")
         if shuffle:
             gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
@@ -522,10 +521,17 @@ class Trainer:
                 step=self.step,
                 model=self.model,
                 state=state,
-                meta={"epoch": self.epoch, "val": val, "config": self.config.model_dump(mode="json")},
+                meta={
+                    "epoch": self.epoch,
+                    "val": val,
+                    "config": self.config.model_dump(mode="json"),
+                },
             )
             keep = {self.best_step} if (self.best_step is not None) else set()
-            if not self.config.train.checkpoint.keep_best and self.config.train.early_stopping is None:
+            if (
+                not self.config.train.checkpoint.keep_best
+                and self.config.train.early_stopping is None
+            ):
                 keep = set()
             ckpt.prune_checkpoints(
                 self.ckpt_dir, keep_last=self.config.train.checkpoint.keep_last, keep=keep
@@ -539,7 +545,8 @@ class Trainer:
             diffs = _config_differences(saved, self.config.model_dump(mode="json"))
             if diffs:
                 raise TrainError(
-                    f"cannot resume {path}: the config changes the model or data: " + "; ".join(diffs)
+                    f"cannot resume {path}: the config changes the model or data: "
+                    + "; ".join(diffs)
                 )
         ckpt.load_weights(path, self.model)
         state = ckpt.load_state(path)
@@ -867,4 +874,3 @@ def load_run_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise TrainError(f"{run_dir}: not a run directory (no config.yaml)")
     return validate_config(yaml.safe_load(path.read_text()), where=str(path))
-
