@@ -29,3 +29,7 @@ class CheckpointError(ShipyardError):
 
 class PackageError(ShipyardError):
     """A package is malformed, tampered with, or cannot be loaded safely."""
+
+
+class EvaluateError(ShipyardError):
+    """Metrics or reports got inputs they cannot use (wrong shapes, labels out of range...)."""

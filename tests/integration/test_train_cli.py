@@ -56,6 +56,8 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
         "model.dropout=0.0",
         "--set",
         "eval.every_steps=6",
+        "--set",
+        "schedule.warmup_steps=2",
         "--no-progress",
     ]
     cfg = str(ROOT / "examples" / "digits-mlp.yaml")

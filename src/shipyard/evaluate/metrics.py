@@ -25,17 +25,13 @@ from torchmetrics import Metric, R2Score
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
-from shipyard.errors import ShipyardError
+from shipyard.errors import EvaluateError
 
 Task = Literal["classification", "regression", "language-modeling"]
 TASKS: tuple[str, ...] = ("classification", "regression", "language-modeling")
 
 # Label value that marks padding / unscored tokens, as in F.cross_entropy.
 IGNORE_INDEX = -100
-
-
-class EvaluateError(ShipyardError):
-    """Evaluation inputs are inconsistent: wrong shapes, labels out of range, nothing fed in."""
 
 
 class _Totals(Metric):
