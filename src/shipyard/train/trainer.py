@@ -46,6 +46,9 @@ from shipyard.train.progress import TrainProgress
 from shipyard.train.regularization import penalty
 from shipyard.train.schedules import build_schedule
 
+DATA_FILE = "data.json"  # DataInfo + fitted preprocessing, written at the start of a run
+TOKENIZER_FILE = "tokenizer.json"
+
 # Peak dense bf16 throughput (FLOP/s) of common accelerators, for the MFU estimate.
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
@@ -283,6 +286,7 @@ class Trainer:
             self._restore(self.resume_from)
         elif self.env.is_main:
             _atomic_write(self.run_dir / "config.yaml", dump_config(cfg))
+            self._write_data_artifacts()
             (self.run_dir / "metrics.jsonl").touch()
         barrier(self.env)
         log = _JsonlLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
@@ -357,6 +361,18 @@ class Trainer:
                     self.epoch += 1
                     self.step_in_epoch = 0
         return self._finish(log, started)
+
+    def _write_data_artifacts(self) -> None:
+        """What serving needs from the data, saved once: shapes, labels, preprocessing, tokenizer."""
+        data = {
+            "info": self.data.info.to_dict(),
+            "preprocessing": (
+                self.data.preprocessor.to_dict() if self.data.preprocessor is not None else None
+            ),
+        }
+        _atomic_write(self.run_dir / DATA_FILE, json.dumps(data, indent=2))
+        if self.data.tokenizer is not None:
+            _atomic_write(self.run_dir / TOKENIZER_FILE, self.data.tokenizer.to_json())
 
     def _train_step(self, rows: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         """One optimizer step over `rows` (all ranks, all micro-batches)."""
