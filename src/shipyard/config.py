@@ -52,9 +52,9 @@ class SGDConfig(_OptimBase):
 
     name: Literal["sgd"] = "sgd"
     lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    dampening: float = Field(0.0, ge=0, le=1)
-    nesterov: bool = False
+    momentum: float = Field(0.0, ge=0, lt=1, description="v = momentum*v + (1-dampening)*g")
+    dampening: float = Field(0.0, ge=0, le=1, description="damps the new gradient in v")
+    nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0)")
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> SGDConfig:
@@ -68,9 +68,9 @@ class AdagradConfig(_OptimBase):
 
     name: Literal["adagrad"] = "adagrad"
     lr: float = Field(0.01, gt=0)
-    lr_decay: float = Field(0.0, ge=0)
-    initial_accumulator_value: float = Field(0.0, ge=0)
-    eps: float = Field(1e-10, gt=0)
+    lr_decay: float = Field(0.0, ge=0, description="lr / (1 + (t-1)*lr_decay)")
+    initial_accumulator_value: float = Field(0.0, ge=0, description="start of the G sum")
+    eps: float = Field(1e-10, gt=0, description="added to sqrt(G)")
 
 
 class RMSpropConfig(_OptimBase):
@@ -78,28 +78,32 @@ class RMSpropConfig(_OptimBase):
 
     name: Literal["rmsprop"] = "rmsprop"
     lr: float = Field(0.01, gt=0)
-    alpha: float = Field(0.99, gt=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1)
-    centered: bool = False
+    alpha: float = Field(0.99, gt=0, lt=1, description="smoothing of the squared-gradient average")
+    eps: float = Field(1e-8, gt=0, description="added to the denominator")
+    momentum: float = Field(0.0, ge=0, lt=1, description="momentum on the scaled step")
+    centered: bool = Field(False, description="divide by the gradient's estimated variance")
 
 
 class AdamConfig(_OptimBase):
     """Adam with L2-style weight decay (added to the gradient)."""
 
     name: Literal["adam"] = "adam"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    amsgrad: bool = False
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="decay of the first and second moment averages"
+    )
+    eps: float = Field(1e-8, gt=0, description="added to sqrt(v_hat)")
+    amsgrad: bool = Field(False, description="use the running maximum of v_hat")
 
 
 class AdamWConfig(_OptimBase):
     """AdamW: Adam with decoupled weight decay."""
 
     name: Literal["adamw"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    amsgrad: bool = False
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="decay of the first and second moment averages"
+    )
+    eps: float = Field(1e-8, gt=0, description="added to sqrt(v_hat)")
+    amsgrad: bool = Field(False, description="use the running maximum of v_hat")
     weight_decay: float = Field(0.01, ge=0)
 
 
@@ -262,16 +266,27 @@ class EvalConfig(StrictModel):
 class RunConfig(StrictModel):
     """A whole run: data → model → training → evaluation."""
 
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    seed: int = 0
-    task: Task
-    data: DataConfig
-    model: ModelConfig
-    optim: OptimConfig = Field(default_factory=AdamWConfig)
-    schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
-    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    name: str = Field(
+        ...,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="run name: runs/NAME/..., and the default package name",
+    )
+    seed: int = Field(0, description="seeds splits, initialisation, shuffling and dropout")
+    task: Task = Field(..., description="what the model learns")
+    data: DataConfig = Field(..., description="where the data comes from; see `data`")
+    model: ModelConfig = Field(..., description="the architecture, chosen by `name`")
+    optim: OptimConfig = Field(
+        default_factory=AdamWConfig, description="the optimizer, chosen by `name`"
+    )
+    schedule: ScheduleConfig = Field(
+        default_factory=ConstantSchedule, description="the learning-rate schedule, by `name`"
+    )
+    regularization: RegularizationConfig = Field(
+        default_factory=RegularizationConfig, description="penalties, smoothing, clipping"
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="validation and testing")
 
     @model_validator(mode="before")
     @classmethod
@@ -508,3 +523,80 @@ def _flatten(annotation: Any) -> Iterable[Any]:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------------------------
+# reference documentation, generated from the models so it cannot drift
+
+
+def config_reference_markdown() -> str:
+    """Markdown tables of every config section and field: type, default, description."""
+    out = [
+        "# Run config reference",
+        "",
+        "Generated by `shipyard config docs` from the config models; every key a run config "
+        "accepts is listed here. Sections whose `name` selects a kind (model, optim, schedule) "
+        "have one table per kind.",
+        "",
+    ]
+    sections: list[tuple[str, type[BaseModel]]] = [("(top level)", RunConfig)]
+    for field_name, info in RunConfig.model_fields.items():
+        for cls in _flatten(info.annotation):
+            if isinstance(cls, type) and issubclass(cls, BaseModel):
+                title = field_name
+                if "name" in cls.model_fields and field_name != "data":
+                    title = f"{field_name} (name: {cls.model_fields['name'].default})"
+                sections.append((title, cls))
+                for sub_name, sub in cls.model_fields.items():
+                    for sub_cls in _flatten(sub.annotation):
+                        if isinstance(sub_cls, type) and issubclass(sub_cls, BaseModel):
+                            sections.append((f"{field_name}.{sub_name}", sub_cls))
+    for title, cls in sections:
+        out += [f"## `{title}`", ""]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        if doc and cls is not RunConfig:
+            out += [doc[0], ""]
+        out += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+        for key, info in cls.model_fields.items():
+            default = "required" if info.is_required() else _default_text(info)
+            type_text = _type_text(info.annotation).replace("|", "\\|")
+            desc = (info.description or "").replace("|", "\\|")
+            out.append(f"| `{key}` | {type_text} | {default} | {desc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _default_text(info: Any) -> str:
+    if info.default_factory is not None:
+        value = info.default_factory()
+        if isinstance(value, BaseModel):
+            return "(section defaults)"
+        return f"`{value!r}`"
+    value = info.default
+    return "`null`" if value is None else f"`{json.dumps(value)}`"
+
+
+def _type_text(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " / ".join(f"`{a}`" for a in typing.get_args(annotation))
+    if origin is Annotated:
+        return _type_text(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        kinds = [
+            a.model_fields["name"].default
+            for a in args
+            if isinstance(a, type) and issubclass(a, BaseModel) and "name" in a.model_fields
+        ]
+        if len(kinds) > 1:
+            return "section, `name` one of " + ", ".join(f"`{k}`" for k in kinds)
+        return " or ".join(_type_text(a) for a in args)
+    if origin in (list, tuple, dict):
+        inner = ", ".join(_type_text(a) for a in typing.get_args(annotation))
+        return f"{origin.__name__}[{inner}]"
+    if isinstance(annotation, type):
+        if issubclass(annotation, BaseModel):
+            return "section"
+        return {"NoneType": "null"}.get(annotation.__name__, annotation.__name__)
+    return str(annotation).replace("typing.", "")

@@ -33,3 +33,7 @@ class PackageError(ShipyardError):
 
 class EvaluateError(ShipyardError):
     """Metrics or reports got inputs they cannot use (wrong shapes, labels out of range...)."""
+
+
+class RegistryError(ShipyardError):
+    """The model registry or its artifact store refused an operation (bad name, unknown ref...)."""

@@ -199,3 +199,16 @@ def test_schema_is_json_schema_with_sections() -> None:
     json.dumps(schema)
     assert {"data", "model", "optim", "train"} <= set(schema["properties"])
     assert schema["additionalProperties"] is False
+
+
+def test_configuration_reference_doc_is_current() -> None:
+    """docs/configuration.md is generated; regenerate with `shipyard config docs`."""
+    from shipyard.config import config_reference_markdown
+    from tests.conftest import ROOT
+
+    committed = (ROOT / "docs" / "configuration.md").read_text()
+    assert committed.strip() == config_reference_markdown().strip(), (
+        "docs/configuration.md is stale: run `shipyard config docs > docs/configuration.md`"
+    )
+    for field in ("batch_size", "grad_accum", "warmup_steps", "label_smoothing", "n_head"):
+        assert f"`{field}`" in committed

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from shipyard.config import config_schema, dump_config, load_config
+from shipyard.config import config_reference_markdown, config_schema, dump_config, load_config
 from shipyard.errors import ConfigError
 
 config_app = typer.Typer(
@@ -65,3 +65,12 @@ def schema() -> None:
     Example: shipyard config schema > shipyard.schema.json
     """
     typer.echo(json.dumps(config_schema(), indent=2))
+
+
+@config_app.command("docs")
+def docs() -> None:
+    """Print the Markdown reference of every config key (type, default, description).
+
+    Example: shipyard config docs > docs/configuration.md
+    """
+    typer.echo(config_reference_markdown())

@@ -14,9 +14,9 @@ SplitName = Literal["train", "val", "test"]
 class SplitRatios(StrictModel):
     """Fractions of the rows (or documents) that go to each split; they must sum to 1."""
 
-    train: float = Field(0.8, gt=0, le=1)
-    val: float = Field(0.1, ge=0, lt=1)
-    test: float = Field(0.1, ge=0, lt=1)
+    train: float = Field(0.8, gt=0, le=1, description="fraction for training")
+    val: float = Field(0.1, ge=0, lt=1, description="fraction for validation")
+    test: float = Field(0.1, ge=0, lt=1, description="fraction for the final test")
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitRatios:
@@ -32,9 +32,9 @@ class SplitRatios(StrictModel):
 class SplitFiles(StrictModel):
     """Explicit files per split, instead of ratios. `val`/`test` may be omitted."""
 
-    train: str
-    val: str | None = None
-    test: str | None = None
+    train: str = Field(..., description="file (or glob) with the training rows")
+    val: str | None = Field(None, description="file with the validation rows")
+    test: str | None = Field(None, description="file with the test rows")
 
 
 class TokenizerConfig(StrictModel):
