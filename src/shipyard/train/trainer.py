@@ -363,7 +363,7 @@ class Trainer:
         return self._finish(log, started)
 
     def _write_data_artifacts(self) -> None:
-        """What serving needs from the data, saved once: shapes, labels, preprocessing, tokenizer."""
+        """What serving needs from the data, once: shapes, labels, preprocessing, tokenizer."""
         data = {
             "info": self.data.info.to_dict(),
             "preprocessing": (
