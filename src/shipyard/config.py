@@ -240,6 +240,9 @@ class TrainConfig(StrictModel):
     peak_tflops: float | None = Field(
         None, gt=0, description="device peak TFLOP/s for the MFU estimate (auto on known GPUs)"
     )
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard event files (pip install shipyard[tensorboard])"
+    )
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 

@@ -232,3 +232,16 @@ def test_callbacks_see_every_step(tmp_path: Path) -> None:
     fit(load_config(regression_config()), run_dir=tmp_path / "run", callbacks=[seen.append])
     assert [s.step for s in seen] == list(range(1, 21))
     assert seen[4].loss is not None and seen[3].loss is None
+
+
+def test_tensorboard_event_files(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = fit(load_config(regression_config(train__tensorboard=True)), run_dir=tmp_path / "run")
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert "train/loss" in scalars and "val/mse" in scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert result.summary["samples_per_s"] > 0

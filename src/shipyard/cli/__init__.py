@@ -10,6 +10,7 @@ from rich.console import Console
 
 from shipyard import __version__
 from shipyard.cli.config_cmd import config_app
+from shipyard.cli.models_cmd import models_app
 from shipyard.cli.train_cmd import evaluate, train
 from shipyard.errors import ShipyardError
 
@@ -33,6 +34,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
 app.command("train")(train)
 app.command("eval")(evaluate)
 

@@ -66,6 +66,9 @@ def train(
         keys += [k for k, v in metrics.items() if _is_number(v) and k not in keys]
     for key in keys:
         table.add_row(key, *(_fmt(result.metrics[s].get(key)) for s in splits))
+    for key, label in (("tokens_per_s", "tokens/s"), ("samples_per_s", "samples/s")):
+        if result.summary.get(key) is not None:
+            table.add_row(f"train {label}", *(f"{result.summary[key]:,.0f}" for _ in splits))
     if result.summary.get("unigram_loss") is not None:
         table.add_row(
             "unigram baseline loss", *(_fmt(result.summary["unigram_loss"]) for _ in splits)

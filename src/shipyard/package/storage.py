@@ -1,4 +1,4 @@
-"""Artifact storage for the registry: package directories kept under `ROOT/NAME/VERSION/` via fsspec.
+"""Artifact storage for the registry: package directories under `ROOT/NAME/VERSION/`, via fsspec.
 
 The root is a local folder (default `$SHIPYARD_HOME/artifacts`) or an object-store URL such as
 `s3://bucket/prefix` (needs the `registry-s3` extra). Every byte that goes up or comes down is
@@ -40,7 +40,7 @@ def default_artifact_root() -> str:
 
 
 def check_model_name(name: str) -> str:
-    """Return `name` if it is a valid model name, else raise RegistryError saying what is allowed."""
+    """Return `name` if it is a valid model name, else raise RegistryError with the rules."""
     if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
         raise RegistryError(
             f"invalid model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting "
@@ -64,7 +64,10 @@ class ArtifactStore:
     """
 
     def __init__(
-        self, root: str | os.PathLike[str] | None = None, *, storage_options: dict[str, Any] | None = None
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         raw = str(root) if root is not None else default_artifact_root()
         self._options = dict(storage_options or {})
@@ -158,7 +161,9 @@ class ArtifactStore:
                     size += len(chunk)
                     fout.write(chunk)
         except OSError as exc:
-            raise RegistryError(f"upload of {rel} to {self.fs.unstrip_protocol(dest)} failed: {exc}") from exc
+            raise RegistryError(
+                f"upload of {rel} to {self.fs.unstrip_protocol(dest)} failed: {exc}"
+            ) from exc
         _compare(rel, _Expected(digest.hexdigest(), size), want, "local package file")
         _compare(rel, self._hash_remote(dest), want, "uploaded copy")
 
@@ -168,7 +173,9 @@ class ArtifactStore:
             with self.fs.open(dest, "wb") as fout:
                 fout.write(data)
         except OSError as exc:
-            raise RegistryError(f"upload of {rel} to {self.fs.unstrip_protocol(dest)} failed: {exc}") from exc
+            raise RegistryError(
+                f"upload of {rel} to {self.fs.unstrip_protocol(dest)} failed: {exc}"
+            ) from exc
         _compare(rel, self._hash_remote(dest), want, "uploaded copy")
 
     def _hash_remote(self, path: str) -> _Expected:
@@ -200,9 +207,13 @@ class ArtifactStore:
         src = self._path_of(uri)
         target = Path(dest)
         if target.exists() and not (target.is_dir() and not any(target.iterdir())):
-            raise RegistryError(f"{target}: already exists and is not empty; choose a new directory")
+            raise RegistryError(
+                f"{target}: already exists and is not empty; choose a new directory"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        )
         try:
             self._invalidate(src)
             if not self.fs.exists(f"{src}/{MANIFEST}"):
@@ -248,7 +259,9 @@ class ArtifactStore:
                     size += len(chunk)
                     fout.write(chunk)
         except FileNotFoundError:
-            raise RegistryError(f"{label}: listed in the manifest but missing from the store") from None
+            raise RegistryError(
+                f"{label}: listed in the manifest but missing from the store"
+            ) from None
         _compare(label, _Expected(digest.hexdigest(), size), want, "stored file")
 
     # ---------------------------------------------------------------------------------- delete
@@ -320,7 +333,9 @@ def _expected_files(manifest_bytes: bytes, *, where: str) -> dict[str, _Expected
     try:
         files = json.loads(manifest_bytes)["files"]
         out = {
-            _safe_relpath(str(rel), where): _Expected(str(entry["sha256"]).lower(), int(entry["size"]))
+            _safe_relpath(str(rel), where): _Expected(
+                str(entry["sha256"]).lower(), int(entry["size"])
+            )
             for rel, entry in files.items()
         }
     except RegistryError:
@@ -372,4 +387,3 @@ def _hash_file(path: Path) -> _Expected:
             digest.update(chunk)
             size += len(chunk)
     return _Expected(digest.hexdigest(), size)
-

@@ -289,7 +289,11 @@ class Trainer:
             self._write_data_artifacts()
             (self.run_dir / "metrics.jsonl").touch()
         barrier(self.env)
-        log = _JsonlLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
+        log = _JsonlLog(
+            self.run_dir / "metrics.jsonl",
+            enabled=self.env.is_main,
+            tensorboard=cfg.train.tensorboard,
+        )
         if self.resume_from is not None:
             log.truncate_after(self.step)
             _say(f"resuming {self.run_dir} from step {self.step}", self.env)
@@ -612,6 +616,10 @@ class Trainer:
             "device": str(self.device),
             "processes": self.env.world_size,
         }
+        last_train = log.last.get("train", {})
+        for key in ("samples_per_s", "tokens_per_s", "mfu"):
+            if last_train.get(key) is not None:
+                summary[key] = last_train[key]
         if self.is_lm:
             summary["unigram_loss"] = _unigram_loss(self.data)
         if self.env.is_main:
@@ -623,6 +631,7 @@ class Trainer:
                 title=f"{self.config.name} ({self.config.task})",
                 extra={"run": summary},
             )
+        log.close()
         barrier(self.env)
         return RunResult(
             run_dir=self.run_dir,
@@ -741,16 +750,38 @@ def build_data_and_model(config: RunConfig) -> tuple[PreparedData, nn.Module]:
 class _JsonlLog:
     """Append-only metrics.jsonl, one flushed line per record (rank 0 only)."""
 
-    def __init__(self, path: Path, *, enabled: bool) -> None:
+    def __init__(self, path: Path, *, enabled: bool, tensorboard: bool = False) -> None:
         self.path = path
         self.enabled = enabled
+        self.last: dict[str, dict[str, Any]] = {}
+        self._tb: Any = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the module imports the tensorboard package
+                raise TrainError(
+                    "train.tensorboard needs the tensorboard package: "
+                    "pip install 'shipyard[tensorboard]'"
+                ) from None
+            self._tb = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
+        self.last[str(record.get("kind"))] = record
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+        if self._tb is not None:
+            kind, step = record.get("kind"), int(record.get("step", 0))
+            for key, value in record.items():
+                if isinstance(value, int | float) and key not in ("step", "epoch", "time"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (written after the checkpoint we resume from)."""

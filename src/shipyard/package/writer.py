@@ -1,0 +1,222 @@
+"""Writing packages: `write_package` from objects in memory, `package_run` from a run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_model
+from torch import nn
+
+from shipyard import __version__
+from shipyard.config import RunConfig, config_sha256
+from shipyard.data import DataInfo, Preprocessor, Tokenizer
+from shipyard.errors import PackageError, ShipyardError
+from shipyard.models import TOKEN_MODELS
+from shipyard.package.manifest import (
+    MANIFEST,
+    TOKENIZER,
+    WEIGHTS,
+    Architecture,
+    Derivation,
+    FileEntry,
+    Lineage,
+    Manifest,
+    ParentRef,
+    Signature,
+    TensorSpec,
+    manifest_sha256,
+    sha256_file,
+    staged_package,
+    verify_package,
+)
+
+PACKAGE_DIR = "package"  # where `shipyard train` writes a run's package
+
+
+def build_signature(task: str, info: DataInfo, architecture: str) -> Signature:
+    """The input/output tensors a server exposes for a model of `task` trained on `info`."""
+    if task == "language-modeling":
+        vocab = info.vocab_size if info.vocab_size is not None else info.num_outputs
+        return Signature(
+            inputs=[TensorSpec(name="input_ids", datatype="INT64", shape=[-1, -1])],
+            outputs=[TensorSpec(name="logits", datatype="FP32", shape=[-1, -1, vocab])],
+        )
+    if architecture in TOKEN_MODELS:
+        inputs = [TensorSpec(name="input_ids", datatype="INT64", shape=[-1, *info.input_shape])]
+    else:
+        inputs = [TensorSpec(name="input", datatype="FP32", shape=[-1, *info.input_shape])]
+    if task == "classification":
+        outputs = [
+            TensorSpec(name="probabilities", datatype="FP32", shape=[-1, info.num_outputs]),
+            TensorSpec(name="label", datatype="BYTES", shape=[-1]),
+        ]
+    else:
+        outputs = [TensorSpec(name="values", datatype="FP32", shape=[-1, info.num_outputs])]
+    return Signature(inputs=inputs, outputs=outputs)
+
+
+def write_package(
+    out_dir: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    config: RunConfig,
+    data_info: DataInfo,
+    preprocessor: Preprocessor | None,
+    tokenizer: Tokenizer | None,
+    metrics: Mapping[str, Mapping[str, Any]],
+    name: str | None = None,
+    version: str | None = None,
+    lineage_extra: Mapping[str, Any] | None = None,
+    derivation: Derivation | Mapping[str, Any] | None = None,
+    parent: ParentRef | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a package directory for `model` and return its path.
+
+    The directory is written beside `out_dir` under a temporary name, verified, then renamed into
+    place; an existing package at `out_dir` is replaced, any other non-empty directory refused.
+    metrics: {"val": {...}, "test": {...}}; non-numeric entries (confusion matrices) are dropped.
+    name: default `config.name`. version: default the run directory's name from
+    `lineage_extra["run_dir"]`, else a UTC timestamp.
+    lineage_extra: more lineage keys, e.g. {"run_dir": ..., "checkpoint_step": 120}.
+    derivation: {"method": ..., "params": {...}} for a package derived from `parent`.
+    parent: the parent package's directory, or {"name", "version", "manifest_sha256"}.
+    """
+    out = Path(out_dir)
+    extra = dict(lineage_extra or {})
+    if version is None:
+        run_dir = extra.get("run_dir")
+        version = Path(run_dir).name if run_dir else datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    arch = config.model.name
+    lineage = Lineage(
+        config_sha256=config_sha256(config),
+        data_fingerprint=data_info.fingerprint,
+        git_commit=_git_commit(),
+        parent=_parent_ref(parent),
+        shipyard_version=__version__,
+        torch_version=torch.__version__,
+        **extra,
+    )
+    labels = list(data_info.class_names) if data_info.class_names is not None else None
+    with staged_package(out, replace=True) as tmp:
+        save_model(model, str(tmp / WEIGHTS))
+        files = {WEIGHTS: _entry(tmp / WEIGHTS)}
+        if tokenizer is not None:
+            (tmp / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
+            files[TOKENIZER] = _entry(tmp / TOKENIZER)
+        manifest = Manifest(
+            name=name or config.name,
+            version=version,
+            task=config.task,
+            created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            architecture=Architecture(name=arch, config=config.model.model_dump(mode="json")),
+            signature=build_signature(config.task, data_info, arch),
+            data=data_info.to_dict(),
+            preprocessing=preprocessor.to_dict() if preprocessor is not None else None,
+            labels=labels,
+            metrics=_scalar_metrics(metrics),
+            lineage=lineage,
+            config=config.model_dump(mode="json"),
+            derivation=Derivation.model_validate(derivation) if derivation is not None else None,
+            files=files,
+        )
+        (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+        for file in tmp.iterdir():
+            _fsync(file)
+    return out
+
+
+def package_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Package a training run's best checkpoint (default output: RUN_DIR/package)."""
+    from shipyard.package.loading import build_empty_model
+    from shipyard.train import best_checkpoint, load_run_config
+    from shipyard.train.checkpoint import load_weights, read_checkpoint
+
+    run = Path(run_dir)
+    try:
+        config = load_run_config(run)
+        data = json.loads((run / "data.json").read_text(encoding="utf-8"))
+        info = DataInfo.from_dict(data["info"])
+        pre = data.get("preprocessing")
+        preprocessor = Preprocessor.from_dict(pre) if pre is not None else None
+        tok_file = run / TOKENIZER
+        tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
+        checkpoint = best_checkpoint(run)
+        step = read_checkpoint(checkpoint, verify=False).step
+        model = build_empty_model(config.model, info)
+        load_weights(checkpoint, model)
+    except FileNotFoundError as exc:
+        raise PackageError(f"{run}: not a complete run directory ({exc.filename} missing)") from None
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise PackageError(f"{run}: cannot read the run ({exc})") from None
+    except PackageError:
+        raise
+    except ShipyardError as exc:
+        raise PackageError(f"{run}: cannot package this run: {exc}") from None
+    report_file = run / "report.json"
+    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
+    metrics = {split: report[split] for split in ("val", "test") if isinstance(report.get(split), dict)}
+    return write_package(
+        Path(out_dir) if out_dir is not None else run / PACKAGE_DIR,
+        model=model,
+        config=config,
+        data_info=info,
+        preprocessor=preprocessor,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        version=run.resolve().name,
+        lineage_extra={"run_dir": str(run.resolve()), "checkpoint_step": step},
+    )
+
+
+def _entry(path: Path) -> FileEntry:
+    return FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def _scalar_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    return {
+        split: {
+            k: float(v)
+            for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        for split, values in metrics.items()
+    }
+
+
+def _parent_ref(parent: ParentRef | Mapping[str, Any] | str | os.PathLike[str] | None) -> ParentRef | None:
+    if parent is None or isinstance(parent, ParentRef):
+        return parent
+    if isinstance(parent, Mapping):
+        return ParentRef.model_validate(parent)
+    manifest = verify_package(parent)
+    return ParentRef(
+        name=manifest.name, version=manifest.version, manifest_sha256=manifest_sha256(parent)
+    )
+
+
+def _git_commit() -> str | None:
+    """HEAD of the git repository in the working directory, if any; never fails."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) in (40, 64) else None
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
