@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 
 from shipyard.config import (
     RunConfig,
     SGDConfig,
     apply_override,
+    config_reference_markdown,
     config_schema,
     config_sha256,
     dump_config,
@@ -203,9 +204,6 @@ def test_schema_is_json_schema_with_sections() -> None:
 
 def test_configuration_reference_doc_is_current() -> None:
     """docs/configuration.md is generated; regenerate with `shipyard config docs`."""
-    from shipyard.config import config_reference_markdown
-    from tests.conftest import ROOT
-
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed.strip() == config_reference_markdown().strip(), (
         "docs/configuration.md is stale: run `shipyard config docs > docs/configuration.md`"

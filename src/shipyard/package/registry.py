@@ -358,10 +358,12 @@ class Registry:
         name: str | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        public_key: Any = None,
     ) -> ModelVersion:
         """Verify a package, upload it as the next version of `name` (default: its manifest name).
 
-        If verification or the upload fails, nothing is recorded.
+        public_key: when given, manifest.sig must be a valid signature by it (see
+        `verify_package`). If verification or the upload fails, nothing is recorded.
         """
         from shipyard.package import manifest_sha256, verify_package
 
@@ -370,7 +372,7 @@ class Registry:
             raise RegistryError(
                 f"{src}: not a package directory (run `shipyard package RUN_DIR` first)"
             )
-        manifest = verify_package(src)
+        manifest = verify_package(src, public_key=public_key)
         digest = manifest_sha256(src)
         model_name = check_model_name(name if name is not None else str(manifest.name))
         clean_tags = _check_tags(tags or {})
@@ -618,7 +620,7 @@ class Registry:
 
     # -------------------------------------------------------------------------- pull/resolve
 
-    def pull(self, ref: str, dest_dir: str | os.PathLike[str]) -> Path:
+    def pull(self, ref: str, dest_dir: str | os.PathLike[str], *, public_key: Any = None) -> Path:
         """Download `ref` into the new directory `dest_dir`, verified; returns the package path.
 
         Files land in a temporary directory and are renamed into place only after every hash
@@ -627,13 +629,13 @@ class Registry:
         mv = self.get(ref)
         dest = self.store.download(mv.artifact_uri, dest_dir, manifest_sha256=mv.manifest_sha256)
         try:
-            _verify_package(dest, mv)
+            _verify_package(dest, mv, public_key)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
         return dest
 
-    def resolve_local(self, ref: str) -> Path:
+    def resolve_local(self, ref: str, *, public_key: Any = None) -> Path:
         """A verified local package directory for `ref`, for the server to load.
 
         A local store's own directory is verified in place; a remote artifact is downloaded once
@@ -647,7 +649,7 @@ class Registry:
                     f"{mv.ref}: artifact {mv.artifact_uri} is missing from the store; pull it from "
                     "a backup or delete the version"
                 )
-            _verify_package(local, mv)
+            _verify_package(local, mv, public_key)
             return local
         cached = (
             shipyard_home()
@@ -658,16 +660,16 @@ class Registry:
         )
         if cached.is_dir():
             try:
-                _verify_package(cached, mv)
+                _verify_package(cached, mv, public_key)
                 return cached
             except (RegistryError, PackageError):
                 shutil.rmtree(cached, ignore_errors=True)
         try:
-            return self.pull(mv.ref, cached)
+            return self.pull(mv.ref, cached, public_key=public_key)
         except RegistryError:
             # another process may have filled the cache first
             if cached.is_dir() and any(cached.iterdir()):
-                _verify_package(cached, mv)
+                _verify_package(cached, mv, public_key)
                 return cached
             raise
 
@@ -862,7 +864,7 @@ def _snapshot(name: str, row: VersionRow, aliases: tuple[str, ...]) -> ModelVers
     )
 
 
-def _verify_package(path: Path, mv: ModelVersion) -> None:
+def _verify_package(path: Path, mv: ModelVersion, public_key: Any = None) -> None:
     """Check a local copy: manifest digest as registered, then every file against the manifest."""
     from shipyard.package import manifest_sha256, verify_package
 
@@ -874,4 +876,4 @@ def _verify_package(path: Path, mv: ModelVersion) -> None:
             f"{mv.ref}: manifest.json at {path} has SHA-256 {got[:16]}..., the registry recorded "
             f"{mv.manifest_sha256[:16]}...; the artifact was modified"
         )
-    verify_package(path)
+    verify_package(path, public_key=public_key)
