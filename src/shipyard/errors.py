@@ -37,3 +37,11 @@ class EvaluateError(ShipyardError):
 
 class RegistryError(ShipyardError):
     """The model registry or its artifact store refused an operation (bad name, unknown ref...)."""
+
+
+class GenerationError(ShipyardError):
+    """A generation request is invalid: bad sampling parameter, prompt too long for the model."""
+
+
+class EngineOverloaded(ShipyardError):
+    """The generation engine's wait queue is full (or it is shutting down); retry later."""

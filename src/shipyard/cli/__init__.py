@@ -10,7 +10,10 @@ from rich.console import Console
 
 from shipyard import __version__
 from shipyard.cli.config_cmd import config_app
+from shipyard.cli.keys_cmd import keys_app
 from shipyard.cli.models_cmd import models_app
+from shipyard.cli.package_cmd import package_app
+from shipyard.cli.serve_cmd import keys_add, keys_list, keys_revoke, predict, serve
 from shipyard.cli.train_cmd import evaluate, train
 from shipyard.errors import ShipyardError
 
@@ -24,6 +27,7 @@ app = typer.Typer(
         "  shipyard train examples/digits-mlp.yaml\n\n"
         "  shipyard train examples/gpt-tiny.yaml --nproc 2 --set train.max_steps=200\n\n"
         "  shipyard eval runs/digits-mlp/<run-id> --split test\n\n"
+        "  shipyard package runs/digits-mlp/<run-id> -o digits-pkg\n\n"
         "  shipyard config validate examples/*.yaml\n\n"
         "  shipyard config show examples/digits-mlp.yaml --set train.epochs=5\n\n"
         "  shipyard config schema > shipyard.schema.json"
@@ -34,9 +38,16 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(config_app, name="config")
+app.add_typer(package_app, name="package")
+app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.command("train")(train)
 app.command("eval")(evaluate)
+app.command("serve")(serve)
+app.command("predict")(predict)
+keys_app.command("add")(keys_add)
+keys_app.command("list")(keys_list)
+keys_app.command("revoke")(keys_revoke)
 
 
 def _version(value: bool) -> None:

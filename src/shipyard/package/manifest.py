@@ -8,8 +8,8 @@ A package is a flat directory with fixed file names:
     tokenizer.json      optional: the tokenizer (token models)
     manifest.sig        optional: Ed25519 signature over the exact bytes of manifest.json
 
-`verify_package` refuses anything that does not match the manifest: a changed, missing or extra file,
-a symlink, a file name that could escape the directory, an unknown format version.
+`verify_package` refuses anything that does not match the manifest: a changed, missing or extra
+file, a symlink, a file name that could escape the directory, an unknown format version.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Encryption(_Model):
 class Manifest(_Model):
     """The contents of manifest.json (format version 1)."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
     task: Task
@@ -321,9 +321,8 @@ def staged_package(out: Path, *, replace: bool = False) -> Iterator[Path]:
     to `out`. An existing non-empty `out` is an error unless `replace` and it is a package."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise PackageError(f"{out}: exists and is not a directory; choose another output")
-    if out.is_dir() and any(out.iterdir()):
-        if not (replace and (out / MANIFEST).is_file()):
-            raise PackageError(f"{out}: already exists and is not empty; choose another output")
+    if out.is_dir() and any(out.iterdir()) and not (replace and (out / MANIFEST).is_file()):
+        raise PackageError(f"{out}: already exists and is not empty; choose another output")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():

@@ -269,7 +269,9 @@ class Registry:
     (default `$SHIPYARD_ARTIFACT_ROOT`, else `$SHIPYARD_HOME/artifacts`).
     """
 
-    def __init__(self, url: str | None = None, store: ArtifactStore | str | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, store: ArtifactStore | str | os.PathLike[str] | None = None
+    ) -> None:
         self.url = _normalise_url(url or default_registry_url())
         self.store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
         self._engine = _make_engine(self.url)
@@ -516,7 +518,7 @@ class Registry:
         _check_alias(alias)
         if alias == LATEST:
             raise RegistryError(
-                f"'{LATEST}' always means the newest version; it cannot be assigned"
+                f"alias '{LATEST}' is reserved (it always means the newest version); choose another"
             )
         with self._session() as s:
             model = self._model(s, check_model_name(name), lock=True)

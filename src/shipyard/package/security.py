@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import secrets
 import shutil
@@ -39,10 +40,10 @@ from shipyard.package.manifest import (
     EncryptedFile,
     Encryption,
     FileEntry,
-    staged_package,
     read_manifest,
     sha256_bytes,
     sha256_file,
+    staged_package,
     verify_package,
 )
 
@@ -178,14 +179,10 @@ def parse_key(text: str | bytes, where: str = "key") -> bytes:
     s = s.strip()
     candidates = []
     if len(s) == 64:
-        try:
+        with contextlib.suppress(ValueError):
             candidates.append(bytes.fromhex(s))
-        except ValueError:
-            pass
-    try:
+    with contextlib.suppress(binascii.Error, ValueError):
         candidates.append(base64.b64decode(s, validate=True))
-    except (binascii.Error, ValueError):
-        pass
     for key in candidates:
         if len(key) == 32:
             return key

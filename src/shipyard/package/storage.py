@@ -118,7 +118,10 @@ class ArtifactStore:
         """True when an artifact (its manifest.json) is present at `uri`."""
         path = self._path_of(uri)
         self._invalidate(path)
-        return bool(self.fs.exists(f"{path}/{MANIFEST}"))
+        try:
+            return bool(self.fs.exists(f"{path}/{MANIFEST}"))
+        except OSError as exc:
+            raise RegistryError(f"cannot reach {uri}: {_describe(exc)}") from exc
 
     # ---------------------------------------------------------------------------------- upload
 
@@ -134,8 +137,8 @@ class ArtifactStore:
         expected = _expected_files(manifest_bytes, where=str(src / MANIFEST))
         uri = self.uri_for(name, version)
         dest = self._path_of(uri)
-        self._remove(dest)
         try:
+            self._remove(dest)
             for rel, want in expected.items():
                 self._put_checked(src / rel, f"{dest}/{rel}", want, rel)
             if (src / SIGNATURE).is_file():
@@ -143,9 +146,11 @@ class ArtifactStore:
                 self._put_bytes_checked(sig, f"{dest}/{SIGNATURE}", SIGNATURE)
             # manifest last: an artifact without manifest.json is an unfinished upload
             self._put_bytes_checked(manifest_bytes, f"{dest}/{MANIFEST}", MANIFEST)
-        except BaseException:
+        except BaseException as exc:
             with suppress(Exception):
                 self._remove(dest)
+            if isinstance(exc, OSError):
+                raise RegistryError(f"upload to {uri} failed: {_describe(exc)}") from exc
             raise
         return uri
 
@@ -154,28 +159,18 @@ class ArtifactStore:
             raise RegistryError(f"{src}: listed in the manifest but missing; re-create the package")
         digest = hashlib.sha256()
         size = 0
-        try:
-            with src.open("rb") as fin, self.fs.open(dest, "wb") as fout:
-                while chunk := fin.read(_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    fout.write(chunk)
-        except OSError as exc:
-            raise RegistryError(
-                f"upload of {rel} to {self.fs.unstrip_protocol(dest)} failed: {exc}"
-            ) from exc
+        with src.open("rb") as fin, self.fs.open(dest, "wb") as fout:
+            while chunk := fin.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                fout.write(chunk)
         _compare(rel, _Expected(digest.hexdigest(), size), want, "local package file")
         _compare(rel, self._hash_remote(dest), want, "uploaded copy")
 
     def _put_bytes_checked(self, data: bytes, dest: str, rel: str) -> None:
         want = _Expected(hashlib.sha256(data).hexdigest(), len(data))
-        try:
-            with self.fs.open(dest, "wb") as fout:
-                fout.write(data)
-        except OSError as exc:
-            raise RegistryError(
-                f"upload of {rel} to {self.fs.unstrip_protocol(dest)} failed: {exc}"
-            ) from exc
+        with self.fs.open(dest, "wb") as fout:
+            fout.write(data)
         _compare(rel, self._hash_remote(dest), want, "uploaded copy")
 
     def _hash_remote(self, path: str) -> _Expected:
@@ -238,8 +233,10 @@ class ArtifactStore:
             if target.exists():
                 target.rmdir()
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise RegistryError(f"download of {uri} failed: {_describe(exc)}") from exc
             raise
         return target
 
@@ -268,7 +265,11 @@ class ArtifactStore:
 
     def delete(self, uri: str) -> None:
         """Remove the artifact at `uri` (no error if it is already gone)."""
-        self._remove(self._path_of(uri))
+        path = self._path_of(uri)
+        try:
+            self._remove(path)
+        except OSError as exc:
+            raise RegistryError(f"cannot delete {uri}: {_describe(exc)}") from exc
 
     def _remove(self, path: str) -> None:
         self._invalidate(path)
@@ -286,6 +287,11 @@ class ArtifactStore:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _describe(exc: OSError) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
 
 
 def _is_local(fs: Any) -> bool:

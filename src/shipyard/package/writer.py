@@ -132,7 +132,9 @@ def write_package(
     return out
 
 
-def package_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> Path:
+def package_run(
+    run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """Package a training run's best checkpoint (default output: RUN_DIR/package)."""
     from shipyard.package.loading import build_empty_model
     from shipyard.train import best_checkpoint, load_run_config
@@ -152,7 +154,9 @@ def package_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         model = build_empty_model(config.model, info)
         load_weights(checkpoint, model)
     except FileNotFoundError as exc:
-        raise PackageError(f"{run}: not a complete run directory ({exc.filename} missing)") from None
+        raise PackageError(
+            f"{run}: not a complete run directory ({exc.filename} missing)"
+        ) from None
     except (OSError, KeyError, json.JSONDecodeError) as exc:
         raise PackageError(f"{run}: cannot read the run ({exc})") from None
     except PackageError:
@@ -161,7 +165,9 @@ def package_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         raise PackageError(f"{run}: cannot package this run: {exc}") from None
     report_file = run / "report.json"
     report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
-    metrics = {split: report[split] for split in ("val", "test") if isinstance(report.get(split), dict)}
+    metrics = {
+        split: report[split] for split in ("val", "test") if isinstance(report.get(split), dict)
+    }
     return write_package(
         Path(out_dir) if out_dir is not None else run / PACKAGE_DIR,
         model=model,
@@ -190,7 +196,9 @@ def _scalar_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[
     }
 
 
-def _parent_ref(parent: ParentRef | Mapping[str, Any] | str | os.PathLike[str] | None) -> ParentRef | None:
+def _parent_ref(
+    parent: ParentRef | Mapping[str, Any] | str | os.PathLike[str] | None,
+) -> ParentRef | None:
     if parent is None or isinstance(parent, ParentRef):
         return parent
     if isinstance(parent, Mapping):

@@ -591,6 +591,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
 
+    def _write_package(self) -> None:
+        """Package the best checkpoint into run_dir/package (rank 0); a failure only warns, since
+        the run itself succeeded and `shipyard package RUN_DIR` can retry."""
+        from shipyard.errors import ShipyardError
+        from shipyard.package import package_run
+
+        try:
+            package_run(self.run_dir)
+        except ShipyardError as exc:
+            _warn(
+                f"could not write the package ({exc}); retry: shipyard package {self.run_dir}",
+                self.env,
+            )
+
     def _finish(self, log: _JsonlLog, started: float) -> RunResult:
         best = self.best_step
         if best is not None and best != self.step:
@@ -631,6 +645,7 @@ class Trainer:
                 title=f"{self.config.name} ({self.config.task})",
                 extra={"run": summary},
             )
+            self._write_package()
         log.close()
         barrier(self.env)
         return RunResult(

@@ -1,0 +1,287 @@
+"""`shipyard serve`, `shipyard predict` and the API-key verbs `shipyard keys add|list|revoke`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from shipyard.serve.settings import ServeError, ServeSettings
+
+console = Console()
+
+KEYS_FILE_HELP = "API keys file (default $SHIPYARD_HOME/serve/keys.json)."
+
+
+def serve(
+    packages: list[Path] = typer.Argument(None, help="Package directories to serve."),
+    registry: list[str] = typer.Option(
+        [], "--registry", "-r", help="Registry ref to serve: NAME, NAME:VERSION or NAME@ALIAS."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port (0: pick a free one)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes."),
+    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Serve without API keys even off loopback."
+    ),
+    public_key: Path | None = typer.Option(
+        None, "--public-key", help="Only serve packages signed by this Ed25519 key."
+    ),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Rows per forward."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="Batch fill wait."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Queued requests → 503."),
+    timeout_s: float = typer.Option(30.0, "--timeout-s", help="Per-request deadline → 504."),
+    max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", help="Body limit → 413."),
+    rate_limit: float | None = typer.Option(
+        None, "--rate-limit", help="Requests/s per API key (token bucket) → 429."
+    ),
+    rate_burst: int | None = typer.Option(None, "--rate-burst", help="Bucket size."),
+    torch_threads: int | None = typer.Option(
+        None, "--torch-threads", help="torch threads per worker (default: cores / workers)."
+    ),
+    metrics_public: bool = typer.Option(
+        False, "--metrics-public", help="Serve /metrics without a key off loopback."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve packages over HTTP: KServe V2 (tritonclient-compatible) and simple JSON.
+
+    Example: shipyard serve runs/digits/package --port 8000
+
+    From the registry, with keys, on all interfaces:
+    shipyard serve --registry digits@production --host 0.0.0.0 --keys-file keys.json --workers 2
+    """
+    packages = list(packages or [])
+    if not packages and not registry:
+        raise ServeError("nothing to serve: give PACKAGE_DIR arguments or --registry NAME[@ALIAS]")
+    if keys_file is None and not insecure_no_auth:
+        default = _default_keys_file()
+        keys_file = default if default.is_file() else None
+    if torch_threads is None and workers > 1:
+        torch_threads = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        settings = ServeSettings(
+            packages=[p.resolve() for p in packages],
+            registry_refs=registry,
+            host=host,
+            port=port,
+            workers=workers,
+            keys_file=keys_file.resolve() if keys_file else None,
+            insecure_no_auth=insecure_no_auth,
+            public_key=public_key.resolve() if public_key else None,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            timeout_s=timeout_s,
+            max_body_bytes=max_body_bytes,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
+            torch_threads=torch_threads,
+            metrics_public=metrics_public,
+        )
+    except ValidationError as exc:
+        raise ServeError(_first_error(exc)) from None
+    _preflight(settings)
+    run_server(settings, log_level=log_level)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+def _preflight(settings: ServeSettings) -> None:
+    """Verify every package and ref before binding, so a bad one fails fast with one line."""
+    from shipyard.package import verify_package
+
+    for path in settings.packages:
+        if not path.is_dir():
+            raise ServeError(f"{path}: not a package directory")
+        verify_package(path, public_key=settings.public_key)
+    if settings.registry_refs:
+        from shipyard.package.registry import Registry
+
+        with Registry() as reg:
+            for ref in settings.registry_refs:
+                reg.resolve_local(ref, public_key=settings.public_key)
+    if settings.keys_file is not None and not settings.insecure_no_auth:
+        from shipyard.serve.auth import read_keys
+
+        if not [k for k in read_keys(settings.keys_file) if not k.revoked]:
+            raise ServeError(f"{settings.keys_file}: no active keys (add one: shipyard keys add)")
+
+
+def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
+    """Bind, print the address, and run uvicorn until SIGTERM/SIGINT (graceful drain)."""
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        raise ServeError(f"cannot bind {settings.host}:{settings.port} ({exc.strerror})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    shown = f"[{settings.host}]" if family == socket.AF_INET6 else settings.host
+    auth = "API keys" if settings.auth_enabled else "NO authentication"
+    print(
+        f"shipyard serving on http://{shown}:{port} ({settings.workers} worker(s), {auth})",
+        flush=True,
+    )
+    if settings.workers > 1:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="shipyard-metrics-")
+    settings.to_env()
+    common: dict[str, Any] = {
+        "log_level": log_level,
+        "access_log": False,  # shipyard writes its own JSON access log
+        "lifespan": "on",
+        "timeout_graceful_shutdown": None,
+    }
+    if settings.workers == 1:
+        from shipyard.serve.app import create_app
+
+        config = uvicorn.Config(create_app(settings), **common)
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        if not server.started:
+            sys.exit(3)
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    # each worker imports the factory in a fresh process and reads the settings from the env
+    config = uvicorn.Config(
+        "shipyard.serve.app:app_from_env", factory=True, workers=settings.workers, **common
+    )
+    Multiprocess(config, sockets=[sock]).run()
+
+
+def _default_keys_file() -> Path:
+    from shipyard.serve.auth import default_keys_file
+
+    return default_keys_file()
+
+
+# ------------------------------------------------------------------------------ predict
+
+
+def predict(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Server base URL."),
+    model: str = typer.Option(..., "--model", "-m", help="Model name."),
+    input_file: Path = typer.Option(
+        ..., "--input", "-i", help='JSON: {"instances": [...]}, a list, or a V2 {"inputs": ...}.'
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="SHIPYARD_API_KEY", help="API key (or $SHIPYARD_API_KEY)."
+    ),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait."),
+) -> None:
+    """Send one prediction request and print the JSON answer.
+
+    Example: shipyard predict --model digits --input examples/digits-request.json
+
+    A file with {"inputs": [...]} goes to the KServe V2 route, anything else to :predict.
+    """
+    import httpx
+
+    try:
+        payload = json.loads(input_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ServeError(f"{input_file}: cannot read JSON input ({exc})") from None
+    if isinstance(payload, list):
+        payload = {"instances": payload}
+    if not isinstance(payload, dict):
+        raise ServeError(f"{input_file}: expected a JSON object or list")
+    base = url.rstrip("/")
+    route = (
+        f"{base}/v2/models/{model}/infer"
+        if "inputs" in payload
+        else f"{base}/v1/models/{model}:predict"
+    )
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.post(route, json=payload, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ServeError(f"cannot reach {base} ({exc})") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.text[:500]}
+    if response.status_code >= 400:
+        message = body.get("error", body) if isinstance(body, dict) else body
+        raise ServeError(f"server answered {response.status_code}: {message}")
+    typer.echo(json.dumps(body, indent=2))
+
+
+# ------------------------------------------------------------------------------ keys
+
+
+def keys_add(
+    scope: str = typer.Option(..., "--scope", help="infer (predict) or admin (manage + infer)."),
+    name: str | None = typer.Option(None, "--name", help="A name to recognise the key by."),
+    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
+) -> None:
+    """Create an API key for `shipyard serve`; the key is printed once, only its hash is stored.
+
+    Example: shipyard keys add --scope infer --name billing-service --keys-file keys.json
+    """
+    from shipyard.serve.auth import add_key
+
+    path = keys_file or _default_keys_file()
+    key, record = add_key(path, scope, name)
+    typer.echo(key)
+    Console(stderr=True).print(
+        f"added {record.scope} key {record.id} ({record.name}) to {path}; it is shown only "
+        "once, store it now",
+        highlight=False,
+    )
+
+
+def keys_list(
+    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List API keys (ids, names, scopes; never secrets).
+
+    Example: shipyard keys list --keys-file keys.json
+    """
+    from shipyard.serve.auth import read_keys
+
+    keys = read_keys(keys_file or _default_keys_file())
+    if as_json:
+        typer.echo(json.dumps([k.public() for k in keys], indent=2))
+        return
+    table = Table()
+    for col in ("id", "name", "scope", "created", "status"):
+        table.add_column(col)
+    for k in keys:
+        table.add_row(k.id, k.name, k.scope, k.created, "revoked" if k.revoked else "active")
+    console.print(table)
+
+
+def keys_revoke(
+    key: str = typer.Argument(..., help="Key id or name."),
+    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
+) -> None:
+    """Revoke an API key; a running server refuses it within a second.
+
+    Example: shipyard keys revoke billing-service --keys-file keys.json
+    """
+    from shipyard.serve.auth import revoke_key
+
+    record = revoke_key(keys_file or _default_keys_file(), key)
+    console.print(f"revoked key {record.id} ({record.name})", highlight=False)

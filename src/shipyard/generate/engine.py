@@ -1,0 +1,650 @@
+"""Continuous batching: one background thread decodes every running request together.
+
+Each iteration of the engine thread:
+
+1. applies cancellations and admits waiting requests while there is room (at most
+   `max_batch_size` sequences, and a worst-case KV cache within `max_cached_tokens`);
+2. prefills admitted prompts, at most `prefill_chunk` tokens per iteration (long prompts take
+   several iterations), so running streams are never stalled for long; a fully prefilled
+   request samples its first token and joins the batch;
+3. runs one decode step for the whole batch: every row feeds its last token, with its own
+   position ids and a mask over its left padding (see `BatchKVCache`); finished rows leave.
+
+Requests come in through `submit` (asyncio, for the server) or `submit_sync` (threads, CLI,
+tests) and get their `TokenEvent`s through a queue. At most `max_batch_size + max_queue`
+requests are accepted at once; beyond that `submit` raises `EngineOverloaded` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TypeVar
+
+import torch
+
+from shipyard.data.tokenization import Tokenizer
+from shipyard.errors import EngineOverloaded, GenerationError
+from shipyard.generate.cache import BatchKVCache
+from shipyard.generate.params import SamplingParams
+from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
+from shipyard.generate.sequence import (
+    GenerationResult,
+    SequenceState,
+    TokenEvent,
+    TokenLogprob,
+    new_request_id,
+)
+from shipyard.generate.single import autocast_context, encode_prompt, model_device
+from shipyard.models.gpt import GPT
+
+LogitsHook = Callable[[str, int, torch.Tensor], None]
+"""Called as hook(request_id, token_index, raw_logits (V,)) on the engine thread (debugging)."""
+
+
+class EngineObserver:
+    """Hooks the engine thread calls; subclass to feed metrics. Keep them fast and thread-safe."""
+
+    def on_request_start(self, request_id: str, prompt_tokens: int, queued_s: float) -> None:
+        """A request left the queue and starts prefilling."""
+
+    def on_first_token(self, request_id: str, time_to_first_token_s: float) -> None:
+        """A request produced its first token (time measured from submission)."""
+
+    def on_token(self, request_id: str, inter_token_s: float) -> None:
+        """A request produced a later token, `inter_token_s` after its previous one."""
+
+    def on_finish(self, result: GenerationResult) -> None:
+        """A request finished (including "cancelled")."""
+
+    def on_step(self, batch_size: int, step_s: float) -> None:
+        """One decode step over `batch_size` running sequences took `step_s` seconds."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's gauges and counters."""
+
+    running: int  # sequences in the decode batch
+    prefilling: int  # admitted, prompt not fully processed yet
+    waiting: int  # accepted, not admitted yet
+    requests_total: int  # accepted since start
+    requests_finished: int  # finished for any reason (cancelled included)
+    requests_cancelled: int
+    prompt_tokens_total: int  # prefilled prompt tokens
+    generation_tokens_total: int  # generated tokens
+    decode_steps: int
+    cached_slots: int  # KV cache slots of the decode batch (rows x padded length)
+
+
+class _End:
+    """The last item of a request's queue: the stream is over, with this result."""
+
+    def __init__(self, result: GenerationResult) -> None:
+        self.result = result
+
+
+_Item = TokenEvent | _End | BaseException
+
+
+class _Stream:
+    """What both request handles share."""
+
+    def __init__(self, engine: Engine, request_id: str, prompt_tokens: int) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.final: GenerationResult | None = None  # set once the stream is over
+
+    def cancel(self) -> bool:
+        """Ask the engine to stop this request; its stream then ends ("cancelled")."""
+        return self._engine.cancel(self.request_id)
+
+    def _take(self, item: _Item) -> TokenEvent | None:
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, _End):
+            self.final = item.result
+            return None
+        if item.result is not None:
+            self.final = item.result
+        return item
+
+
+class RequestStream(_Stream):
+    """A blocking iterator over one request's `TokenEvent`s (from `Engine.submit_sync`)."""
+
+    def __init__(self, engine: Engine, request_id: str, prompt_tokens: int) -> None:
+        super().__init__(engine, request_id, prompt_tokens)
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+
+    def _put(self, item: _Item) -> None:
+        self._queue.put(item)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        event = None if self.final is not None else self._take(self._queue.get())
+        if event is None:
+            raise StopIteration
+        return event
+
+    def result(self) -> GenerationResult:
+        """Wait for the end of the stream and return the result."""
+        for _ in self:
+            pass
+        assert self.final is not None
+        return self.final
+
+
+class AsyncRequestStream(_Stream):
+    """An async iterator over one request's `TokenEvent`s (from `Engine.submit`).
+
+    Use as `async with await engine.submit(...) as events: async for event in events: ...` so
+    that leaving early (client disconnect, error) cancels the request.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        request_id: str,
+        prompt_tokens: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(engine, request_id, prompt_tokens)
+        self.loop = loop
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+
+    def _put(self, item: _Item) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self.final is not None:
+            raise StopAsyncIteration
+        event = self._take(await self._queue.get())
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def result(self) -> GenerationResult:
+        """Wait for the end of the stream and return the result."""
+        async for _ in self:
+            pass
+        assert self.final is not None
+        return self.final
+
+    async def __aenter__(self) -> AsyncRequestStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.final is None:
+            self.cancel()
+
+
+_S = TypeVar("_S", RequestStream, AsyncRequestStream)
+
+
+def _deliver(items: list[tuple[AsyncRequestStream, _Item]]) -> None:
+    for stream, item in items:
+        stream._put(item)
+
+
+class _Request:
+    """Engine-side state of one accepted request."""
+
+    def __init__(self, state: SequenceState, stream: RequestStream | AsyncRequestStream) -> None:
+        self.state = state
+        self.stream = stream
+        self.cache: BatchKVCache | None = None  # own cache while prefilling
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.pad = 0  # left padding slots in the decode batch
+
+
+class Engine:
+    """Continuous-batching text generation over one GPT, driven by a background thread.
+
+    max_batch_size: most sequences decoded together.
+    max_cached_tokens: cap on KV cache slots of the decode batch; a request is admitted only if
+        (running + 1) x (largest prompt + max_tokens among them) stays within it. Default
+        max_batch_size x block_size (no extra limit).
+    max_queue: accepted requests beyond the running ones; more raise `EngineOverloaded`.
+    prefill_chunk: most prompt tokens prefilled per iteration (bounds the stall of the batch).
+    device: move the model there (default: where it is). The model is put in eval mode.
+    autocast_dtype: e.g. torch.bfloat16 to run the model under autocast (GPU); None = as is.
+    observer: metrics hooks; logits_hook: see `LogitsHook` (tests, debugging).
+    start: start the engine thread now (else call `start()`).
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_cached_tokens: int | None = None,
+        max_queue: int = 64,
+        prefill_chunk: int = 512,
+        device: torch.device | str | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        observer: EngineObserver | None = None,
+        logits_hook: LogitsHook | None = None,
+        start: bool = True,
+    ) -> None:
+        block_size = model.config.block_size
+        if max_batch_size < 1:
+            raise GenerationError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue < 0:
+            raise GenerationError(f"max_queue must be >= 0, got {max_queue}")
+        if prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.max_cached_tokens = max_cached_tokens or max_batch_size * block_size
+        if self.max_cached_tokens < 2:
+            raise GenerationError(f"max_cached_tokens must be >= 2, got {max_cached_tokens}")
+        if device is not None:
+            model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model_device(model)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.autocast_dtype = autocast_dtype
+        self.observer = observer or EngineObserver()
+        self.logits_hook = logits_hook
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        # Shared with submitting threads (guarded by _lock).
+        self._waiting: deque[_Request] = deque()
+        self._active: dict[str, _Request] = {}
+        self._cancel: set[str] = set()
+        self._closing = False
+        self._drain = False
+        self._counts = dict.fromkeys(
+            ("requests", "finished", "cancelled", "prompt_tokens", "tokens", "steps"), 0
+        )
+        # Engine thread only.
+        self._prefilling: list[_Request] = []
+        self._running: list[_Request] = []
+        self._cache: BatchKVCache | None = None
+        self._batch: SamplingBatch | None = None
+        self._history: TokenHistory | None = None
+        self._next_tokens: list[int] = []
+        self._outbox: list[tuple[_Request, _Item]] = []
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # -- public API (any thread) -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread (once)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="shipyard-generate-engine", daemon=True
+                )
+                self._thread.start()
+
+    def close(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the engine. drain=True finishes accepted requests first; else they are cancelled.
+
+        New submissions raise EngineOverloaded from now on.
+        """
+        with self._lock:
+            self._closing, self._drain = True, drain
+            self._wake.notify()
+            thread = self._thread
+        if thread is None:
+            self._run()  # never started: cancel (or finish) what was accepted, on this thread
+        elif thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> AsyncRequestStream:
+        """Accept a request; return its async event stream (call from a running event loop).
+
+        Raises GenerationError (bad parameters, prompt too long: HTTP 400) or EngineOverloaded
+        (queue full or shutting down: HTTP 503) before any token is generated.
+        """
+        loop = asyncio.get_running_loop()
+        return self._accept(
+            prompt,
+            params,
+            request_id,
+            lambda rid, n: AsyncRequestStream(self, rid, n, loop),
+        )
+
+    def submit_sync(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Accept a request; return a blocking iterator over its events (same errors as submit)."""
+        return self._accept(prompt, params, request_id, lambda rid, n: RequestStream(self, rid, n))
+
+    def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> GenerationResult:
+        """Submit and wait for the result (blocking)."""
+        return self.submit_sync(prompt, params).result()
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request (waiting or running); False if it is unknown or already finished."""
+        with self._lock:
+            if request_id not in self._active:
+                return False
+            self._cancel.add(request_id)
+            self._wake.notify()
+            return True
+
+    def stats(self) -> EngineStats:
+        """Current gauges and counters."""
+        with self._lock:
+            c = self._counts
+            cache = self._cache
+            running = len(self._running)
+            return EngineStats(
+                running=running,
+                prefilling=len(self._prefilling),
+                waiting=len(self._waiting),
+                requests_total=c["requests"],
+                requests_finished=c["finished"],
+                requests_cancelled=c["cancelled"],
+                prompt_tokens_total=c["prompt_tokens"],
+                generation_tokens_total=c["tokens"],
+                decode_steps=c["steps"],
+                cached_slots=0 if cache is None else running * cache.seq_len,
+            )
+
+    # -- accepting -------------------------------------------------------------------------
+
+    def _accept(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None,
+        request_id: str | None,
+        make_stream: Callable[[str, int], _S],
+    ) -> _S:
+        params = params or SamplingParams()
+        block_size = self.model.config.block_size
+        ids = encode_prompt(self.tokenizer, prompt, params, block_size, self.model.vocab_size)
+        if len(ids) + params.max_tokens > self.max_cached_tokens:
+            raise GenerationError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"engine's max_cached_tokens ({self.max_cached_tokens}); lower max_tokens"
+            )
+        rid = request_id or new_request_id()
+        stream = make_stream(rid, len(ids))
+        request = _Request(SequenceState(rid, ids, params, self.tokenizer), stream)
+        with self._lock:
+            if self._closing:
+                raise EngineOverloaded("the generation engine is shutting down; retry later")
+            if rid in self._active:
+                raise GenerationError(f"request_id {rid!r} is already in use")
+            if len(self._active) >= self.max_batch_size + self.max_queue:
+                raise EngineOverloaded(
+                    f"the generation engine is full ({len(self._active)} requests: "
+                    f"{self.max_batch_size} running + {self.max_queue} queued); retry later"
+                )
+            self._active[rid] = request
+            self._waiting.append(request)
+            self._counts["requests"] += 1
+            self._wake.notify()
+        return stream
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._cancel or self._prefilling or self._running)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._has_work() or self._closing):
+                    self._wake.wait()
+                if self._closing and not self._drain:
+                    self._cancel.update(self._active)
+                cancels, self._cancel = self._cancel, set()
+                stop = self._closing and not (self._drain and self._has_work())
+            try:
+                with torch.inference_mode(), autocast_context(self.device, self.autocast_dtype):
+                    self._apply_cancels(cancels)
+                    self._admit()
+                    self._prefill()
+                    self._decode()
+            except Exception as error:  # the model failed: fail every request in flight
+                for req in [*self._prefilling, *self._running]:
+                    self._outbox.append((req, error))
+                    self._finish(req, cancelled=False)
+                self._prefilling, self._running, self._cache = [], [], None
+            self._flush()
+            if stop:
+                return
+
+    def _apply_cancels(self, ids: set[str]) -> None:
+        if not ids:
+            return
+        with self._lock:
+            waiting = [r for r in self._waiting if r.state.request_id in ids]
+            for req in waiting:
+                self._waiting.remove(req)
+        for req in waiting:
+            self._cancel_request(req)
+        for req in [r for r in self._prefilling if r.state.request_id in ids]:
+            self._prefilling.remove(req)
+            self._cancel_request(req)
+        leaving = [i for i, r in enumerate(self._running) if r.state.request_id in ids]
+        for i in leaving:
+            self._cancel_request(self._running[i])
+        self._leave(leaving)
+
+    def _cancel_request(self, req: _Request) -> None:
+        result = req.state.cancel()
+        self._outbox.append((req, _End(result)))
+        self._finish(req, cancelled=True)
+
+    def _finish(self, req: _Request, *, cancelled: bool) -> None:
+        with self._lock:
+            self._active.pop(req.state.request_id, None)
+            self._counts["finished"] += 1
+            self._counts["cancelled"] += int(cancelled)
+        if req.state.finished:
+            self.observer.on_finish(req.state.result())
+
+    def _admit(self) -> None:
+        """Move waiting requests to prefilling while the batch and the cache budget allow."""
+        with self._lock:
+            while self._waiting:
+                admitted = [*self._running, *self._prefilling]
+                if len(admitted) >= self.max_batch_size:
+                    break
+                head = self._waiting[0]
+                worst = max(r.state.reserved_tokens for r in [*admitted, head])
+                if (len(admitted) + 1) * worst > self.max_cached_tokens and admitted:
+                    break  # first in, first served: wait for room rather than skip ahead
+                self._waiting.popleft()
+                head.cache = BatchKVCache(self.model.config.n_layer)
+                self._prefilling.append(head)
+                queued = time.perf_counter() - head.state.submitted_at
+                self.observer.on_request_start(
+                    head.state.request_id, len(head.state.prompt_ids), queued
+                )
+
+    def _prefill(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens; fully prefilled requests join the batch."""
+        budget, joining = self.prefill_chunk, []
+        for req in list(self._prefilling):
+            if budget <= 0:
+                break
+            state, P = req.state, len(req.state.prompt_ids)
+            n = min(P - req.prefilled, budget)
+            chunk = state.prompt_ids[req.prefilled : req.prefilled + n]
+            x = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, n)
+            logits = self.model(x, kv_cache=req.cache)[:, -1].float()  # (1, V)
+            req.prefilled += n
+            budget -= n
+            with self._lock:
+                self._counts["prompt_tokens"] += n
+            if req.prefilled < P:
+                continue
+            self._prefilling.remove(req)
+            V = self.model.vocab_size
+            batch = SamplingBatch.from_params([state.params], V, self.device)
+            history = (
+                TokenHistory.from_ids([state.prompt_ids], [[]], V, self.device)
+                if state.params.uses_penalties
+                else None
+            )
+            tokens, logprobs = choose_tokens(
+                logits, batch, history, [state.generator], [state.params.top_logprobs]
+            )
+            if self._emit(req, logits[0], tokens[0], logprobs[0]):
+                joining.append(req)
+        if joining:
+            self._join(joining)
+
+    def _emit(
+        self, req: _Request, logits: torch.Tensor, token: int, logprob: TokenLogprob | None
+    ) -> bool:
+        """Record a sampled token for `req`; return True while the request goes on."""
+        state = req.state
+        if self.logits_hook is not None:
+            self.logits_hook(state.request_id, len(state.output_ids), logits.detach().cpu())
+        previous = state.last_token_at
+        event = state.add_token(token, logprob)
+        with self._lock:
+            self._counts["tokens"] += 1
+        assert state.last_token_at is not None
+        if previous is None:
+            self.observer.on_first_token(state.request_id, state.last_token_at - state.submitted_at)
+        else:
+            self.observer.on_token(state.request_id, state.last_token_at - previous)
+        self._outbox.append((req, event))
+        if event.result is None:
+            return True
+        self._outbox.append((req, _End(event.result)))
+        self._finish(req, cancelled=False)
+        return False
+
+    def _join(self, joining: list[_Request]) -> None:
+        caches = [r.cache for r in joining if r.cache is not None]
+        old_len = 0 if self._cache is None else self._cache.seq_len
+        self._cache = BatchKVCache.concat([c for c in [self._cache, *caches] if c is not None])
+        S = self._cache.seq_len
+        for req in self._running:
+            req.pad += S - old_len
+        for req in joining:
+            req.pad, req.cache = S - len(req.state.prompt_ids), None
+        self._running += joining
+        self._next_tokens += [r.state.output_ids[-1] for r in joining]
+        self._rebuild_sampling()
+
+    def _leave(self, rows: list[int]) -> None:
+        """Drop rows of the decode batch and the left padding no remaining row needs."""
+        if not rows:
+            return
+        gone = set(rows)
+        keep = [i for i in range(len(self._running)) if i not in gone]
+        self._running = [self._running[i] for i in keep]
+        self._next_tokens = [self._next_tokens[i] for i in keep]
+        if not keep or self._cache is None:
+            self._running, self._next_tokens, self._cache = [], [], None
+            self._batch = self._history = None
+            return
+        drop = min(r.pad for r in self._running)
+        self._cache.select(keep, drop_left=drop)
+        for req in self._running:
+            req.pad -= drop
+        self._rebuild_sampling()
+
+    def _rebuild_sampling(self) -> None:
+        states = [r.state for r in self._running]
+        V = self.model.vocab_size
+        self._batch = SamplingBatch.from_params([s.params for s in states], V, self.device)
+        self._history = None
+        if any(s.params.uses_penalties for s in states):
+            self._history = TokenHistory.from_ids(
+                [s.prompt_ids for s in states], [s.output_ids for s in states], V, self.device
+            )
+
+    def _decode(self) -> None:
+        """One decode step for every running sequence."""
+        if not self._running or self._cache is None or self._batch is None:
+            return
+        start = time.perf_counter()
+        B, S = len(self._running), self._cache.seq_len
+        pads = torch.tensor([r.pad for r in self._running], device=self.device).view(B, 1)
+        positions = S - pads  # (B, 1): each row's own token count
+        mask = torch.arange(S + 1, device=self.device).view(1, -1) >= pads  # (B, S + 1)
+        x = torch.tensor(self._next_tokens, dtype=torch.long, device=self.device).view(B, 1)
+        logits = self.model(x, kv_cache=self._cache, positions=positions, attention_mask=mask)
+        logits = logits[:, -1].float()  # (B, V)
+        states = [r.state for r in self._running]
+        tokens, logprobs = choose_tokens(
+            logits,
+            self._batch,
+            self._history,
+            [s.generator for s in states],
+            [s.params.top_logprobs for s in states],
+        )
+        leaving = [
+            i
+            for i, req in enumerate(self._running)
+            if not self._emit(req, logits[i], tokens[i], logprobs[i])
+        ]
+        self._next_tokens = tokens
+        with self._lock:
+            self._counts["steps"] += 1
+        self._leave(leaving)
+        self.observer.on_step(B, time.perf_counter() - start)
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to their streams: one loop wake-up per event loop."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[AsyncRequestStream, _Item]]] = {}
+        for req, item in outbox:
+            stream = req.stream
+            if isinstance(stream, AsyncRequestStream):
+                by_loop.setdefault(stream.loop, []).append((stream, item))
+            else:
+                stream._put(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for stream, _ in items:
+                    self.cancel(stream.request_id)

@@ -1,0 +1,143 @@
+"""Generate text for one prompt: prefill the prompt into a KV cache, then decode token by token.
+
+`Engine` does the same for many requests at once; use these for a notebook, a script or the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from shipyard.data.tokenization import Tokenizer
+from shipyard.errors import GenerationError
+from shipyard.generate.cache import BatchKVCache
+from shipyard.generate.params import SamplingParams
+from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
+from shipyard.generate.sequence import (
+    GenerationResult,
+    SequenceState,
+    TokenEvent,
+    new_request_id,
+)
+from shipyard.models.gpt import GPT
+
+
+def encode_prompt(
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    params: SamplingParams,
+    block_size: int,
+    vocab_size: int,
+) -> list[int]:
+    """Token ids of `prompt`, checked against the vocabulary and the model's context.
+
+    An empty prompt becomes [eos_id]: end-of-text separates documents in training corpora, so
+    it is the context of "the start of a new document".
+    """
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = list(prompt)
+        bad = [
+            i
+            for i in ids
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size
+        ]
+        if bad:
+            raise GenerationError(
+                f"prompt token ids must be integers in [0, {vocab_size}), got {bad[0]!r}"
+            )
+    if not ids:
+        ids = [tokenizer.eos_id]
+    if len(ids) + params.max_tokens > block_size:
+        raise GenerationError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+            f"context of {block_size} tokens; shorten the prompt or lower max_tokens"
+        )
+    return ids
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def autocast_context(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[object]:
+    """torch.autocast to `dtype` on `device`, or nothing when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def stream(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    params: SamplingParams | None = None,
+    *,
+    request_id: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[TokenEvent]:
+    """Yield one `TokenEvent` per generated token; the last has finish_reason and the result.
+
+    Puts the model in eval mode. Raises GenerationError for a prompt that does not fit.
+    """
+    params = params or SamplingParams()
+    V, device = model.vocab_size, model_device(model)
+    ids = encode_prompt(tokenizer, prompt, params, model.config.block_size, V)
+    state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
+    model.eval()
+    return _decode(model, state, device, autocast_dtype)
+
+
+def _decode(
+    model: GPT, state: SequenceState, device: torch.device, autocast_dtype: torch.dtype | None
+) -> Iterator[TokenEvent]:
+    params, V = state.params, model.vocab_size
+    with torch.inference_mode():
+        batch = SamplingBatch.from_params([params], V, device)
+        history = (
+            TokenHistory.from_ids([state.prompt_ids], [[]], V, device)
+            if params.uses_penalties
+            else None
+        )
+        cache = BatchKVCache(model.config.n_layer)
+        x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
+    while True:
+        # inference_mode only around the work: a generator must not leak it into its caller.
+        with torch.inference_mode(), autocast_context(device, autocast_dtype):
+            logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
+            tokens, logprobs = choose_tokens(
+                logits, batch, history, [state.generator], [params.top_logprobs]
+            )
+        event = state.add_token(tokens[0], logprobs[0])
+        yield event
+        if event.finish_reason is not None:
+            return
+        x = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, 1)
+
+
+def generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    params: SamplingParams | None = None,
+    *,
+    request_id: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> GenerationResult:
+    """Generate a completion of `prompt` (text or token ids) and return it with usage and timings.
+
+    Puts the model in eval mode. Raises GenerationError for bad parameters or a prompt that
+    does not fit the model's context.
+    """
+    for event in stream(
+        model, tokenizer, prompt, params, request_id=request_id, autocast_dtype=autocast_dtype
+    ):
+        if event.result is not None:
+            return event.result
+    raise AssertionError("stream ended without a final event")  # pragma: no cover

@@ -1,0 +1,82 @@
+"""Packages: a verified, loadable-without-code directory that fully describes a trained model.
+
+Example::
+
+    from shipyard.package import package_run, load_package
+    path = package_run("runs/digits-mlp/20261124-101500")      # → runs/.../package
+    loaded = load_package(path)                                 # verifies every file's SHA-256
+    loaded.predict([[0.0] * 64])                                # [{"label": "0", ...}]
+
+See docs/packages.md for the format and its safety guarantees.
+"""
+
+from __future__ import annotations
+
+from shipyard.package.archive import pack_package, unpack_package
+from shipyard.package.loading import InvalidInputError, LoadedModel, build_empty_model, load_package
+from shipyard.package.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SIGNATURE,
+    TOKENIZER,
+    WEIGHTS,
+    Architecture,
+    Derivation,
+    Encryption,
+    FileEntry,
+    Lineage,
+    Manifest,
+    ParentRef,
+    Signature,
+    TensorSpec,
+    manifest_sha256,
+    read_manifest,
+    verify_package,
+)
+from shipyard.package.security import (
+    KEY_ENV,
+    decrypt_package,
+    encrypt_package,
+    generate_package_key,
+    generate_signing_key,
+    sign_package,
+    verify_signature,
+)
+from shipyard.package.writer import PACKAGE_DIR, build_signature, package_run, write_package
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KEY_ENV",
+    "MANIFEST",
+    "PACKAGE_DIR",
+    "SIGNATURE",
+    "TOKENIZER",
+    "WEIGHTS",
+    "Architecture",
+    "Derivation",
+    "Encryption",
+    "FileEntry",
+    "InvalidInputError",
+    "Lineage",
+    "LoadedModel",
+    "Manifest",
+    "ParentRef",
+    "Signature",
+    "TensorSpec",
+    "build_empty_model",
+    "build_signature",
+    "decrypt_package",
+    "encrypt_package",
+    "generate_package_key",
+    "generate_signing_key",
+    "load_package",
+    "manifest_sha256",
+    "pack_package",
+    "package_run",
+    "read_manifest",
+    "sign_package",
+    "unpack_package",
+    "verify_package",
+    "verify_signature",
+    "write_package",
+]

@@ -1,0 +1,357 @@
+"""Loading packages: `load_package` → `LoadedModel`, the inference core servers batch over.
+
+Loading never unpickles and never imports code named by the package: the architecture is rebuilt
+from its registered name (`shipyard.models.build_model`), weights come from safetensors, and the
+preprocessing and tokenizer from JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import TypeAdapter, ValidationError
+from safetensors.torch import load as load_safetensors_bytes
+from torch import nn
+
+from shipyard.data import DataInfo, Preprocessor, Tokenizer
+from shipyard.errors import PackageError, ShipyardError
+from shipyard.models import MODEL_NAMES, ModelConfig, build_model
+from shipyard.package.manifest import (
+    TOKENIZER,
+    WEIGHTS,
+    Manifest,
+    Signature,
+    check_file,
+    sha256_file,
+    verify_package,
+)
+from shipyard.package.security import decrypt_file, resolve_key
+from shipyard.train.checkpoint import load_weights
+
+_MODEL_CONFIG: TypeAdapter[Any] = TypeAdapter(ModelConfig)
+
+
+class InvalidInputError(PackageError, ValueError):
+    """Inputs given to a loaded model do not fit its signature (a client error, e.g. HTTP 400)."""
+
+
+@dataclass
+class LoadedModel:
+    """A verified package in memory: the model (eval mode) and what it needs to predict."""
+
+    manifest: Manifest
+    model: nn.Module
+    preprocessor: Preprocessor | None
+    tokenizer: Tokenizer | None
+    path: Path
+    device: torch.device
+
+    @property
+    def task(self) -> str:
+        return self.manifest.task
+
+    @property
+    def signature(self) -> Signature:
+        return self.manifest.signature
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.manifest.labels
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example (without the batch dimension; -1 is dynamic)."""
+        return tuple(self.signature.inputs[0].shape[1:])
+
+    def predict_arrays(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs keyed by signature output name for a batch of raw inputs (N, *input_shape).
+
+        Feature inputs are float32 (flat (N, n_features) is accepted for any input shape with as
+        many elements) and go through the package's preprocessing; token inputs are int64 ids.
+        classification: "probabilities" (N, C) float32 and "label" (N,) object array of names;
+        regression: "values" (N, k) float32 in target units; language modeling: "logits" (N, T, V).
+        """
+        batch = self._to_tensor(x)
+        with torch.inference_mode():
+            out = self.model(batch)
+        task = self.manifest.task
+        if task == "classification":
+            probs = torch.softmax(out.float(), dim=-1).cpu().numpy()
+            names = np.asarray(self.labels or [str(i) for i in range(probs.shape[1])], dtype=object)
+            return {"probabilities": probs, "label": names[probs.argmax(axis=1)]}
+        if task == "regression":
+            values = out.float().cpu().numpy()
+            if self.preprocessor is not None:
+                values = self.preprocessor.inverse_transform_target(values)
+            return {"values": values}
+        return {"logits": out.float().cpu().numpy()}
+
+    def predict(self, instances: Any) -> list[dict[str, Any]]:
+        """JSON-friendly predictions for a list of instances (nested lists of numbers; strings
+        for token models, tokenized with the package's tokenizer)."""
+        if not isinstance(instances, list | tuple | np.ndarray) or len(instances) == 0:
+            raise InvalidInputError("instances must be a non-empty list")
+        x = self._encode_texts(instances) if isinstance(instances[0], str) else instances
+        try:
+            arr = np.asarray(x, dtype=np.int64 if self._takes_tokens else np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(
+                f"instances are not a rectangular array of numbers ({exc})"
+            ) from None
+        out = self.predict_arrays(arr)
+        task = self.manifest.task
+        if task == "classification":
+            names = self.labels or [str(i) for i in range(out["probabilities"].shape[1])]
+            return [
+                {
+                    "label": str(label),
+                    "probabilities": dict(zip(names, map(float, row), strict=True)),
+                }
+                for label, row in zip(out["label"], out["probabilities"], strict=True)
+            ]
+        if task == "regression":
+            values = out["values"]
+            if values.shape[1] == 1:
+                return [{"value": float(v[0])} for v in values]
+            return [{"values": [float(v) for v in row]} for row in values]
+        last = out["logits"][:, -1, :]
+        result = []
+        for row in last:
+            token = int(row.argmax())
+            item: dict[str, Any] = {"next_token_id": token}
+            if self.tokenizer is not None:
+                item["next_token"] = self.tokenizer.decode([token])
+            result.append(item)
+        return result
+
+    # ------------------------------------------------------------------ input handling
+
+    @property
+    def _takes_tokens(self) -> bool:
+        return self.signature.inputs[0].datatype == "INT64"
+
+    def _to_tensor(self, x: Any) -> torch.Tensor:
+        arr = np.asarray(x)
+        spec = self.signature.inputs[0]
+        shape = spec.shape[1:]
+        if arr.ndim == 0 or arr.shape[0] == 0:
+            raise InvalidInputError(f"input {spec.name!r} needs a non-empty batch (N, {shape})")
+        if self._takes_tokens:
+            if arr.dtype.kind not in "iu":
+                raise InvalidInputError(
+                    f"input {spec.name!r} must be integer token ids, got dtype {arr.dtype}"
+                )
+            if arr.ndim != 2 or any(
+                d not in (-1, n) for d, n in zip(shape, arr.shape[1:], strict=False)
+            ):
+                raise InvalidInputError(
+                    f"input {spec.name!r} must have shape {spec.shape}, got {list(arr.shape)}"
+                )
+            vocab = self.manifest.data.get("vocab_size")
+            if vocab is not None and (arr.min() < 0 or arr.max() >= vocab):
+                raise InvalidInputError(f"token ids must be in 0..{vocab - 1}")
+            return torch.from_numpy(arr.astype(np.int64, copy=False)).to(self.device)
+        want = tuple(shape)
+        if tuple(arr.shape[1:]) != want:
+            if arr.ndim == 2 and arr.shape[1] == math.prod(want):
+                arr = arr.reshape(arr.shape[0], *want)
+            else:
+                raise InvalidInputError(
+                    f"input {spec.name!r} must have shape {spec.shape} (or [-1, {math.prod(want)}]"
+                    f" flat), got {list(arr.shape)}"
+                )
+        if arr.dtype.kind not in "fiub":
+            raise InvalidInputError(f"input {spec.name!r} must be numbers, got dtype {arr.dtype}")
+        arr = np.asarray(arr, dtype=np.float32)
+        if self.preprocessor is not None:
+            arr = self.preprocessor.transform(arr)
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
+
+    def _encode_texts(self, texts: Any) -> np.ndarray:
+        if self.tokenizer is None or not self._takes_tokens:
+            raise InvalidInputError("this model takes numbers, not text")
+        if self.task == "language-modeling":
+            ids = [self.tokenizer.encode_array(t) for t in texts]
+            if len({len(i) for i in ids}) != 1 or len(ids[0]) == 0:
+                raise InvalidInputError("texts for a language model must encode to equal lengths")
+            block = int(self.manifest.architecture.config.get("block_size") or len(ids[0]))
+            return np.stack(ids)[:, -block:]
+        block_size = self.input_shape[0]
+        out = np.full((len(texts), block_size), self.tokenizer.pad_id, dtype=np.int64)
+        for i, text in enumerate(texts):
+            row = self.tokenizer.encode_array(text)[:block_size]
+            out[i, : len(row)] = row
+        return out
+
+
+def load_package(
+    path: str | os.PathLike[str],
+    *,
+    public_key: Any = None,
+    key: Any = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Verify a package (every file's SHA-256; the signature when `public_key` is given), rebuild
+    its model and return it ready to predict.
+
+    public_key: Ed25519 public key (PEM path/bytes); required signature when given.
+    key: decryption key for an encrypted package (bytes, hex/base64 text or a key-file path);
+        default $SHIPYARD_PACKAGE_KEY.
+    """
+    root = Path(path)
+    manifest = verify_package(root, public_key=public_key, skip=frozenset({WEIGHTS}))
+    encryption = manifest.encryption
+    raw_key = resolve_key(key) if encryption is not None else None
+    if encryption is not None and raw_key is None:
+        raise PackageError(
+            f"{root}: package is encrypted; set SHIPYARD_PACKAGE_KEY or pass --key-file"
+        )
+    info = _data_info(manifest, root)
+    model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
+    if encryption is not None and WEIGHTS in encryption.files:
+        check_file(root, WEIGHTS, manifest.files[WEIGHTS])
+        data = decrypt_file(root, WEIGHTS, encryption, raw_key)
+        _load_state(model, data, root / WEIGHTS)
+    else:
+        _load_and_hash(root, manifest, model)
+    tokenizer = None
+    if TOKENIZER in manifest.files:
+        if encryption is not None and TOKENIZER in encryption.files:
+            text = decrypt_file(root, TOKENIZER, encryption, raw_key).decode("utf-8")
+        else:
+            text = (root / TOKENIZER).read_text(encoding="utf-8")
+        try:
+            tokenizer = Tokenizer.from_json(text)
+        except ShipyardError as exc:
+            raise PackageError(f"{root / TOKENIZER}: {exc}") from None
+    preprocessor = None
+    if manifest.preprocessing is not None:
+        try:
+            preprocessor = Preprocessor.from_dict(manifest.preprocessing)
+        except (ShipyardError, KeyError, TypeError, ValueError) as exc:
+            raise PackageError(f"{root}/manifest.json: bad preprocessing section ({exc})") from None
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    return LoadedModel(
+        manifest=manifest,
+        model=model,
+        preprocessor=preprocessor,
+        tokenizer=tokenizer,
+        path=root,
+        device=dev,
+    )
+
+
+def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> nn.Module:
+    """Build a model for loaded weights, skipping random initialisation where that is safe.
+
+    config: a model config object or its dict (validated by registered name; no code is imported).
+    The model is built on the meta device and given uninitialised CPU storage (shared parameters
+    stay shared); a model with non-persistent buffers, which no weights file restores, is built
+    normally instead.
+    """
+    if isinstance(config, dict):
+        if name is not None and config.get("name") != name:
+            raise PackageError(
+                f"manifest.json: architecture.name {name!r} does not match its config's name "
+                f"{config.get('name')!r}"
+            )
+        if config.get("name") not in MODEL_NAMES:
+            raise PackageError(
+                f"manifest.json: unknown architecture {config.get('name')!r}; this shipyard "
+                f"knows {', '.join(MODEL_NAMES)} (a newer shipyard may be needed)"
+            )
+        try:
+            config = _MODEL_CONFIG.validate_python(config)
+        except ValidationError as exc:
+            raise PackageError(
+                f"manifest.json: bad architecture config ({exc.errors()[0]['msg']})"
+            ) from None
+    shape, outputs, vocab = tuple(info.input_shape), info.num_outputs, info.vocab_size
+    try:
+        with torch.device("meta"):
+            model = build_model(config, input_shape=shape, num_outputs=outputs, vocab_size=vocab)
+        persistent = set(model.state_dict())
+        if all(n in persistent for n, _ in model.named_buffers()):
+            return _materialize(model)
+        return build_model(config, input_shape=shape, num_outputs=outputs, vocab_size=vocab)
+    except ShipyardError as exc:
+        raise PackageError(f"manifest.json: cannot build the model ({exc})") from None
+
+
+def _materialize(model: nn.Module) -> nn.Module:
+    """Give a meta-device model empty CPU tensors, keeping shared (tied) tensors shared."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, value in store.items():
+                if value is None:
+                    continue
+                if id(value) not in memo:
+                    new = torch.empty_like(value, device="cpu")
+                    if isinstance(value, nn.Parameter):
+                        new = nn.Parameter(new, requires_grad=value.requires_grad)
+                    memo[id(value)] = new
+                store[key] = memo[id(value)]  # type: ignore[assignment]
+    return model
+
+
+def _data_info(manifest: Manifest, root: Path) -> DataInfo:
+    try:
+        return DataInfo.from_dict(manifest.data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"{root}/manifest.json: bad data section ({exc})") from None
+
+
+def _load_and_hash(root: Path, manifest: Manifest, model: nn.Module) -> None:
+    """Load the weights while another thread hashes the same file (hashlib drops the GIL), then
+    refuse them unless the hash matches: one pass of wall time for both."""
+    file = root / WEIGHTS
+    digest: dict[str, str] = {}
+
+    def _hash() -> None:
+        digest["sha256"] = sha256_file(file)
+
+    hasher = threading.Thread(target=_hash, name="shipyard-hash", daemon=True)
+    hasher.start()
+    error: Exception | None = None
+    try:
+        load_weights(file, model)
+    except ShipyardError as exc:
+        error = exc
+    finally:
+        hasher.join()
+    check_file(root, WEIGHTS, manifest.files[WEIGHTS], digest=digest.get("sha256", ""))
+    if error is not None:
+        raise PackageError(f"{file}: {error}") from None
+
+
+def _load_state(model: nn.Module, data: bytes, where: Path) -> None:
+    """Strictly load safetensors bytes into `model`; a missing key is fine only if it shares
+    storage with a loaded one (tied weights are stored once)."""
+    try:
+        tensors = load_safetensors_bytes(data)
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise PackageError(f"{where}: cannot read weights ({exc})") from None
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise PackageError(f"{where}: weights do not fit the model ({exc})") from None
+    state = model.state_dict()
+    loaded_ptrs = {state[k].data_ptr() for k in tensors if k in state}
+    missing = [k for k in missing if state[k].data_ptr() not in loaded_ptrs]
+    if missing or unexpected:
+        raise PackageError(
+            f"{where}: weights do not fit the model (missing: {sorted(missing)[:5]}, "
+            f"unexpected: {sorted(unexpected)[:5]})"
+        )
+
+
+__all__ = ["InvalidInputError", "LoadedModel", "build_empty_model", "load_package"]

@@ -1,0 +1,323 @@
+"""The inference core every protocol shares: loaded models, their batchers, input checks.
+
+A protocol adapter parses its wire format into named numpy arrays, calls `ModelRepository.get`
+and `ServedModel.infer`, and encodes the outputs. Nothing here knows about HTTP bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shipyard.package import InvalidInputError, LoadedModel, TensorSpec
+from shipyard.serve import metrics
+from shipyard.serve.batching import Batcher, Outputs
+from shipyard.serve.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, Unavailable
+from shipyard.serve.settings import ServeSettings
+
+log = logging.getLogger("shipyard.serve")
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# KServe V2 datatype ↔ numpy dtype (BYTES are object arrays of str/bytes)
+V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+
+
+def v2_datatype(arr: np.ndarray) -> str:
+    """The KServe V2 datatype of a numpy array."""
+    if arr.dtype.kind in "OUS":
+        return "BYTES"
+    for name, dtype in V2_TO_NUMPY.items():
+        if dtype == arr.dtype and name != "BYTES":
+            return name
+    raise TypeError(f"no KServe V2 datatype for numpy dtype {arr.dtype}")
+
+
+def check_model_name(name: str) -> str:
+    """A model name from a URL: 404 unless it matches MODEL_NAME (so it is safe to log/echo)."""
+    if not MODEL_NAME.match(name):
+        raise NotFound("unknown model (names match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$)")
+    return name
+
+
+def _shape_ok(spec: list[int], shape: tuple[int, ...]) -> bool:
+    return len(spec) == len(shape) and all(d in (-1, n) for d, n in zip(spec, shape, strict=True))
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One loaded model version with its batcher."""
+
+    name: str
+    version: str
+    loaded: LoadedModel
+    batcher: Batcher
+    load_seconds: float
+    source: str  # the package path or registry ref it came from
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def input_spec(self) -> TensorSpec:
+        return self.loaded.signature.inputs[0]
+
+    def check_input(self, name: str | None, datatype: str, arr: np.ndarray) -> np.ndarray:
+        """Check one input against the signature; BadRequest names the field and what's expected.
+
+        A flat (N, k) feature array is accepted for an input of shape (N, ...) with k elements.
+        """
+        spec = self.input_spec
+        if name is not None and name != spec.name:
+            raise BadRequest(
+                f"unknown input {name!r}: model {self.name!r} takes one input, {spec.name!r} "
+                f"({spec.datatype}, shape {spec.shape})"
+            )
+        if datatype != spec.datatype:
+            raise BadRequest(
+                f"input {spec.name!r}: datatype {datatype} does not match the model's "
+                f"{spec.datatype}"
+            )
+        shape = tuple(arr.shape)
+        if not _shape_ok(spec.shape, shape):
+            flat = math.prod(spec.shape[1:])
+            if len(shape) == 2 and -1 not in spec.shape[1:] and shape[1] == flat:
+                arr = arr.reshape(shape[0], *spec.shape[1:])
+            else:
+                raise BadRequest(
+                    f"input {spec.name!r}: shape {list(shape)} does not match the model's "
+                    f"{spec.shape} (-1 is any size)"
+                )
+        if arr.shape[0] == 0:
+            raise BadRequest(f"input {spec.name!r}: the batch is empty (shape {list(shape)})")
+        if spec.datatype in ("FP32", "FP16", "FP64") and not np.isfinite(arr).all():
+            raise BadRequest(f"input {spec.name!r}: contains NaN or infinity")
+        return arr
+
+    async def infer(
+        self,
+        x: np.ndarray,
+        *,
+        timeout_s: float,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Outputs:
+        """Run `x` (N, ...) through the batcher; 503 when the queue is full, 504 on timeout.
+
+        `disconnected`, when given, is awaited alongside: if it returns first (client gone) the
+        request is withdrawn from the queue and `asyncio.CancelledError` is raised.
+        """
+        future = self.batcher.submit(x)  # no await before this: see Batcher.submit
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            waiting: set[asyncio.Future[Any]] = {future}
+            if watcher is not None:
+                waiting.add(watcher)
+            done, _ = await asyncio.wait(
+                waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if future in done:
+                return future.result()
+            future.cancel()
+            if watcher is not None and watcher in done:
+                raise asyncio.CancelledError("client disconnected")
+            raise DeadlineExceeded(f"inference did not finish within {timeout_s:g}s")
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+
+def _forward(loaded: LoadedModel) -> Callable[[np.ndarray], Outputs]:
+    def run(x: np.ndarray) -> Outputs:
+        with torch.inference_mode():
+            return loaded.predict_arrays(x)
+
+    return run
+
+
+class ModelRepository:
+    """The models this process serves: name → version → ServedModel, plus a default version.
+
+    Every mutation happens on the event loop; swapping the default is one dict assignment, so a
+    request sees either the old or the new version, never neither.
+    """
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self._versions: dict[str, dict[str, ServedModel]] = {}
+        self._default: dict[str, str] = {}
+        self.configured: set[str] = set()  # model names loaded at start-up (readiness)
+        self.started = False
+        self._lock = asyncio.Lock()
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self._versions)
+
+    def versions(self, name: str) -> dict[str, ServedModel]:
+        return dict(self._versions.get(name, {}))
+
+    def default_version(self, name: str) -> str | None:
+        return self._default.get(name)
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        """The served model for `name` (default version unless `version`); 404 when unknown."""
+        check_model_name(name)
+        versions = self._versions.get(name)
+        if not versions:
+            raise NotFound(f"unknown model {name!r}; loaded: {', '.join(self.names()) or 'none'}")
+        key = version if version is not None else self._default[name]
+        served = versions.get(key)
+        if served is None:
+            raise NotFound(
+                f"model {name!r} has no loaded version {key!r}; loaded: "
+                f"{', '.join(sorted(versions))}"
+            )
+        return served
+
+    @property
+    def ready(self) -> bool:
+        """True when every model configured at start-up is loaded."""
+        return self.started and all(name in self._versions for name in self.configured)
+
+    # -- mutation -------------------------------------------------------------------------
+
+    async def load(self, source: str | Path, *, make_default: bool = True) -> ServedModel:
+        """Load, verify and serve a package directory (Path) or a registry ref (str).
+
+        Served under the registry's NAME and VERSION for a ref, the manifest's for a directory.
+        Loading runs in a thread; the event loop keeps serving meanwhile.
+        """
+        start = time.perf_counter()
+        loaded, name, version = await asyncio.to_thread(self._load_sync, source)
+        return await self.add(
+            loaded,
+            time.perf_counter() - start,
+            name=name,
+            version=version,
+            source=str(source),
+            make_default=make_default,
+        )
+
+    def _load_sync(self, source: str | Path) -> tuple[LoadedModel, str, str]:
+        from shipyard.package import load_package
+
+        public_key = self.settings.public_key
+        if isinstance(source, Path):
+            loaded = load_package(source, public_key=public_key)
+            return loaded, loaded.manifest.name, str(loaded.manifest.version)
+        from shipyard.package.registry import Registry
+
+        with Registry() as registry:
+            mv = registry.get(source)
+            path = registry.resolve_local(mv.ref, public_key=public_key)
+        return load_package(path, public_key=public_key), mv.name, str(mv.version)
+
+    async def add(
+        self,
+        loaded: LoadedModel,
+        load_seconds: float = 0.0,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        source: str = "",
+        make_default: bool = True,
+    ) -> ServedModel:
+        """Serve an already loaded model; it becomes the default version unless told otherwise."""
+        name = name if name is not None else loaded.manifest.name
+        version = version if version is not None else str(loaded.manifest.version)
+        if not MODEL_NAME.match(name) or not MODEL_NAME.match(version):
+            raise Conflict(
+                f"cannot serve {name!r} version {version!r}: names and versions must match "
+                f"{MODEL_NAME.pattern}"
+            )
+        if len(loaded.signature.inputs) != 1:
+            raise Conflict(
+                f"model {name!r} has {len(loaded.signature.inputs)} inputs; serving supports "
+                "models with exactly one input"
+            )
+        async with self._lock:
+            if version in self._versions.get(name, {}):
+                raise Conflict(f"model {name!r} version {version!r} is already loaded")
+            s = self.settings
+            batcher = Batcher(
+                f"{name}:{version}",
+                _forward(loaded),
+                max_batch_size=s.max_batch_size,
+                max_wait_ms=s.max_wait_ms,
+                max_queue=s.max_queue,
+                on_batch=metrics.batch_observer(name),
+                on_queue_time=metrics.QUEUE_TIME.labels(model=name).observe,
+                on_depth=metrics.depth_observer(name, version),
+                client_errors=(InvalidInputError,),
+            )
+            batcher.start()
+            served = ServedModel(name, version, loaded, batcher, load_seconds, source or name)
+            self._versions.setdefault(name, {})[version] = served
+            if make_default or name not in self._default:
+                self._default[name] = version
+            metrics.LOAD_TIME.labels(model=name, version=version).set(load_seconds)
+        log.info("loaded %s:%s in %.2fs", name, version, load_seconds)
+        return served
+
+    async def set_default(self, name: str, version: str) -> None:
+        """Route unversioned requests for `name` to `version` (atomic)."""
+        self.get(name, version)
+        self._default[name] = version
+
+    async def remove(self, name: str, version: str) -> None:
+        """Stop routing to a version, then drain its queued and running requests."""
+        async with self._lock:
+            served = self.get(name, version)
+            versions = self._versions[name]
+            if self._default.get(name) == version and len(versions) > 1:
+                raise Conflict(f"{name}:{version} is the default version; switch the default first")
+            del versions[version]
+            if not versions:
+                del self._versions[name]
+                self._default.pop(name, None)
+        await served.batcher.close()
+        log.info("unloaded %s:%s", name, version)
+
+    async def close(self) -> None:
+        """Drain every batcher (shutdown)."""
+        for name in list(self._versions):
+            for served in list(self._versions[name].values()):
+                await served.batcher.close()
+
+
+__all__ = [
+    "MODEL_NAME",
+    "V2_TO_NUMPY",
+    "InvalidInputError",
+    "ModelRepository",
+    "ServedModel",
+    "Unavailable",
+    "check_model_name",
+    "v2_datatype",
+]

@@ -1,0 +1,92 @@
+"""Request plumbing the routes share: server state, the auth dependency, body reading."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from shipyard.serve.auth import ApiKey, KeyStore, RateLimiter, require_scope
+from shipyard.serve.core import ModelRepository
+from shipyard.serve.errors import BadRequest, PayloadTooLarge
+from shipyard.serve.settings import ServeSettings
+
+
+@dataclass
+class ServerState:
+    """What one server process holds: settings, models, keys, rate limits."""
+
+    settings: ServeSettings
+    repo: ModelRepository
+    keys: KeyStore | None
+    limiter: RateLimiter | None
+    shutting_down: bool = False
+
+
+def server_state(request: Request) -> ServerState:
+    """FastAPI dependency: this app's ServerState."""
+    state: ServerState = request.app.state.server
+    return state
+
+
+def require(scope: str) -> Callable[[Request], Awaitable[ApiKey | None]]:
+    """FastAPI dependency factory: authenticate the bearer key, check `scope`, rate-limit.
+
+    Returns the key (None when auth is disabled). 401 without a valid key, 403 without the scope,
+    429 over the key's rate (clients without auth are limited per address).
+    """
+
+    async def dependency(request: Request) -> ApiKey | None:
+        state = server_state(request)
+        key: ApiKey | None = None
+        if state.keys is not None:
+            key = state.keys.authenticate(request.headers.get("authorization"))
+            request.state.key_id = key.id
+            require_scope(key, scope)
+        if state.limiter is not None:
+            client = key.id if key is not None else (request.client.host if request.client else "-")
+            state.limiter.check(client)
+        return key
+
+    return dependency
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes (413 beyond), gzip/deflate decoded if declared."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("identity", ""):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"Content-Encoding {encoding[:32]!r} is not supported (gzip, deflate)")
+    # bounded decompression: a small compressed body must not expand past the limit
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except (zlib.error, gzip.BadGzipFile):
+        raise BadRequest(f"request body is not valid {encoding} data") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    return out
+
+
+async def disconnected(request: Request) -> None:
+    """Return when the client goes away (the body must have been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
