@@ -218,6 +218,20 @@ def test_incremental_detokenizer_waits_for_whole_characters() -> None:
     assert detok.flush() == "\ufffd"
 
 
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_detokenizer_deltas_concatenate_to_decode(kind: str) -> None:
+    text = "héllo wörld 日本語, and more 日本"
+    tok = TOK if kind == "byte" else Tokenizer.train_bpe([text] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    random_ids = torch.randint(0, tok.vocab_size, (200,)).tolist()  # invalid UTF-8 too
+    for ids in (tok.encode(text), random_ids):
+        detok = IncrementalDetokenizer(tok)
+        deltas = [detok.push(i) for i in ids]
+        assert "".join(deltas) + detok.flush() == tok.decode(ids)
+        if ids != random_ids:
+            assert "\ufffd" not in "".join(deltas)
+
+
 def feed(text: str, params: SamplingParams) -> tuple[list[str], SequenceState]:
     state = SequenceState("r", [2], params, TOK)
     deltas = []

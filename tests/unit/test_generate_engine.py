@@ -238,6 +238,8 @@ def test_model_failure_reaches_the_caller(model: GPT, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(broken, "forward", fail)
     with Engine(broken, TOK) as engine:
+        events = engine.submit_sync("a", greedy(3))
         with pytest.raises(RuntimeError, match="on fire"):
-            engine.generate("a", greedy(3))
+            next(events)
+        assert list(events) == []  # the stream is over, it does not hang
         assert engine.stats().requests_finished == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -157,6 +158,10 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
 
         config = uvicorn.Config(create_app(settings), **common)
         server = uvicorn.Server(config)
+        # uvicorn drains, then re-raises the signal it caught; after a clean drain that
+        # re-raise lands here and the process exits 0 (what orchestrators expect)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         server.run(sockets=[sock])
         if not server.started:
             sys.exit(3)
@@ -165,7 +170,11 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
 
     # each worker imports the factory in a fresh process and reads the settings from the env
     config = uvicorn.Config(
-        "shipyard.serve.app:app_from_env", factory=True, workers=settings.workers, **common
+        "shipyard.serve.app:app_from_env",
+        factory=True,
+        workers=settings.workers,
+        timeout_worker_healthcheck=300,  # a worker imports torch and loads models first
+        **common,
     )
     Multiprocess(config, sockets=[sock]).run()
 

@@ -101,6 +101,7 @@ class _Stream:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.final: GenerationResult | None = None  # set once the stream is over
+        self._over = False  # final event, end marker or error seen
 
     def cancel(self) -> bool:
         """Ask the engine to stop this request; its stream then ends ("cancelled")."""
@@ -108,12 +109,13 @@ class _Stream:
 
     def _take(self, item: _Item) -> TokenEvent | None:
         if isinstance(item, BaseException):
+            self._over = True
             raise item
         if isinstance(item, _End):
-            self.final = item.result
+            self.final, self._over = item.result, True
             return None
         if item.result is not None:
-            self.final = item.result
+            self.final, self._over = item.result, True
         return item
 
 
@@ -131,7 +133,7 @@ class RequestStream(_Stream):
         return self
 
     def __next__(self) -> TokenEvent:
-        event = None if self.final is not None else self._take(self._queue.get())
+        event = None if self._over else self._take(self._queue.get())
         if event is None:
             raise StopIteration
         return event
@@ -169,7 +171,7 @@ class AsyncRequestStream(_Stream):
         return self
 
     async def __anext__(self) -> TokenEvent:
-        if self.final is not None:
+        if self._over:
             raise StopAsyncIteration
         event = self._take(await self._queue.get())
         if event is None:
@@ -192,7 +194,7 @@ class AsyncRequestStream(_Stream):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.final is None:
+        if not self._over:
             self.cancel()
 
 
@@ -314,6 +316,10 @@ class Engine:
             self._run()  # never started: cancel (or finish) what was accepted, on this thread
         elif thread is not threading.current_thread():
             thread.join(timeout)
+
+    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """`close` without blocking the event loop (e.g. in a server's shutdown hook)."""
+        await asyncio.to_thread(self.close, drain=drain, timeout=timeout)
 
     def __enter__(self) -> Engine:
         return self
@@ -451,6 +457,7 @@ class Engine:
                     self._outbox.append((req, error))
                     self._finish(req, cancelled=False)
                 self._prefilling, self._running, self._cache = [], [], None
+                self._next_tokens, self._batch, self._history = [], None, None
             self._flush()
             if stop:
                 return
@@ -487,22 +494,25 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests to prefilling while the batch and the cache budget allow."""
+        admitted: list[_Request] = []
         with self._lock:
             while self._waiting:
-                admitted = [*self._running, *self._prefilling]
-                if len(admitted) >= self.max_batch_size:
+                ongoing = [*self._running, *self._prefilling]
+                if len(ongoing) >= self.max_batch_size:
                     break
                 head = self._waiting[0]
-                worst = max(r.state.reserved_tokens for r in [*admitted, head])
-                if (len(admitted) + 1) * worst > self.max_cached_tokens and admitted:
+                worst = max(r.state.reserved_tokens for r in [*ongoing, head])
+                if ongoing and (len(ongoing) + 1) * worst > self.max_cached_tokens:
                     break  # first in, first served: wait for room rather than skip ahead
                 self._waiting.popleft()
                 head.cache = BatchKVCache(self.model.config.n_layer)
                 self._prefilling.append(head)
-                queued = time.perf_counter() - head.state.submitted_at
-                self.observer.on_request_start(
-                    head.state.request_id, len(head.state.prompt_ids), queued
-                )
+                admitted.append(head)
+        now = time.perf_counter()
+        for req in admitted:  # outside the lock: an observer may call stats()
+            state = req.state
+            queued = now - state.submitted_at
+            self.observer.on_request_start(state.request_id, len(state.prompt_ids), queued)
 
     def _prefill(self) -> None:
         """Prefill up to `prefill_chunk` prompt tokens; fully prefilled requests join the batch."""

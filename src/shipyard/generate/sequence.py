@@ -6,6 +6,7 @@ the same events for the same tokens.
 
 from __future__ import annotations
 
+import codecs
 import secrets
 import time
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from shipyard.data.tokenization import Tokenizer
+from shipyard.data.tokenization import SPECIAL_TOKENS, Tokenizer
 from shipyard.generate.params import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -74,18 +75,27 @@ class TokenEvent:
 class IncrementalDetokenizer:
     """Turns token ids into text deltas, holding back bytes of an incomplete UTF-8 character.
 
-    Decodes a short window of recent tokens each time (as Hugging Face TGI does), so the cost per
-    token does not grow with the length of the output.
+    Byte tokenizers feed an incremental UTF-8 decoder (O(1) per token). Others decode a short
+    window of recent tokens each time (as Hugging Face TGI does), so the cost per token does not
+    grow with the length of the output. Special tokens produce no text.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self._utf8 = (
+            codecs.getincrementaldecoder("utf-8")(errors="replace")
+            if tokenizer.kind == "byte"
+            else None
+        )
         self._ids: list[int] = []
         self._prefix = 0  # window start: tokens before it are fully emitted
         self._read = 0  # tokens before it have had their text emitted
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text it completes ("" if a character is still incomplete)."""
+        if self._utf8 is not None:
+            byte = token_id - len(SPECIAL_TOKENS)  # byte kind: id = byte value + 2
+            return self._utf8.decode(bytes((byte,))) if 0 <= byte < 256 else ""
         self._ids.append(token_id)
         prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
         new_text = self._tokenizer.decode(self._ids[self._prefix :])
@@ -96,6 +106,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text still held back (an incomplete character becomes U+FFFD)."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
         prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
         new_text = self._tokenizer.decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)

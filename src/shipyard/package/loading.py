@@ -7,6 +7,7 @@ preprocessing and tokenizer from JSON.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
@@ -33,7 +35,6 @@ from shipyard.package.manifest import (
     verify_package,
 )
 from shipyard.package.security import decrypt_file, resolve_key
-from shipyard.train.checkpoint import load_weights
 
 _MODEL_CONFIG: TypeAdapter[Any] = TypeAdapter(ModelConfig)
 
@@ -214,13 +215,22 @@ def load_package(
             f"{root}: package is encrypted; set SHIPYARD_PACKAGE_KEY or pass --key-file"
         )
     info = _data_info(manifest, root)
-    model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
-    if encryption is not None and WEIGHTS in encryption.files:
+    encrypted_weights = encryption is not None and WEIGHTS in encryption.files
+    # hash the weights on another thread (hashlib drops the GIL) while we build and read
+    hasher = None if encrypted_weights else _Hasher(root / WEIGHTS)
+    model = _build(manifest.architecture.config, info, manifest.architecture.name, meta=True)
+    if encryption is not None and encrypted_weights:
         check_file(root, WEIGHTS, manifest.files[WEIGHTS])
         data = decrypt_file(root, WEIGHTS, encryption, raw_key)
-        _load_state(model, data, root / WEIGHTS)
+        try:
+            tensors = load_safetensors_bytes(data)
+        except Exception as exc:  # safetensors raises several types for a bad header
+            raise PackageError(f"{root / WEIGHTS}: cannot read weights ({exc})") from None
+        del data
     else:
-        _load_and_hash(root, manifest, model)
+        assert hasher is not None
+        tensors = _load_and_hash(root, manifest, hasher)
+    _assign_state(model, tensors, root / WEIGHTS)
     tokenizer = None
     if TOKENIZER in manifest.files:
         if encryption is not None and TOKENIZER in encryption.files:
@@ -250,13 +260,19 @@ def load_package(
 
 
 def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> nn.Module:
-    """Build a model for loaded weights, skipping random initialisation where that is safe.
+    """Build a model to load weights into, skipping random initialisation where that is safe.
 
     config: a model config object or its dict (validated by registered name; no code is imported).
     The model is built on the meta device and given uninitialised CPU storage (shared parameters
     stay shared); a model with non-persistent buffers, which no weights file restores, is built
     normally instead.
     """
+    return _build(config, info, name, meta=False)
+
+
+def _build(config: Any, info: DataInfo, name: str | None, *, meta: bool) -> nn.Module:
+    """meta=True: the model on the meta device when every tensor is persistent (for
+    `_assign_state`), else a normally built one."""
     if isinstance(config, dict):
         if name is not None and config.get("name") != name:
             raise PackageError(
@@ -280,7 +296,7 @@ def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> n
             model = build_model(config, input_shape=shape, num_outputs=outputs, vocab_size=vocab)
         persistent = set(model.state_dict())
         if all(n in persistent for n, _ in model.named_buffers()):
-            return _materialize(model)
+            return model if meta else _materialize(model)
         return build_model(config, input_shape=shape, num_outputs=outputs, vocab_size=vocab)
     except ShipyardError as exc:
         raise PackageError(f"manifest.json: cannot build the model ({exc})") from None
@@ -303,6 +319,38 @@ def _materialize(model: nn.Module) -> nn.Module:
     return model
 
 
+def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Put loaded tensors into `model` strictly: by assignment (no copy) into a meta-device
+    model, then re-tie shared tensors (stored once in safetensors); by copy into a real one."""
+    slots: dict[int, list[tuple[dict[str, Any], str]]] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, value in store.items():
+                if value is not None:
+                    slots.setdefault(id(value), []).append((store, key))
+    state = model.state_dict()
+    unexpected = sorted(set(tensors) - set(state))
+    bad = [k for k in tensors if k in state and tensors[k].shape != state[k].shape]
+    if unexpected or bad:
+        raise PackageError(
+            f"{where}: weights do not fit the model (unexpected: {unexpected[:5]}, wrong "
+            f"shape: {bad[:5]})"
+        )
+    on_meta = any(t.is_meta for t in state.values())
+    model.load_state_dict(tensors, strict=False, assign=on_meta)
+    missing: list[str] = []
+    for group in slots.values():
+        values = [store[key] for store, key in group]
+        loaded = next((v for v in values if not v.is_meta), None)
+        if loaded is None:
+            missing.append(group[0][1])
+            continue
+        for store, key in group:
+            store[key] = loaded
+    if missing:
+        raise PackageError(f"{where}: weights do not fit the model (missing: {missing[:5]})")
+
+
 def _data_info(manifest: Manifest, root: Path) -> DataInfo:
     try:
         return DataInfo.from_dict(manifest.data)
@@ -310,48 +358,37 @@ def _data_info(manifest: Manifest, root: Path) -> DataInfo:
         raise PackageError(f"{root}/manifest.json: bad data section ({exc})") from None
 
 
-def _load_and_hash(root: Path, manifest: Manifest, model: nn.Module) -> None:
-    """Load the weights while another thread hashes the same file (hashlib drops the GIL), then
-    refuse them unless the hash matches: one pass of wall time for both."""
+class _Hasher:
+    """SHA-256 of a file computed on a background thread; `hexdigest()` waits for it."""
+
+    def __init__(self, path: Path) -> None:
+        self._digest = ""
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            self._digest = sha256_file(path)
+
+    def hexdigest(self) -> str:
+        self._thread.join()
+        return self._digest
+
+
+def _load_and_hash(root: Path, manifest: Manifest, hasher: _Hasher) -> dict[str, torch.Tensor]:
+    """Read the weights while `hasher` hashes the same file; return them only if the hash
+    matches, so verification costs no extra wall time on a machine with a spare core."""
     file = root / WEIGHTS
-    digest: dict[str, str] = {}
-
-    def _hash() -> None:
-        digest["sha256"] = sha256_file(file)
-
-    hasher = threading.Thread(target=_hash, name="shipyard-hash", daemon=True)
-    hasher.start()
     error: Exception | None = None
+    tensors: dict[str, torch.Tensor] = {}
     try:
-        load_weights(file, model)
-    except ShipyardError as exc:
-        error = exc
-    finally:
-        hasher.join()
-    check_file(root, WEIGHTS, manifest.files[WEIGHTS], digest=digest.get("sha256", ""))
-    if error is not None:
-        raise PackageError(f"{file}: {error}") from None
-
-
-def _load_state(model: nn.Module, data: bytes, where: Path) -> None:
-    """Strictly load safetensors bytes into `model`; a missing key is fine only if it shares
-    storage with a loaded one (tied weights are stored once)."""
-    try:
-        tensors = load_safetensors_bytes(data)
+        tensors = load_safetensors_file(str(file))
     except Exception as exc:  # safetensors raises several types for a bad header
-        raise PackageError(f"{where}: cannot read weights ({exc})") from None
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:
-        raise PackageError(f"{where}: weights do not fit the model ({exc})") from None
-    state = model.state_dict()
-    loaded_ptrs = {state[k].data_ptr() for k in tensors if k in state}
-    missing = [k for k in missing if state[k].data_ptr() not in loaded_ptrs]
-    if missing or unexpected:
-        raise PackageError(
-            f"{where}: weights do not fit the model (missing: {sorted(missing)[:5]}, "
-            f"unexpected: {sorted(unexpected)[:5]})"
-        )
+        error = exc
+    check_file(root, WEIGHTS, manifest.files[WEIGHTS], digest=hasher.hexdigest())
+    if error is not None:
+        raise PackageError(f"{file}: cannot read weights ({error})") from None
+    return tensors
 
 
 __all__ = ["InvalidInputError", "LoadedModel", "build_empty_model", "load_package"]
