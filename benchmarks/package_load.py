@@ -125,7 +125,7 @@ def main() -> None:
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     ratio = medians["load_package"] / medians["torch.load"]
     ratio_build = medians["load_package"] / medians["build + torch.load"]
-    print(f"GPT {args.n_layer}x{args.n_embd}, vocab {args.vocab}: {params / 1e6:.1f}M parameters, ")
+    print(f"GPT {args.n_layer}x{args.n_embd}, vocab {args.vocab}: {params / 1e6:.1f}M parameters,")
     print(f"weights {sizes['safetensors'] / 1e6:.0f} MB; median of {args.repeats} warm-cache runs")
     print(f"{'method':<22}{'median s':>10}{'min s':>10}{'vs torch.load':>15}")
     for name, ts in times.items():

@@ -76,8 +76,11 @@ def test_plain_json_over_http(server: str, loaded: Any) -> None:
     x = digits_inputs(4)
     r = httpx.post(f"{server}/v1/models/digits:predict", json={"instances": x.tolist()})
     assert r.status_code == 200 and r.json()["predictions"] == loaded.predict(x.tolist())
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [4, 64],
-                        "data": x.reshape(-1).tolist()}]}
+    body = {
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [4, 64], "data": x.reshape(-1).tolist()}
+        ]
+    }
     r = httpx.post(f"{server}/v2/models/digits/infer", json=body)
     assert r.status_code == 200
     got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(4, 10)
@@ -91,7 +94,11 @@ def _start(*args: str) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "shipyard", "serve", *args, "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -121,8 +128,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(package: Path) -> None:
         with httpx.Client(timeout=60) as c:
             c.get(f"{url}/v2/health/live")  # connection open before SIGTERM
             barrier.wait()
-            r = c.post(f"{url}/v1/models/digits:predict", content=body,
-                       headers={"content-type": "application/json"})
+            r = c.post(
+                f"{url}/v1/models/digits:predict",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
             return r.status_code
 
     with ThreadPoolExecutor(n) as pool:
@@ -139,8 +149,13 @@ def test_startup_fails_fast_with_one_line(package: Path, tmp_path: Path) -> None
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "shipyard", "serve", *args],
-                              capture_output=True, text=True, env=env, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "shipyard", "serve", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
 
     out = run(str(package), "--host", "0.0.0.0", "--port", "0")
     assert out.returncode == 2 and "refusing to bind '0.0.0.0' without API keys" in out.stderr
@@ -164,8 +179,9 @@ def test_version_switch_under_load_fails_no_request(package: Path, loaded: Any) 
         v2 = reg.register(package, name="digits-live").version
     app = create_app(ServeSettings(max_wait_ms=1, registry_refs=[f"digits-live:{v1}"]))
     x = digits_inputs(2)
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 1, 8, 8],
-                        "data": x.tolist()}]}
+    body = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 1, 8, 8], "data": x.tolist()}]
+    }
     stop = threading.Event()
     codes: list[int] = []
     versions: set[str] = set()
@@ -185,12 +201,15 @@ def test_version_switch_under_load_fails_no_request(package: Path, loaded: Any) 
             t.start()
         with httpx.Client(base_url=url, timeout=60) as admin:
             time.sleep(0.3)
-            r = admin.post("/v2/admin/models/load",
-                           json={"ref": f"digits-live:{v2}", "make_default": False})
+            r = admin.post(
+                "/v2/admin/models/load", json={"ref": f"digits-live:{v2}", "make_default": False}
+            )
             assert r.status_code == 200, r.text
             time.sleep(0.2)
-            r = admin.post("/v2/admin/models/digits-live/default",
-                           json={"version": str(v2), "unload_previous": True})
+            r = admin.post(
+                "/v2/admin/models/digits-live/default",
+                json={"version": str(v2), "unload_previous": True},
+            )
             assert r.status_code == 200, r.text
             assert [v["version"] for v in r.json()["versions"]] == [str(v2)]
             time.sleep(0.3)
@@ -207,8 +226,9 @@ def test_version_switch_under_load_fails_no_request(package: Path, loaded: Any) 
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=30,
 )
 _tensor = st.fixed_dictionaries(
@@ -219,8 +239,7 @@ _tensor = st.fixed_dictionaries(
         "shape": st.lists(st.integers(-2, 70), max_size=4) | _json,
     },
     optional={
-        "data": st.lists(st.floats(width=32) | st.integers(-(2**70), 2**70), max_size=130)
-        | _json,
+        "data": st.lists(st.floats(width=32) | st.integers(-(2**70), 2**70), max_size=130) | _json,
         "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-1, 300) | _json}),
     },
 )
@@ -231,8 +250,12 @@ _bodies = st.fixed_dictionaries(
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=_bodies, tail=st.binary(max_size=64), header=st.none() | st.integers(-5, 400),
-       route=st.sampled_from(["/v2/models/digits/infer", "/v1/models/digits:predict"]))
+@given(
+    body=_bodies,
+    tail=st.binary(max_size=64),
+    header=st.none() | st.integers(-5, 400),
+    route=st.sampled_from(["/v2/models/digits/infer", "/v1/models/digits:predict"]),
+)
 def test_fuzzed_bodies_never_get_5xx(
     server: str, body: dict[str, Any], tail: bytes, header: int | None, route: str
 ) -> None:

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from tests.serve_support import digits_inputs, digits_package, loaded_digits
+from tests.serve_support import digits_inputs, loaded_digits
 
 from shipyard.serve import ServeSettings, create_app
 from shipyard.serve.auth import add_key
@@ -134,8 +134,9 @@ def test_codec_decodes_encoded_bytes_and_ints() -> None:
         np.testing.assert_array_equal(req.inputs[0].data, x)
         got = req.inputs[1].data.tolist()
         assert got == ([b"\xc3\xa9", b"", b"abc"] if binary else ["é", "", "abc"])
-    body, head = encode_response({"s": s, "x": x}, model_name="m", model_version="1",
-                                 binary_output=True)
+    body, head = encode_response(
+        {"s": s, "x": x}, model_name="m", model_version="1", binary_output=True
+    )
     out = decode_response(body, head)
     assert out["s"].tolist() == [b"\xc3\xa9", b"", b"abc"]
     np.testing.assert_array_equal(out["x"], x)
@@ -149,8 +150,15 @@ def test_tritonclient_request_and_result_helpers(client: TestClient, loaded: Any
     inp = httpclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=True)
     body, json_size = _get_inference_request(
-        inputs=[inp], request_id="t1", outputs=None, sequence_id=0, sequence_start=False,
-        sequence_end=False, priority=0, timeout=None, custom_parameters=None,
+        inputs=[inp],
+        request_id="t1",
+        outputs=None,
+        sequence_id=0,
+        sequence_start=False,
+        sequence_end=False,
+        priority=0,
+        timeout=None,
+        custom_parameters=None,
     )
     r = client.post(INFER, content=body, headers={HEADER_LENGTH: str(json_size)})
     assert r.status_code == 200, r.text
@@ -206,7 +214,10 @@ def test_malformed_tensors_are_400_naming_the_problem(
     client: TestClient, mutate: Any, needle: str
 ) -> None:
     tensor: dict[str, Any] = {
-        "name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64
+        "name": "input",
+        "datatype": "FP32",
+        "shape": [1, 1, 8, 8],
+        "data": [0.0] * 64,
     }
     mutate(tensor)
     r = client.post(INFER, json={"inputs": [tensor]})
@@ -302,8 +313,9 @@ def test_revoked_key_is_refused_without_restart(loaded: Any, keys: dict[str, Any
 def test_rate_limit_is_429_with_retry_after(loaded: Any, keys: dict[str, Any]) -> None:
     settings = ServeSettings(keys_file=keys["path"], rate_limit=0.5, rate_burst=2)
     with TestClient(create_app(settings, preloaded=[loaded])) as c:
-        codes = [c.get("/v2/models/digits", headers=auth(keys["infer"])).status_code
-                 for _ in range(3)]
+        codes = [
+            c.get("/v2/models/digits", headers=auth(keys["infer"])).status_code for _ in range(3)
+        ]
         assert codes == [200, 200, 429]
         r = c.get("/v2/models/digits", headers=auth(keys["infer"]))
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
@@ -324,13 +336,14 @@ def test_body_size_limit_is_413(loaded: Any) -> None:
 
         r = c.post(INFER, content=chunks())
         assert r.status_code == 413
-        r = c.post(INFER, content=gzip.compress(b" " * 100_000),
-                   headers={"Content-Encoding": "gzip"})
+        r = c.post(
+            INFER, content=gzip.compress(b" " * 100_000), headers={"Content-Encoding": "gzip"}
+        )
         assert r.status_code == 413
 
 
 def test_no_keys_refuses_non_loopback_bind() -> None:
-    with pytest.raises(ValueError, match="refusing to bind '0.0.0.0' without API keys"):
+    with pytest.raises(ValueError, match=r"refusing to bind '0\.0\.0\.0' without API keys"):
         ServeSettings(host="0.0.0.0")
     assert ServeSettings(host="0.0.0.0", insecure_no_auth=True).auth_enabled is False
     assert ServeSettings(host="::1").host == "::1"
@@ -345,11 +358,18 @@ def test_request_ids_metrics_and_access_log(
     assert len(r.headers["x-request-id"]) == 32
     client.post(INFER, json=v2_json(digits_inputs(2)))
     text = client.get("/metrics").text  # open on loopback
-    assert 'shipyard_requests_total{model="digits",route="/v2/models/{model_name}/infer",' \
-           'status="200"}' in text
-    for name in ("shipyard_batch_size_rows_bucket", "shipyard_queue_time_seconds_bucket",
-                 "shipyard_inference_duration_seconds", "shipyard_requests_in_flight",
-                 "shipyard_queue_depth", "shipyard_model_load_seconds"):
+    assert (
+        'shipyard_requests_total{model="digits",route="/v2/models/{model_name}/infer",'
+        'status="200"}' in text
+    )
+    for name in (
+        "shipyard_batch_size_rows_bucket",
+        "shipyard_queue_time_seconds_bucket",
+        "shipyard_inference_duration_seconds",
+        "shipyard_requests_in_flight",
+        "shipyard_queue_depth",
+        "shipyard_model_load_seconds",
+    ):
         assert name in text, name
 
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -18,7 +17,7 @@ console = Console()
 class _BuildByDefault(TyperGroup):
     """A group where `shipyard package RUN_DIR ...` means `shipyard package build RUN_DIR ...`."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's click Context
         help_names = set(ctx.help_option_names)
         if args and args[0] not in self.commands and args[0] not in help_names:
             args = ["build", *args]

@@ -39,7 +39,9 @@ def serve(
         None, "--public-key", help="Only serve packages signed by this Ed25519 key."
     ),
     max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Rows per forward."),
-    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="Batch fill wait."),
+    max_wait_ms: float = typer.Option(
+        0.0, "--max-wait-ms", min=0, help="Extra wait for a batch to fill (0: batch what queued)."
+    ),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Queued requests → 503."),
     timeout_s: float = typer.Option(30.0, "--timeout-s", help="Per-request deadline → 504."),
     max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", help="Body limit → 413."),

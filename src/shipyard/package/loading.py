@@ -218,7 +218,7 @@ def load_package(
     encrypted_weights = encryption is not None and WEIGHTS in encryption.files
     # hash the weights on another thread (hashlib drops the GIL) while we build and read
     hasher = None if encrypted_weights else _Hasher(root / WEIGHTS)
-    model = _build(manifest.architecture.config, info, manifest.architecture.name, meta=True)
+    model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
     if encryption is not None and encrypted_weights:
         check_file(root, WEIGHTS, manifest.files[WEIGHTS])
         data = decrypt_file(root, WEIGHTS, encryption, raw_key)
@@ -267,12 +267,6 @@ def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> n
     stay shared); a model with non-persistent buffers, which no weights file restores, is built
     normally instead.
     """
-    return _build(config, info, name, meta=False)
-
-
-def _build(config: Any, info: DataInfo, name: str | None, *, meta: bool) -> nn.Module:
-    """meta=True: the model on the meta device when every tensor is persistent (for
-    `_assign_state`), else a normally built one."""
     if isinstance(config, dict):
         if name is not None and config.get("name") != name:
             raise PackageError(
@@ -296,7 +290,7 @@ def _build(config: Any, info: DataInfo, name: str | None, *, meta: bool) -> nn.M
             model = build_model(config, input_shape=shape, num_outputs=outputs, vocab_size=vocab)
         persistent = set(model.state_dict())
         if all(n in persistent for n, _ in model.named_buffers()):
-            return model if meta else _materialize(model)
+            return _materialize(model)
         return build_model(config, input_shape=shape, num_outputs=outputs, vocab_size=vocab)
     except ShipyardError as exc:
         raise PackageError(f"manifest.json: cannot build the model ({exc})") from None
@@ -320,35 +314,25 @@ def _materialize(model: nn.Module) -> nn.Module:
 
 
 def _assign_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """Put loaded tensors into `model` strictly: by assignment (no copy) into a meta-device
-    model, then re-tie shared tensors (stored once in safetensors); by copy into a real one."""
-    slots: dict[int, list[tuple[dict[str, Any], str]]] = {}
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for key, value in store.items():
-                if value is not None:
-                    slots.setdefault(id(value), []).append((store, key))
-    state = model.state_dict()
+    """Copy loaded tensors into `model`'s own (freshly allocated, aligned) storage, strictly.
+
+    A copy, not `assign=True`: BLAS results can depend on memory alignment, and predictions must
+    be bitwise identical to the in-process model's. A state-dict name may be absent only when it
+    shares its tensor with a present one (tied weights are stored once in safetensors).
+    """
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, value in state.items():
+        groups.setdefault(id(value), []).append(name)
+    missing = [names[0] for names in groups.values() if not any(n in tensors for n in names)]
     unexpected = sorted(set(tensors) - set(state))
     bad = [k for k in tensors if k in state and tensors[k].shape != state[k].shape]
-    if unexpected or bad:
+    if missing or unexpected or bad:
         raise PackageError(
-            f"{where}: weights do not fit the model (unexpected: {unexpected[:5]}, wrong "
-            f"shape: {bad[:5]})"
+            f"{where}: weights do not fit the model (missing: {sorted(missing)[:5]}, "
+            f"unexpected: {unexpected[:5]}, wrong shape: {bad[:5]})"
         )
-    on_meta = any(t.is_meta for t in state.values())
-    model.load_state_dict(tensors, strict=False, assign=on_meta)
-    missing: list[str] = []
-    for group in slots.values():
-        values = [store[key] for store, key in group]
-        loaded = next((v for v in values if not v.is_meta), None)
-        if loaded is None:
-            missing.append(group[0][1])
-            continue
-        for store, key in group:
-            store[key] = loaded
-    if missing:
-        raise PackageError(f"{where}: weights do not fit the model (missing: {missing[:5]})")
+    model.load_state_dict(tensors, strict=False)
 
 
 def _data_info(manifest: Manifest, root: Path) -> DataInfo:

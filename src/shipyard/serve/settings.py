@@ -40,7 +40,7 @@ class ServeSettings(BaseModel):
     )
     # dynamic batching
     max_batch_size: int = Field(32, ge=1, le=65536, description="Rows per forward pass.")
-    max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="How long a batch waits to fill.")
+    max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="How long a batch waits to fill.")
     # limits
     max_queue: int = Field(256, ge=1, description="Queued requests per model before 503.")
     timeout_s: float = Field(

@@ -1,0 +1,243 @@
+"""Serving throughput on loopback: shipyard (batching on / off) vs a naive one-forward-per-request
+Flask server, for the digits MLP and a larger MLP (hidden [2048, 2048] on 64 inputs).
+
+Each server runs in its own process; the load generator (asyncio + httpx, keep-alive) sends a
+fixed number of one-row `:predict` requests at concurrency 1, 8 and 32 and prints requests/s and
+p50/p99 latency side by side, the ratio over naive at 32 clients, and each server's resident
+memory after a long run.
+
+    python benchmarks/serve_throughput.py            # full: 2000 requests per level, 50k long run
+    python benchmarks/serve_throughput.py --quick    # 300 per level, 3k long run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+MODELS: dict[str, list[int]] = {"digits": [32], "mlp-2048": [2048, 2048]}
+LEVELS = (1, 8, 32)
+
+
+def build_package(work: Path, name: str, hidden: list[int]) -> Path:
+    """A tiny training run (weights don't matter for throughput), packaged; cached in `work`."""
+    pkg = work / name / "package"
+    if (pkg / "manifest.json").is_file():
+        return pkg
+    from shipyard.config import load_config
+    from shipyard.train import fit
+
+    config = {
+        "name": name,
+        "task": "classification",
+        "data": {"source": "builtin:digits"},
+        "model": {"name": "mlp", "hidden_sizes": hidden},
+        "train": {"epochs": None, "max_steps": 2, "batch_size": 32},
+    }
+    fit(load_config(config), run_dir=pkg.parent, progress=False)
+    return pkg
+
+
+# ------------------------------------------------------------------------------ naive server
+
+
+def naive_server(package: str, threads: int) -> None:
+    """The classic pattern: Flask, one forward per request, served by waitress threads."""
+    from flask import Flask, jsonify, request
+    from waitress.server import create_server
+
+    from shipyard.package import load_package
+
+    model = load_package(package)
+    app = Flask("naive")
+
+    @app.post("/v1/models/<name>:predict")
+    def predict(name: str) -> Any:
+        return jsonify({"predictions": model.predict(request.get_json()["instances"])})
+
+    server = create_server(app, host="127.0.0.1", port=0, threads=threads)
+    print(f"serving on http://127.0.0.1:{server.effective_port}", flush=True)  # type: ignore[union-attr]
+    server.run()
+
+
+# ------------------------------------------------------------------------------ load
+
+
+def start(cmd: list[str]) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    if not match:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    url = f"http://127.0.0.1:{match.group(1)}"
+    for _ in range(600):
+        try:
+            httpx.get(f"{url}/v1/models/x:predict")
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("server not reachable")
+
+
+async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    await reader.readexactly(length)
+    return status
+
+
+async def load(url: str, model: str, n: int, concurrency: int) -> dict[str, float]:
+    """`n` one-row predict requests with `concurrency` keep-alive connections in flight.
+
+    A minimal HTTP/1.1 client on asyncio streams: httpx's own overhead at 32 connections is
+    larger than the servers' and would make every server look the same.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    rng = np.random.default_rng(0)
+    requests = []
+    for _ in range(64):
+        body = json.dumps({"instances": (rng.random((1, 64)) * 16).tolist()}).encode()
+        requests.append(
+            f"POST /v1/models/{model}:predict HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in counter:
+                t0 = time.perf_counter()
+                status = await _request(reader, writer, requests[i % 64])
+                latencies.append(time.perf_counter() - t0)
+                errors += status != 200
+        finally:
+            writer.close()
+
+    start_t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start_t
+    lat = np.asarray(latencies) * 1000
+    return {
+        "rps": n / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "errors": errors,
+    }
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (workers), MiB, from /proc."""
+    total = 0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer requests")
+    ap.add_argument("--requests", type=int, default=None, help="requests per level")
+    ap.add_argument("--long-run", type=int, default=None, help="requests in the memory run")
+    ap.add_argument("--work-dir", type=Path, default=Path("runs/bench-serve"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
+    ap.add_argument("--naive-server", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=8, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.naive_server:
+        naive_server(args.naive_server, args.threads)
+        return
+    n = args.requests or (300 if args.quick else 2000)
+    long_n = args.long_run or (3000 if args.quick else 50_000)
+    shipyard = [sys.executable, "-m", "shipyard", "serve", "--port", "0", "--torch-threads", "1"]
+    servers: dict[str, list[str]] = {
+        "shipyard (batching)": [*shipyard, "--max-batch-size", "32", "--max-wait-ms", "0"],
+        "shipyard (no batching)": [*shipyard, "--max-batch-size", "1", "--max-wait-ms", "0"],
+        "naive flask/waitress": [sys.executable, __file__, "--naive-server"],
+    }
+    results: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "requests_per_level": n,
+        "models": {},
+    }
+    for model, hidden in MODELS.items():
+        pkg = build_package(args.work_dir, model, hidden)
+        rows: dict[str, Any] = {}
+        for label, cmd in servers.items():
+            proc, url = start([*cmd, str(pkg)])
+            try:
+                asyncio.run(load(url, model, 50, 4))  # warm-up
+                rows[label] = {c: asyncio.run(load(url, model, n, c)) for c in LEVELS}
+                if model == "digits":
+                    asyncio.run(load(url, model, long_n, 32))
+                    rows[label]["rss_mib_after_long_run"] = rss_mib(proc.pid)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+        results["models"][model] = rows
+        print(f"\n## {model} (hidden {hidden}), {n} one-row requests per level")
+        print(
+            f"{'server':<24}" + "".join(f"{f'c={c} rps':>11}{'p50':>8}{'p99':>8}" for c in LEVELS)
+        )
+        for label, r in rows.items():
+            cells = "".join(
+                f"{r[c]['rps']:>11.0f}{r[c]['p50_ms']:>8.1f}{r[c]['p99_ms']:>8.1f}" for c in LEVELS
+            )
+            print(f"{label:<24}{cells}")
+        naive = rows["naive flask/waitress"][32]
+        for label in ("shipyard (batching)", "shipyard (no batching)"):
+            r = rows[label][32]
+            print(
+                f"{label} vs naive at 32 clients: {r['rps'] / naive['rps']:.2f}x requests/s, "
+                f"p99 {r['p99_ms']:.1f} vs {naive['p99_ms']:.1f} ms"
+            )
+        if model == "digits":
+            for label, r in rows.items():
+                print(
+                    f"RSS after {long_n} requests, {label}: {r['rss_mib_after_long_run']:.0f} MiB"
+                )
+    sys.stdout.flush()
+    print(f"\nmachine: {results['machine']}; {results['date']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

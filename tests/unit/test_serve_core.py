@@ -1,0 +1,168 @@
+"""The batcher on its own, the management API in-process, and the `keys` verbs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from tests.serve_support import loaded_digits
+from typer.testing import CliRunner
+
+from shipyard.cli import app as cli_app
+from shipyard.serve import Batcher, ServeSettings, create_app
+from shipyard.serve.errors import BadRequest, Unavailable
+
+
+def double(x: np.ndarray) -> dict[str, np.ndarray]:
+    return {"y": x * 2.0, "n": np.full(len(x), len(x))}
+
+
+def test_batcher_groups_splits_and_checks_rows() -> None:
+    calls: list[int] = []
+
+    def fn(x: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(x))
+        return double(x)
+
+    async def run() -> list[dict[str, np.ndarray]]:
+        b = Batcher("m", fn, max_batch_size=8, max_wait_ms=50)
+        b.start()
+        xs = [np.full((n, 2), float(n)) for n in (1, 2, 3, 4)]
+        futures = [b.submit(x) for x in xs]
+        out = await asyncio.gather(*futures)
+        await b.close()
+        return out
+
+    out = asyncio.run(run())
+    assert calls == [6, 4]  # 1+2+3 fit in 8 rows, 4 would not
+    for n, o in zip((1, 2, 3, 4), out, strict=True):
+        np.testing.assert_array_equal(o["y"], np.full((n, 2), 2.0 * n))
+
+
+def test_batcher_keeps_different_shapes_apart_and_isolates_failures() -> None:
+    def fn(x: np.ndarray) -> dict[str, np.ndarray]:
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return double(x)
+
+    async def run() -> list[Any]:
+        b = Batcher("m", fn, max_batch_size=64, max_wait_ms=20, client_errors=(ValueError,))
+        b.start()
+        futures = [
+            b.submit(np.ones((1, 2))),
+            b.submit(np.ones((1, 3))),
+            b.submit(-np.ones((1, 2))),
+            b.submit(np.ones((2, 2))),
+        ]
+        out = await asyncio.gather(*futures, return_exceptions=True)
+        await b.close()
+        return out
+
+    ok2, ok3, bad, ok22 = asyncio.run(run())
+    assert ok2["y"].shape == (1, 2) and ok3["y"].shape == (1, 3) and ok22["y"].shape == (2, 2)
+    assert isinstance(bad, BadRequest) and "negative input" in str(bad)
+
+
+def test_batcher_drops_cancelled_work_and_bounds_the_queue() -> None:
+    gate = threading.Event()
+    seen: list[float] = []
+
+    def fn(x: np.ndarray) -> dict[str, np.ndarray]:
+        gate.wait(5)
+        seen.extend(x[:, 0].tolist())
+        return double(x)
+
+    async def run() -> None:
+        b = Batcher("m", fn, max_batch_size=1, max_wait_ms=0, max_queue=2)
+        b.start()
+        first = b.submit(np.array([[1.0]]))
+        await asyncio.sleep(0.05)  # first is in the forward now
+        doomed = b.submit(np.array([[2.0]]))
+        kept = b.submit(np.array([[3.0]]))
+        with pytest.raises(Unavailable):
+            b.submit(np.array([[4.0]]))
+        doomed.cancel()  # the client went away
+        await asyncio.sleep(0)  # done-callbacks run on the next loop turn
+        assert b.depth == 1
+        gate.set()
+        await asyncio.gather(first, kept)
+        await b.close()
+        with pytest.raises(Unavailable):
+            b.submit(np.array([[5.0]]))
+
+    asyncio.run(run())
+    assert seen == [1.0, 3.0]
+
+
+def test_batcher_rejects_outputs_with_wrong_row_count() -> None:
+    async def run() -> Any:
+        b = Batcher("m", lambda x: {"y": np.zeros(len(x) + 1)}, max_wait_ms=0)
+        b.start()
+        out = await asyncio.gather(b.submit(np.ones((2, 1))), return_exceptions=True)
+        await b.close()
+        return out[0]
+
+    err = asyncio.run(run())
+    assert getattr(err, "status", None) == 500
+
+
+# ------------------------------------------------------------------------------ management
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return loaded_digits(tmp_path_factory.getbasetemp())
+
+
+def test_management_api(loaded: Any, tmp_path: Path) -> None:
+    from shipyard.package.registry import Registry
+
+    with Registry() as reg:
+        mv = reg.register(loaded.path, name="digits-mgmt")
+    with TestClient(create_app(ServeSettings(), preloaded=[loaded])) as c:
+        models = c.get("/v2/admin/models").json()["models"]
+        assert [m["name"] for m in models] == ["digits"]
+        r = c.post("/v2/admin/models/load", json={"ref": f"digits-mgmt:{mv.version}"})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["default_version"] == str(mv.version)
+        assert c.get("/v2/models/digits-mgmt").json()["versions"] == [str(mv.version)]
+        r = c.post("/v2/admin/models/load", json={"ref": f"digits-mgmt:{mv.version}"})
+        assert r.status_code == 409 and "already loaded" in r.json()["error"]
+        assert c.post("/v2/admin/models/load", json={"ref": "../etc"}).status_code == 404
+        assert c.post("/v2/admin/models/load", json={"ref": 3}).status_code == 400
+        r = c.post("/v2/admin/models/digits/default", json={"version": "nope"})
+        assert r.status_code == 404
+        r = c.post(f"/v2/admin/models/digits-mgmt/versions/{mv.version}/unload")
+        assert r.status_code == 200
+        assert c.get("/v2/models/digits-mgmt").status_code == 404
+    with TestClient(create_app(ServeSettings(workers=2), preloaded=[loaded])) as c:
+        r = c.post("/v2/admin/models/load", json={"ref": "digits-mgmt:1"})
+        assert r.status_code == 409 and "worker processes" in r.json()["error"]
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_keys_add_list_revoke(tmp_path: Path) -> None:
+    runner = CliRunner()
+    path = tmp_path / "keys.json"
+    r = runner.invoke(
+        cli_app, ["keys", "add", "--scope", "infer", "--name", "svc", "--keys-file", str(path)]
+    )
+    assert r.exit_code == 0, r.output
+    key = r.stdout.strip().splitlines()[0]
+    assert key.startswith("sy_") and key not in path.read_text()
+    r = runner.invoke(cli_app, ["keys", "list", "--keys-file", str(path), "--json"])
+    listed = json.loads(r.stdout)
+    assert listed[0]["name"] == "svc" and "sha256" not in listed[0]
+    r = runner.invoke(cli_app, ["keys", "revoke", "svc", "--keys-file", str(path)])
+    assert r.exit_code == 0
+    assert json.loads(path.read_text())["keys"][0]["revoked"] is True
+    r = runner.invoke(cli_app, ["keys", "add", "--scope", "root", "--keys-file", str(path)])
+    assert r.exit_code != 0
