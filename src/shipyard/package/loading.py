@@ -2,7 +2,9 @@
 
 Loading never unpickles and never imports code named by the package: the architecture is rebuilt
 from its registered name (`shipyard.models.build_model`), weights come from safetensors, and the
-preprocessing and tokenizer from JSON.
+preprocessing and tokenizer from JSON. A quantized package names the layers to swap for int8 ones
+(`manifest.quantization`); an exported package (`backend: onnxruntime`) holds an ONNX graph that
+ONNX Runtime runs behind the same `LoadedModel` interface.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.errors import PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
 from shipyard.package.manifest import (
+    ONNX_MODEL,
     TOKENIZER,
     WEIGHTS,
     Manifest,
     Signature,
     check_file,
+    sha256_bytes,
     sha256_file,
     verify_package,
 )
@@ -207,7 +211,7 @@ def load_package(
         default $SHIPYARD_PACKAGE_KEY.
     """
     root = Path(path)
-    manifest = verify_package(root, public_key=public_key, skip=frozenset({WEIGHTS}))
+    manifest = verify_package(root, public_key=public_key, skip=frozenset({WEIGHTS, ONNX_MODEL}))
     encryption = manifest.encryption
     raw_key = resolve_key(key) if encryption is not None else None
     if encryption is not None and raw_key is None:
@@ -215,22 +219,10 @@ def load_package(
             f"{root}: package is encrypted; set SHIPYARD_PACKAGE_KEY or pass --key-file"
         )
     info = _data_info(manifest, root)
-    encrypted_weights = encryption is not None and WEIGHTS in encryption.files
-    # hash the weights on another thread (hashlib drops the GIL) while we build and read
-    hasher = None if encrypted_weights else _Hasher(root / WEIGHTS)
-    model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
-    if encryption is not None and encrypted_weights:
-        check_file(root, WEIGHTS, manifest.files[WEIGHTS])
-        data = decrypt_file(root, WEIGHTS, encryption, raw_key)
-        try:
-            tensors = load_safetensors_bytes(data)
-        except Exception as exc:  # safetensors raises several types for a bad header
-            raise PackageError(f"{root / WEIGHTS}: cannot read weights ({exc})") from None
-        del data
+    if manifest.backend == "onnxruntime":
+        model = _load_onnx(root, manifest, raw_key)
     else:
-        assert hasher is not None
-        tensors = _load_and_hash(root, manifest, hasher)
-    _assign_state(model, tensors, root / WEIGHTS)
+        model = _load_torch(root, manifest, info, raw_key)
     tokenizer = None
     if TOKENIZER in manifest.files:
         if encryption is not None and TOKENIZER in encryption.files:
@@ -257,6 +249,53 @@ def load_package(
         path=root,
         device=dev,
     )
+
+
+def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes | None) -> nn.Module:
+    """Rebuild the architecture by name (int8 layers swapped in where the manifest says) and
+    load its safetensors weights, hashing them while reading."""
+    encryption = manifest.encryption
+    encrypted_weights = encryption is not None and WEIGHTS in encryption.files
+    # hash the weights on another thread (hashlib drops the GIL) while we build and read
+    hasher = None if encrypted_weights else _Hasher(root / WEIGHTS)
+    model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
+    if manifest.quantization is not None:
+        from shipyard.compress.layers import swap_quantized_layers
+
+        swap_quantized_layers(model, manifest.quantization, where=f"{root}/manifest.json")
+    if encryption is not None and encrypted_weights:
+        check_file(root, WEIGHTS, manifest.files[WEIGHTS])
+        data = decrypt_file(root, WEIGHTS, encryption, raw_key)
+        try:
+            tensors = load_safetensors_bytes(data)
+        except Exception as exc:  # safetensors raises several types for a bad header
+            raise PackageError(f"{root / WEIGHTS}: cannot read weights ({exc})") from None
+        del data
+    else:
+        assert hasher is not None
+        tensors = _load_and_hash(root, manifest, hasher)
+    _assign_state(model, tensors, root / WEIGHTS)
+    return model
+
+
+def _load_onnx(root: Path, manifest: Manifest, raw_key: bytes | None) -> nn.Module:
+    """Read model.onnx into memory, check its hash, and give it to ONNX Runtime from there (so
+    what runs is exactly what was hashed)."""
+    from shipyard.compress.runtime import OnnxRuntimeModule
+
+    encryption = manifest.encryption
+    entry = manifest.files[ONNX_MODEL]
+    if encryption is not None and ONNX_MODEL in encryption.files:
+        check_file(root, ONNX_MODEL, entry)
+        data = decrypt_file(root, ONNX_MODEL, encryption, raw_key)
+    else:
+        file = root / ONNX_MODEL
+        data = file.read_bytes()
+        if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
+            raise PackageError(
+                f"{file}: SHA-256 does not match the manifest; the file was changed or corrupted"
+            )
+    return OnnxRuntimeModule(data, manifest.signature, where=str(root / ONNX_MODEL))
 
 
 def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> nn.Module:

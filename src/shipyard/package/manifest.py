@@ -4,7 +4,8 @@ A package is a flat directory with fixed file names:
 
     manifest.json       what the model is (this module's `Manifest`) and the SHA-256 + size of
                         every other file
-    model.safetensors   the weights
+    model.safetensors   the weights (backend "torch", the default)
+    model.onnx          the ONNX graph with its weights (backend "onnxruntime", instead of the above)
     tokenizer.json      optional: the tokenizer (token models)
     manifest.sig        optional: Ed25519 signature over the exact bytes of manifest.json
 
@@ -32,12 +33,14 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 WEIGHTS = "model.safetensors"
+ONNX_MODEL = "model.onnx"
 TOKENIZER = "tokenizer.json"
 RESERVED = frozenset({MANIFEST, SIGNATURE})
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is metadata; anything larger is not one of ours
 _HASH_CHUNK = 8 << 20
 
 Task = Literal["classification", "regression", "language-modeling"]
+Backend = Literal["torch", "onnxruntime"]
 
 
 class _Model(BaseModel):
@@ -96,6 +99,20 @@ class Derivation(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class Quantization(_Model):
+    """Which Linear layers of a torch-backend model are stored as int8, and how.
+
+    scheme "dynamic-int8": int8 weights with per-output-channel scales and zero points, run with
+    PyTorch's dynamic quantized kernels; "weight-int8": int8 weights with per-output-channel
+    scales, dequantized on the fly. Loading rebuilds the architecture by name and swaps these
+    layers (module paths, e.g. "body.0") for their int8 versions before loading the tensors.
+    """
+
+    scheme: Literal["dynamic-int8", "weight-int8"]
+    layers: list[str] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class FileEntry(_Model):
     """SHA-256 and size of a file exactly as stored (the ciphertext when encrypted)."""
 
@@ -136,12 +153,21 @@ class Manifest(_Model):
     lineage: Lineage
     config: dict[str, Any]
     derivation: Derivation | None = None
+    backend: Backend = "torch"
+    quantization: Quantization | None = None
     encryption: Encryption | None = None
     files: dict[str, FileEntry]
 
     def to_json(self) -> str:
-        """The manifest.json text (stable field order, so equal manifests give equal bytes)."""
-        return self.model_dump_json(indent=2) + "\n"
+        """The manifest.json text (stable field order, so equal manifests give equal bytes).
+
+        `backend` and `quantization` are written only when set, so plain packages keep the
+        manifest they always had.
+        """
+        omit = {"backend"} if self.backend == "torch" else set()
+        if self.quantization is None:
+            omit.add("quantization")
+        return self.model_dump_json(indent=2, exclude=omit) + "\n"
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,8 +245,17 @@ def parse_manifest(raw: bytes, where: str = MANIFEST) -> Manifest:
         check_file_name(name)
         if name in RESERVED:
             raise PackageError(f"{where}: {name} cannot be listed under files")
-    if WEIGHTS not in manifest.files:
-        raise PackageError(f"{where}: malformed manifest: files must list {WEIGHTS}")
+    model_file = WEIGHTS if manifest.backend == "torch" else ONNX_MODEL
+    if model_file not in manifest.files:
+        raise PackageError(
+            f"{where}: malformed manifest: files must list {model_file} (backend "
+            f"{manifest.backend!r})"
+        )
+    if manifest.quantization is not None and manifest.backend != "torch":
+        raise PackageError(
+            f"{where}: malformed manifest: quantization describes torch layers, but the backend "
+            f"is {manifest.backend!r}"
+        )
     if manifest.encryption is not None:
         for name in manifest.encryption.files:
             if name not in manifest.files:

@@ -21,6 +21,7 @@ from shipyard.errors import PackageError, ShipyardError
 from shipyard.models import TOKEN_MODELS
 from shipyard.package.manifest import (
     MANIFEST,
+    ONNX_MODEL,
     TOKENIZER,
     WEIGHTS,
     Architecture,
@@ -29,6 +30,7 @@ from shipyard.package.manifest import (
     Lineage,
     Manifest,
     ParentRef,
+    Quantization,
     Signature,
     TensorSpec,
     manifest_sha256,
@@ -65,7 +67,7 @@ def build_signature(task: str, info: DataInfo, architecture: str) -> Signature:
 def write_package(
     out_dir: str | os.PathLike[str],
     *,
-    model: nn.Module,
+    model: nn.Module | None,
     config: RunConfig,
     data_info: DataInfo,
     preprocessor: Preprocessor | None,
@@ -76,6 +78,8 @@ def write_package(
     lineage_extra: Mapping[str, Any] | None = None,
     derivation: Derivation | Mapping[str, Any] | None = None,
     parent: ParentRef | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    quantization: Quantization | Mapping[str, Any] | None = None,
+    onnx_model: bytes | None = None,
 ) -> Path:
     """Write a package directory for `model` and return its path.
 
@@ -87,7 +91,15 @@ def write_package(
     lineage_extra: more lineage keys, e.g. {"run_dir": ..., "checkpoint_step": 120}.
     derivation: {"method": ..., "params": {...}} for a package derived from `parent`.
     parent: the parent package's directory, or {"name", "version", "manifest_sha256"}.
+    quantization: which of `model`'s layers are int8 modules (`shipyard.compress`), so loading
+        can swap them in before reading the tensors.
+    onnx_model: an ONNX graph (bytes) to store as model.onnx instead of `model`'s weights; the
+        package's backend is then "onnxruntime" (`model` must be None).
     """
+    if (model is None) == (onnx_model is None):
+        raise PackageError("write_package needs exactly one of model or onnx_model")
+    if onnx_model is not None and quantization is not None:
+        raise PackageError("quantization describes torch layers; it cannot go with onnx_model")
     out = Path(out_dir)
     extra = dict(lineage_extra or {})
     if version is None:
@@ -105,8 +117,13 @@ def write_package(
     )
     labels = list(data_info.class_names) if data_info.class_names is not None else None
     with staged_package(out, replace=True) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
-        files = {WEIGHTS: _entry(tmp / WEIGHTS)}
+        if onnx_model is not None:
+            (tmp / ONNX_MODEL).write_bytes(onnx_model)
+            files = {ONNX_MODEL: _entry(tmp / ONNX_MODEL)}
+        else:
+            assert model is not None
+            save_model(model, str(tmp / WEIGHTS))
+            files = {WEIGHTS: _entry(tmp / WEIGHTS)}
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
             files[TOKENIZER] = _entry(tmp / TOKENIZER)
@@ -124,6 +141,10 @@ def write_package(
             lineage=lineage,
             config=config.model_dump(mode="json"),
             derivation=Derivation.model_validate(derivation) if derivation is not None else None,
+            backend="onnxruntime" if onnx_model is not None else "torch",
+            quantization=(
+                Quantization.model_validate(quantization) if quantization is not None else None
+            ),
             files=files,
         )
         (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shipyard.train.distill import DistillParams
 from shipyard.train.trainer import (
     RunResult,
     StepInfo,
@@ -13,6 +14,7 @@ from shipyard.train.trainer import (
 )
 
 __all__ = [
+    "DistillParams",
     "RunResult",
     "StepInfo",
     "best_checkpoint",

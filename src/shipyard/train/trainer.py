@@ -13,7 +13,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ from shipyard.evaluate.metrics import build_metrics, primary_metric
 from shipyard.evaluate.report import read_history, write_report
 from shipyard.models import TOKEN_MODELS, build_model, count_parameters
 from shipyard.train import checkpoint as ckpt
+from shipyard.train.distill import DistillParams, distillation_loss
 from shipyard.train.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -90,6 +91,10 @@ def fit(
     progress: bool = False,
     callbacks: Sequence[StepCallback] = (),
     runs_root: str | Path = "runs",
+    init_weights: Mapping[str, torch.Tensor] | None = None,
+    weight_masks: Mapping[str, torch.Tensor] | None = None,
+    teacher: Any = None,
+    distill: DistillParams | None = None,
 ) -> RunResult:
     """Train one run described by `config` and return its result.
 
@@ -97,6 +102,12 @@ def fit(
     resume: "auto" (newest valid checkpoint of the run, or a fresh start if there is none), or a
         checkpoint / run directory path.
     callbacks: called after every optimizer step with a StepInfo (e.g. to stop or to log).
+    init_weights: a state dict loaded (strictly) into the model after it is built, e.g. pruned
+        weights to fine-tune.
+    weight_masks: {parameter name: 0/1 mask}; the parameter is multiplied by its mask after every
+        optimizer step, so pruned weights stay zero while fine-tuning.
+    teacher: an `nn.Module` (or a `LoadedModel`) whose outputs on the same (preprocessed) batch
+        are soft targets; `distill` says how to mix them with the labels (default DistillParams()).
     """
     trainer = Trainer(
         config,
@@ -105,6 +116,10 @@ def fit(
         progress=progress,
         callbacks=callbacks,
         runs_root=Path(runs_root),
+        init_weights=init_weights,
+        weight_masks=weight_masks,
+        teacher=teacher,
+        distill=distill,
     )
     try:
         return trainer.run()
@@ -124,6 +139,10 @@ class Trainer:
         progress: bool,
         callbacks: Sequence[StepCallback],
         runs_root: Path,
+        init_weights: Mapping[str, torch.Tensor] | None = None,
+        weight_masks: Mapping[str, torch.Tensor] | None = None,
+        teacher: Any = None,
+        distill: DistillParams | None = None,
     ) -> None:
         self.config = config
         self.callbacks = list(callbacks)
@@ -144,7 +163,24 @@ class Trainer:
         # data, model, optimisation
         self.data, model = build_data_and_model(config)
         info = self.data.info
+        if init_weights is not None:
+            try:
+                model.load_state_dict(dict(init_weights), strict=True)
+            except RuntimeError as exc:
+                raise TrainError(f"init_weights do not fit the model of this config: {exc}") from None
         self.model = model.to(self.device)
+        self.masks = self._resolve_masks(weight_masks)
+        self.apply_masks()
+        self.teacher: nn.Module | None = None
+        self.distill = distill
+        if teacher is not None:
+            module = teacher if isinstance(teacher, nn.Module) else getattr(teacher, "model", None)
+            if not isinstance(module, nn.Module):
+                raise TrainError("teacher must be an nn.Module or a LoadedModel")
+            self.teacher = module.to(self.device).eval()
+            self.distill = distill or DistillParams()
+        elif distill is not None:
+            raise TrainError("distill parameters were given without a teacher")
         self.n_params = count_parameters(self.model)
         self.is_lm = config.task == "language-modeling"
         block_size = getattr(config.model, "block_size", None)
@@ -233,6 +269,27 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
         barrier(self.env)
         return run_dir, resume_from
+
+    def _resolve_masks(
+        self, masks: Mapping[str, torch.Tensor] | None
+    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        if not masks:
+            return []
+        params = dict(self.model.named_parameters())
+        resolved = []
+        for name, mask in masks.items():
+            if name not in params or params[name].shape != mask.shape:
+                raise TrainError(
+                    f"weight mask {name!r} {tuple(mask.shape)} matches no parameter of the model"
+                )
+            resolved.append((params[name], mask.to(self.device, params[name].dtype)))
+        return resolved
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the masked-out weights (after each optimizer step when masks were given)."""
+        for param, mask in self.masks:
+            param.mul_(mask)
 
     def _steps_per_epoch(self) -> int:
         n = self.n_train
@@ -401,6 +458,12 @@ class Trainer:
                 with self._autocast():
                     out = model(x)
                     loss_sum, _ = self.loss_fn(out, y)
+                    if self.teacher is not None and self.distill is not None:
+                        with torch.no_grad():
+                            target = self.teacher(x)
+                        loss_sum = distillation_loss(
+                            out, target, loss_sum, cfg.task, self.distill
+                        )
                 loss = loss_sum.float() * scale
                 if final:
                     extra = penalty(self.model, l1=reg.l1, l2=reg.l2, batch_size=len(rows))
@@ -424,6 +487,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.apply_masks()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
         return loss_sum_total, grad_norm
