@@ -1,5 +1,5 @@
 """Serving throughput on loopback: shipyard (batching on / off) vs a naive one-forward-per-request
-Flask server, for the digits MLP and a larger MLP (hidden [2048, 2048] on 64 inputs).
+Flask server, for the digits MLP and two larger MLPs (hidden [2048, 2048] and [4096] x 3).
 
 Each server runs in its own process; the load generator (asyncio + httpx, keep-alive) sends a
 fixed number of one-row `:predict` requests at concurrency 1, 8 and 32 and prints requests/s and
@@ -27,7 +27,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-MODELS: dict[str, list[int]] = {"digits": [32], "mlp-2048": [2048, 2048]}
+MODELS: dict[str, list[int]] = {
+    "digits": [32],
+    "mlp-2048": [2048, 2048],
+    "mlp-4096x3": [4096, 4096, 4096],  # ~34M parameters: the forward pass dominates
+}
 LEVELS = (1, 8, 32)
 
 
@@ -173,6 +177,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests")
     ap.add_argument("--requests", type=int, default=None, help="requests per level")
     ap.add_argument("--long-run", type=int, default=None, help="requests in the memory run")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     ap.add_argument("--work-dir", type=Path, default=Path("runs/bench-serve"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
     ap.add_argument("--naive-server", help=argparse.SUPPRESS)
@@ -196,7 +201,8 @@ def main() -> None:
         "requests_per_level": n,
         "models": {},
     }
-    for model, hidden in MODELS.items():
+    for model in args.models.split(","):
+        hidden = MODELS[model]
         pkg = build_package(args.work_dir, model, hidden)
         rows: dict[str, Any] = {}
         for label, cmd in servers.items():
@@ -205,8 +211,12 @@ def main() -> None:
                 asyncio.run(load(url, model, 50, 4))  # warm-up
                 rows[label] = {c: asyncio.run(load(url, model, n, c)) for c in LEVELS}
                 if model == "digits":
+                    before = rss_mib(proc.pid)
                     asyncio.run(load(url, model, long_n, 32))
-                    rows[label]["rss_mib_after_long_run"] = rss_mib(proc.pid)
+                    after = rss_mib(proc.pid)
+                    rows[label]["rss_mib_before_long_run"] = before
+                    rows[label]["rss_mib_after_long_run"] = after
+                    rows[label]["rss_growth_pct"] = 100.0 * (after - before) / before
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -230,7 +240,9 @@ def main() -> None:
         if model == "digits":
             for label, r in rows.items():
                 print(
-                    f"RSS after {long_n} requests, {label}: {r['rss_mib_after_long_run']:.0f} MiB"
+                    f"RSS over {long_n} requests at 32 clients, {label}: "
+                    f"{r['rss_mib_before_long_run']:.0f} -> {r['rss_mib_after_long_run']:.0f} MiB "
+                    f"({r['rss_growth_pct']:+.1f}%)"
                 )
     sys.stdout.flush()
     print(f"\nmachine: {results['machine']}; {results['date']}")

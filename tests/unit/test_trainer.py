@@ -94,6 +94,7 @@ def test_exact_resume_after_kill_is_bitwise_identical(tmp_path: Path) -> None:
     assert [p.name for p in list_checkpoints(killed / "checkpoints")] == ["step-00000010"]
     resumed = fit(load_config(cfg), run_dir=killed, resume="auto")
     assert resumed.steps == 20
+    assert resumed.resumed_from == 10
     a, b = weights(reference.run_dir, 20), weights(killed, 20)
     assert a.keys() == b.keys()
     for key in a:

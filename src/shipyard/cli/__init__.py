@@ -9,7 +9,9 @@ import typer
 from rich.console import Console
 
 from shipyard import __version__
+from shipyard.cli.compress_cmd import compress, export, import_hf
 from shipyard.cli.config_cmd import config_app
+from shipyard.cli.generate_cmd import generate
 from shipyard.cli.keys_cmd import keys_app
 from shipyard.cli.models_cmd import models_app
 from shipyard.cli.package_cmd import package_app
@@ -28,6 +30,9 @@ app = typer.Typer(
         "  shipyard train examples/gpt-tiny.yaml --nproc 2 --set train.max_steps=200\n\n"
         "  shipyard eval runs/digits-mlp/<run-id> --split test\n\n"
         "  shipyard package runs/digits-mlp/<run-id> -o digits-pkg\n\n"
+        "  shipyard compress digits-pkg --quantize int8 -o digits-int8\n\n"
+        "  shipyard export digits-pkg --format onnx -o digits-onnx\n\n"
+        "  shipyard generate runs/gpt-tiny/<run-id>/package --prompt 'def main(' --seed 0\n\n"
         "  shipyard config validate examples/*.yaml\n\n"
         "  shipyard config show examples/digits-mlp.yaml --set train.epochs=5\n\n"
         "  shipyard config schema > shipyard.schema.json"
@@ -45,6 +50,10 @@ app.command("train")(train)
 app.command("eval")(evaluate)
 app.command("serve")(serve)
 app.command("predict")(predict)
+app.command("compress")(compress)
+app.command("export")(export)
+app.command("import-hf")(import_hf)
+app.command("generate")(generate)
 keys_app.command("add")(keys_add)
 keys_app.command("list")(keys_list)
 keys_app.command("revoke")(keys_revoke)

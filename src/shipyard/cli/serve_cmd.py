@@ -43,6 +43,9 @@ def serve(
         0.0, "--max-wait-ms", min=0, help="Extra wait for a batch to fill (0: batch what queued)."
     ),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Queued requests → 503."),
+    max_running_seqs: int = typer.Option(
+        16, "--max-running-seqs", min=1, help="Language models: sequences decoded together."
+    ),
     timeout_s: float = typer.Option(30.0, "--timeout-s", help="Per-request deadline → 504."),
     max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", help="Body limit → 413."),
     rate_limit: float | None = typer.Option(
@@ -57,7 +60,8 @@ def serve(
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
-    """Serve packages over HTTP: KServe V2 (tritonclient-compatible) and simple JSON.
+    """Serve packages over HTTP: KServe V2 (tritonclient-compatible), simple JSON, and
+    OpenAI-compatible /v1/completions and /v1/chat/completions for language models.
 
     Example: shipyard serve runs/digits/package --port 8000
 
@@ -85,6 +89,7 @@ def serve(
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
+            max_running_seqs=max_running_seqs,
             timeout_s=timeout_s,
             max_body_bytes=max_body_bytes,
             rate_limit=rate_limit,

@@ -49,7 +49,9 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer(
+            "weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8)
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
@@ -101,7 +103,9 @@ class DynamicInt8Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer(
+            "weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8)
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float64))
         self.register_buffer("weight_zero_point", torch.zeros(out_features, dtype=torch.int64))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -152,11 +156,11 @@ class DynamicInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (*, in_features) to (*, out_features) with int8 weights and activations."""
         packed = self._packed if self._packed is not None else self._pack()
-        return packed(x.float())  # type: ignore[no-any-return]
+        return packed(x.float())
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> DynamicInt8Linear:
         self._packed = None  # .to() / .float() etc. change the buffers: re-pack on next use
-        return super()._apply(fn, recurse)  # type: ignore[return-value]
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (
@@ -166,7 +170,7 @@ class DynamicInt8Linear(nn.Module):
 
 
 def _drop_packed(module: nn.Module, incompatible_keys: Any) -> None:
-    module._packed = None
+    object.__setattr__(module, "_packed", None)
 
 
 LAYER_TYPES: dict[str, type[Int8Linear] | type[DynamicInt8Linear]] = {
@@ -215,12 +219,16 @@ def swap_quantized_layers(model: nn.Module, spec: Quantization, *, where: str) -
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise PackageError(f"{where}: quantization lists {name!r}, not a layer of the model")
+            raise PackageError(
+                f"{where}: quantization lists {name!r}, not a layer of the model"
+            ) from None
         if not isinstance(linear, nn.Linear):
             raise PackageError(
                 f"{where}: quantization lists {name!r}, a {type(linear).__name__}, not a Linear"
             )
-        _replace(model, name, kind(linear.in_features, linear.out_features, linear.bias is not None))
+        _replace(
+            model, name, kind(linear.in_features, linear.out_features, linear.bias is not None)
+        )
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -41,22 +41,33 @@ class OnnxRuntimeModule(nn.Module):
 
     def __init__(self, data: bytes, signature: Signature, *, where: str = "model.onnx") -> None:
         super().__init__()
-        ort = import_onnxruntime()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(
-                data, sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise PackageError(f"{where}: ONNX Runtime cannot load the model ({exc})") from None
+        self._data = data
+        self._where = where
+        self.session = self._session(torch.get_num_threads())
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise PackageError(f"{where}: expected a graph with one input, got {len(inputs)}")
         self.input_name = inputs[0].name
         self.input_dtype = np.int64 if signature.inputs[0].datatype == "INT64" else np.float32
         self.size_bytes = len(data)
+
+    def _session(self, threads: int) -> Any:
+        ort = import_onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # as many as torch uses, like the parent
+        options.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(
+                self._data, sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise PackageError(
+                f"{self._where}: ONNX Runtime cannot load the model ({exc})"
+            ) from None
+
+    def set_threads(self, threads: int) -> None:
+        """Re-create the session with `threads` intra-op threads."""
+        self.session = self._session(threads)
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Outputs of the graph for input `x` (B, ...)."""

@@ -5,7 +5,7 @@ A package is a flat directory with fixed file names:
     manifest.json       what the model is (this module's `Manifest`) and the SHA-256 + size of
                         every other file
     model.safetensors   the weights (backend "torch", the default)
-    model.onnx          the ONNX graph with its weights (backend "onnxruntime", instead of the above)
+    model.onnx          instead of the weights: an ONNX graph (backend "onnxruntime")
     tokenizer.json      optional: the tokenizer (token models)
     manifest.sig        optional: Ed25519 signature over the exact bytes of manifest.json
 

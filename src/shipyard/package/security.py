@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from shipyard.errors import PackageError
 from shipyard.package.manifest import (
     MANIFEST,
+    ONNX_MODEL,
     SIGNATURE,
     TOKENIZER,
     WEIGHTS,
@@ -52,7 +53,7 @@ MAGIC = b"SHIPAES1"
 HEADER_SIZE = len(MAGIC) + 4 + 8
 TAG_SIZE = 16
 CHUNK_SIZE = 64 << 20  # AES-GCM in `cryptography` takes < 2 GiB per call; chunks bound memory too
-ENCRYPTED_FILES = (WEIGHTS, TOKENIZER)
+ENCRYPTED_FILES = (WEIGHTS, ONNX_MODEL, TOKENIZER)
 _NO_KEY = f"package is encrypted; set {KEY_ENV} or pass --key-file"
 
 # ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from shipyard.serve.auth import KeyStore, RateLimiter
 from shipyard.serve.core import ModelRepository
 from shipyard.serve.errors import RequestError
 from shipyard.serve.http import ServerState, require, server_state
-from shipyard.serve.protocols import kserve_v2, simple
+from shipyard.serve.protocols import kserve_v2, openai, simple
 from shipyard.serve.settings import ServeSettings, is_loopback
 
 log = logging.getLogger("shipyard.serve")
@@ -81,6 +81,8 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        if openai.is_openai_route(request):
+            return openai.error_response(exc)
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -98,6 +100,7 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
 
     app.include_router(kserve_v2.build_router())
     app.include_router(simple.build_router())
+    app.include_router(openai.build_router())
     app.include_router(management.build_router())
 
     metrics_open = (

@@ -14,16 +14,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from shipyard.package import InvalidInputError, LoadedModel, TensorSpec
-from shipyard.serve import metrics
+from shipyard.serve import lm, metrics
 from shipyard.serve.batching import Batcher, Outputs
 from shipyard.serve.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, Unavailable
 from shipyard.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from shipyard.generate import Engine
 
 log = logging.getLogger("shipyard.serve")
 
@@ -70,7 +73,8 @@ def _shape_ok(spec: list[int], shape: tuple[int, ...]) -> bool:
 
 @dataclass(eq=False)
 class ServedModel:
-    """One loaded model version with its batcher."""
+    """One loaded model version with its batcher (and, for a language model, its generation
+    engine, which the OpenAI routes use)."""
 
     name: str
     version: str
@@ -79,6 +83,7 @@ class ServedModel:
     load_seconds: float
     source: str  # the package path or registry ref it came from
     loaded_at: float = field(default_factory=time.time)
+    engine: Engine | None = None
 
     @property
     def input_spec(self) -> TensorSpec:
@@ -278,6 +283,8 @@ class ModelRepository:
             )
             batcher.start()
             served = ServedModel(name, version, loaded, batcher, load_seconds, source or name)
+            if lm.supports_generation(loaded):
+                served.engine = lm.start_engine(loaded, name, version, s)
             self._versions.setdefault(name, {})[version] = served
             if make_default or name not in self._default:
                 self._default[name] = version
@@ -301,14 +308,20 @@ class ModelRepository:
             if not versions:
                 del self._versions[name]
                 self._default.pop(name, None)
-        await served.batcher.close()
+        await _close(served)
         log.info("unloaded %s:%s", name, version)
 
     async def close(self) -> None:
-        """Drain every batcher (shutdown)."""
+        """Drain every batcher and generation engine (shutdown)."""
         for name in list(self._versions):
             for served in list(self._versions[name].values()):
-                await served.batcher.close()
+                await _close(served)
+
+
+async def _close(served: ServedModel) -> None:
+    await served.batcher.close()
+    if served.engine is not None:
+        await lm.stop_engine(served.engine)
 
 
 __all__ = [

@@ -41,8 +41,17 @@ class ServeSettings(BaseModel):
     # dynamic batching
     max_batch_size: int = Field(32, ge=1, le=65536, description="Rows per forward pass.")
     max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="How long a batch waits to fill.")
+    # language models (continuous batching engine, one per LM model version)
+    max_running_seqs: int = Field(
+        16, ge=1, le=4096, description="Sequences a language model decodes together."
+    )
     # limits
-    max_queue: int = Field(256, ge=1, description="Queued requests per model before 503.")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="Queued requests per model before 503 (for language models: waiting "
+        "generation requests beyond --max-running-seqs).",
+    )
     timeout_s: float = Field(
         30.0, gt=0, description="Per-request deadline (queue + forward) → 504."
     )

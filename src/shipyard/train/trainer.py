@@ -167,7 +167,9 @@ class Trainer:
             try:
                 model.load_state_dict(dict(init_weights), strict=True)
             except RuntimeError as exc:
-                raise TrainError(f"init_weights do not fit the model of this config: {exc}") from None
+                raise TrainError(
+                    f"init_weights do not fit the model of this config: {exc}"
+                ) from None
         self.model = model.to(self.device)
         self.masks = self._resolve_masks(weight_masks)
         self.apply_masks()
@@ -217,6 +219,7 @@ class Trainer:
         )
 
         # counters (restored on resume)
+        self.resumed_step: int | None = None
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -461,9 +464,7 @@ class Trainer:
                     if self.teacher is not None and self.distill is not None:
                         with torch.no_grad():
                             target = self.teacher(x)
-                        loss_sum = distillation_loss(
-                            out, target, loss_sum, cfg.task, self.distill
-                        )
+                        loss_sum = distillation_loss(out, target, loss_sum, cfg.task, self.distill)
                 loss = loss_sum.float() * scale
                 if final:
                     extra = penalty(self.model, l1=reg.l1, l2=reg.l2, batch_size=len(rows))
@@ -639,6 +640,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.resumed_step = self.step
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.best_value = state["best_value"]
@@ -720,7 +722,7 @@ class Trainer:
             metrics=results,
             stopped_early=self.stopped_early,
             elapsed_s=elapsed,
-            resumed_from=None if self.resume_from is None else self.step,
+            resumed_from=self.resumed_step,
             parameters=self.n_params,
             summary=summary,
         )

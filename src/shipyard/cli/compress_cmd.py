@@ -1,0 +1,127 @@
+"""`shipyard compress`, `shipyard export` and `shipyard import-hf`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def compress(
+    package: Path = typer.Argument(..., help="The parent package directory."),
+    out: Path = typer.Option(
+        ..., "-o", "--out", help="Output directory: OUT/package (the child) + OUT/report.{json,md}."
+    ),
+    quantize: str | None = typer.Option(
+        None,
+        "--quantize",
+        help="int8 (dynamic int8 Linear layers; ONNX Runtime int8 for an ONNX package) or "
+        "int8-weight (int8 weights, fp compute: for GPT-style models).",
+    ),
+    prune: float | None = typer.Option(
+        None, "--prune", help="Target sparsity in (0, 1): fraction of weights (or units) removed."
+    ),
+    structured: bool = typer.Option(
+        False, "--structured", help="Remove whole neurons/channels (mlp, cnn): smaller and faster."
+    ),
+    distill: Path | None = typer.Option(
+        None, "--distill", help="Student run config (YAML, at least a model: section)."
+    ),
+    alpha: float = typer.Option(0.5, "--alpha", help="Distillation: weight of the soft targets."),
+    temperature: float = typer.Option(2.0, "--temperature", help="Distillation temperature."),
+    finetune_steps: int = typer.Option(
+        0, "--finetune-steps", min=0, help="Fine-tune the pruned child this many steps."
+    ),
+    finetune_lr: float | None = typer.Option(
+        None, "--finetune-lr", help="Fine-tuning learning rate (default: the parent's / 10)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="Threads while timing parent and child (default: torch's)."
+    ),
+) -> None:
+    """Derive a smaller or faster child package and report size, speed and quality vs the parent.
+
+    Example: shipyard compress digits-pkg --quantize int8 -o digits-int8
+
+    Structured pruning + fine-tuning: shipyard compress digits-pkg --prune 0.5 --structured
+    --finetune-steps 200 -o digits-half
+
+    Distillation: shipyard compress digits-pkg --distill student.yaml -o digits-small
+    """
+    from shipyard.compress import BenchParams
+    from shipyard.compress import compress as run_compress
+    from shipyard.compress.measure import report_rows
+
+    result = run_compress(
+        package,
+        out,
+        quantize=quantize,  # type: ignore[arg-type]  # validated by compress()
+        prune=prune,
+        structured=structured,
+        distill=distill,
+        alpha=alpha,
+        temperature=temperature,
+        finetune_steps=finetune_steps,
+        finetune_lr=finetune_lr,
+        bench=BenchParams(threads=threads),
+    )
+    rows = report_rows(result.report)
+    table = Table(title=f"{result.report['derivation']['method']}: {package} → {result.package}")
+    for i, name in enumerate(rows[0]):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: {out / 'report.md'}", highlight=False)
+
+
+def export(
+    package: Path = typer.Argument(..., help="The package to export."),
+    format: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or hf (gpt)."),
+    out: Path | None = typer.Option(
+        None, "-o", "--out", help="Output directory (default PACKAGE-FORMAT beside the package)."
+    ),
+    tolerance: float = typer.Option(
+        1e-4, "--tolerance", help="Largest allowed output difference on the test split."
+    ),
+) -> None:
+    """Export a package, checking parity with it on the test split.
+
+    ONNX becomes a package that `load_package` and `shipyard serve` run with ONNX Runtime.
+
+    Example: shipyard export digits-pkg --format onnx -o digits-onnx
+
+    TorchScript artifact: shipyard export digits-pkg --format torchscript
+
+    Hugging Face GPT-2 directory: shipyard export gpt-pkg --format hf -o gpt-hf
+    """
+    from shipyard.compress import export as run_export
+
+    path, parity = run_export(package, out, format=format, tolerance=tolerance)  # type: ignore[arg-type]
+    agreement = parity.get("argmax_agreement")
+    agree = f", argmax agreement {agreement:.2%}" if agreement is not None else ""
+    console.print(
+        f"exported {format} → {path}; parity on {parity['rows']} test rows: max abs difference "
+        f"{parity['max_abs_diff']:.3g} (tolerance {parity['tolerance']:g}){agree}",
+        highlight=False,
+    )
+
+
+def import_hf(
+    directory: Path = typer.Argument(..., help="A Hugging Face GPT-2 directory (safetensors)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Package directory to write."),
+) -> None:
+    """Bring a Hugging Face GPT-2 directory back as a shipyard package.
+
+    Example: shipyard import-hf gpt-hf -o gpt-pkg
+    """
+    from shipyard.compress import import_hf as run_import
+    from shipyard.package import verify_package
+
+    path = run_import(directory, out)
+    manifest = verify_package(path)
+    console.print(f"wrote package {manifest.name} {manifest.version}: {path}", highlight=False)

@@ -1,0 +1,61 @@
+"""Shared helpers for the language-model serving tests: one tiny trained GPT package per session.
+
+The model is a 2-layer byte-level GPT trained for a few seconds on Python standard library source:
+enough to produce varied, plausible-looking text, small enough to generate hundreds of tokens a
+second on one CPU core.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LM_CONFIG: dict[str, Any] = {
+    "name": "tiny-lm",
+    "seed": 0,
+    "task": "language-modeling",
+    "data": {
+        "source": "builtin:python-stdlib",
+        "max_chars": 100_000,
+        "splits": {"train": 0.9, "val": 0.05, "test": 0.05},
+        "tokenizer": {"kind": "byte"},
+        "sampling": "random",
+    },
+    "model": {"name": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
+    "optim": {"name": "adamw", "lr": 0.003},
+    "train": {"epochs": None, "max_steps": 150, "batch_size": 16, "log_every": 1000},
+    "eval": {"every_steps": 1000, "max_batches": 1},
+}
+
+_cache: dict[str, Any] = {}
+
+
+def lm_package(base: Path) -> Path:
+    """Train the tiny GPT and package the run, once per session (cached under `base`)."""
+    out = base / "serve-lm-run" / "package"
+    if (out / "manifest.json").is_file():
+        return out
+    import torch
+
+    from shipyard.config import load_config
+    from shipyard.package import package_run
+    from shipyard.train import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest (no thread wake-ups)
+    try:
+        result = fit(load_config(LM_CONFIG), run_dir=out.parent, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    if not (out / "manifest.json").is_file():
+        package_run(result.run_dir)
+    return out
+
+
+def loaded_lm(base: Path) -> Any:
+    """The tiny GPT package loaded once per session (a LoadedModel with .model and .tokenizer)."""
+    if "lm" not in _cache:
+        from shipyard.package import load_package
+
+        _cache["lm"] = load_package(lm_package(base))
+    return _cache["lm"]
