@@ -337,3 +337,66 @@ def test_read_manifest_returns_exact_bytes(pkg: Path) -> None:
     assert isinstance(manifest, Manifest)
     assert raw == (pkg / "manifest.json").read_bytes()
     assert Manifest.model_validate_json(raw).to_json().encode() == raw
+
+
+# ------------------------------------------------------------------------------------------
+# chunk hashes: large files are verified on every core
+
+
+def test_small_files_keep_two_field_entries(pkg: Path) -> None:
+    entry = json.loads((pkg / "manifest.json").read_text())["files"]["model.safetensors"]
+    assert set(entry) == {"sha256", "size"}
+
+
+def test_hash_file_chunks_cover_every_byte(tmp_path: Path) -> None:
+    import hashlib
+
+    from shipyard.package.manifest import check_file, hash_file
+
+    data = os.urandom(10_000)
+    (tmp_path / "blob").write_bytes(data)
+    entry = hash_file(tmp_path / "blob", chunk_size=4096)
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert entry.chunks == [hashlib.sha256(data[i : i + 4096]).hexdigest() for i in (0, 4096, 8192)]
+    check_file(tmp_path, "blob", entry)
+    flipped = bytearray(data)
+    flipped[9000] ^= 1  # in the last chunk
+    (tmp_path / "blob").write_bytes(bytes(flipped))
+    with pytest.raises(PackageError, match="blob: SHA-256 does not match"):
+        check_file(tmp_path, "blob", entry)
+
+
+def test_chunk_list_must_fit_the_size() -> None:
+    from pydantic import ValidationError
+
+    from shipyard.package.manifest import FileEntry
+
+    with pytest.raises(ValidationError, match="expected 3"):
+        FileEntry(sha256="0" * 64, size=10_000, chunk_size=4096, chunks=["0" * 64] * 2)
+    with pytest.raises(ValidationError, match="go together"):
+        FileEntry(sha256="0" * 64, size=10, chunk_size=4096)
+
+
+def test_chunked_package_loads_refuses_tampering_and_survives_encryption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shipyard.package import decrypt_package, encrypt_package, generate_package_key
+    from shipyard.package import manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "HASH_CHUNK", 64)  # the tiny weights file spans chunks
+    path = linear_package(tmp_path / "chunked", version="v1")
+    entry = verify_package(path).files["model.safetensors"]
+    assert entry.chunk_size == 64 and entry.chunks is not None and len(entry.chunks) > 1
+    assert load_package(path).predict([[4.0]]) == [{"value": 9.0}]
+
+    key = generate_package_key()
+    enc = encrypt_package(path, tmp_path / "enc", key=key)
+    back = decrypt_package(enc, tmp_path / "back", key=key)
+    assert (back / "manifest.json").read_bytes() == (path / "manifest.json").read_bytes()
+
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 does not match"):
+        load_package(path)

@@ -9,7 +9,6 @@ ONNX Runtime runs behind the same `LoadedModel` interface.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
@@ -31,11 +30,11 @@ from shipyard.package.manifest import (
     ONNX_MODEL,
     TOKENIZER,
     WEIGHTS,
+    FileEntry,
     Manifest,
     Signature,
     check_file,
     sha256_bytes,
-    sha256_file,
     verify_package,
 )
 from shipyard.package.security import decrypt_file, resolve_key
@@ -256,8 +255,8 @@ def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes |
     load its safetensors weights, hashing them while reading."""
     encryption = manifest.encryption
     encrypted_weights = encryption is not None and WEIGHTS in encryption.files
-    # hash the weights on another thread (hashlib drops the GIL) while we build and read
-    hasher = None if encrypted_weights else _Hasher(root / WEIGHTS)
+    # verify the weights on other threads (hashlib drops the GIL) while we build and read
+    verifier = None if encrypted_weights else _Verifier(root, WEIGHTS, manifest.files[WEIGHTS])
     model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
     if manifest.quantization is not None:
         from shipyard.compress.layers import swap_quantized_layers
@@ -272,8 +271,8 @@ def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes |
             raise PackageError(f"{root / WEIGHTS}: cannot read weights ({exc})") from None
         del data
     else:
-        assert hasher is not None
-        tensors = _load_and_hash(root, manifest, hasher)
+        assert verifier is not None
+        tensors = _load_and_hash(root, manifest, verifier)
     _assign_state(model, tensors, root / WEIGHTS)
     return model
 
@@ -381,26 +380,33 @@ def _data_info(manifest: Manifest, root: Path) -> DataInfo:
         raise PackageError(f"{root}/manifest.json: bad data section ({exc})") from None
 
 
-class _Hasher:
-    """SHA-256 of a file computed on a background thread; `hexdigest()` waits for it."""
+class _Verifier:
+    """Checks a package file against its manifest entry on a background thread (on every core
+    for a chunk-hashed file) while the caller reads it; `result()` waits and raises any error."""
 
-    def __init__(self, path: Path) -> None:
-        self._digest = ""
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+    def __init__(self, root: Path, name: str, entry: FileEntry) -> None:
+        self._error: PackageError | None = None
+        self._args = (root, name, entry)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _run(self, path: Path) -> None:
-        with contextlib.suppress(OSError):
-            self._digest = sha256_file(path)
+    def _run(self) -> None:
+        try:
+            check_file(*self._args)
+        except PackageError as exc:
+            self._error = exc
+        except OSError as exc:
+            self._error = PackageError(f"{self._args[0] / self._args[1]}: cannot read ({exc})")
 
-    def hexdigest(self) -> str:
+    def result(self) -> None:
         self._thread.join()
-        return self._digest
+        if self._error is not None:
+            raise self._error
 
 
-def _load_and_hash(root: Path, manifest: Manifest, hasher: _Hasher) -> dict[str, torch.Tensor]:
-    """Read the weights while `hasher` hashes the same file; return them only if the hash
-    matches, so verification costs no extra wall time on a machine with a spare core."""
+def _load_and_hash(root: Path, manifest: Manifest, verifier: _Verifier) -> dict[str, torch.Tensor]:
+    """Read the weights while `verifier` checks the same file; return them only if it passes,
+    so verification costs little extra wall time on a machine with spare cores."""
     file = root / WEIGHTS
     error: Exception | None = None
     tensors: dict[str, torch.Tensor] = {}
@@ -408,7 +414,7 @@ def _load_and_hash(root: Path, manifest: Manifest, hasher: _Hasher) -> dict[str,
         tensors = load_safetensors_file(str(file))
     except Exception as exc:  # safetensors raises several types for a bad header
         error = exc
-    check_file(root, WEIGHTS, manifest.files[WEIGHTS], digest=hasher.hexdigest())
+    verifier.result()
     if error is not None:
         raise PackageError(f"{file}: cannot read weights ({error})") from None
     return tensors

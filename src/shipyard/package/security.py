@@ -40,10 +40,9 @@ from shipyard.package.manifest import (
     WEIGHTS,
     EncryptedFile,
     Encryption,
-    FileEntry,
+    hash_file,
     read_manifest,
     sha256_bytes,
-    sha256_file,
     staged_package,
     verify_package,
 )
@@ -242,10 +241,13 @@ def encrypt_package(
             prefix = secrets.token_bytes(8)
             with (src_dir / name).open("rb") as fin, (tmp / name).open("wb") as fout:
                 _encrypt_stream(aead, name, prefix, fin, fout)
-            records[name] = EncryptedFile(nonce=prefix.hex(), sha256=entry.sha256, size=entry.size)
-            files[name] = FileEntry(
-                sha256=sha256_file(tmp / name), size=(tmp / name).stat().st_size
+            records[name] = EncryptedFile(
+                nonce=prefix.hex(),
+                sha256=entry.sha256,
+                size=entry.size,
+                hash_chunk_size=entry.chunk_size,
             )
+            files[name] = hash_file(tmp / name)
         encrypted = manifest.model_copy(
             update={
                 "files": files,
@@ -274,7 +276,7 @@ def decrypt_package(
                 data = decrypt_file(src_dir, name, manifest.encryption, raw_key)
                 (tmp / name).write_bytes(data)
                 record = manifest.encryption.files[name]
-                files[name] = FileEntry(sha256=record.sha256, size=record.size)
+                files[name] = hash_file(tmp / name, chunk_size=record.hash_chunk_size)
             else:
                 shutil.copyfile(src_dir / name, tmp / name)
         plain = manifest.model_copy(update={"files": files, "encryption": None})

@@ -33,8 +33,8 @@ from shipyard.package.manifest import (
     Quantization,
     Signature,
     TensorSpec,
+    hash_file,
     manifest_sha256,
-    sha256_file,
     staged_package,
     verify_package,
 )
@@ -203,7 +203,7 @@ def package_run(
 
 
 def _entry(path: Path) -> FileEntry:
-    return FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+    return hash_file(path)
 
 
 def _scalar_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
