@@ -294,7 +294,8 @@ def test_keys_file_stores_only_salted_hashes(keys: dict[str, Any]) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     text = path.read_text()
     for key in (keys["infer"], keys["admin"]):
-        assert key not in text and key.split("_")[2] not in text
+        secret = key.split("_", 2)[2]  # the secret itself may contain "_"
+        assert key not in text and secret not in text
 
 
 def test_revoked_key_is_refused_without_restart(loaded: Any, keys: dict[str, Any]) -> None:
@@ -425,6 +426,14 @@ def _block(app: Any, gate: threading.Event) -> None:
     served.batcher._fn = slow
 
 
+async def until(condition: Any, timeout: float = 30.0) -> None:
+    """Wait for a state change of the server (no fixed sleeps: load only makes it slower)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.001)
+
+
 async def _with_app(app: Any, fn: Any) -> Any:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -438,10 +447,11 @@ def test_full_queue_is_503_with_retry_after(loaded: Any) -> None:
 
     async def run(c: httpx.AsyncClient) -> list[httpx.Response]:
         _block(app, gate)
+        batcher = app.state.server.repo.get("digits").batcher
         first = asyncio.create_task(c.post(INFER, json=body))  # runs (blocked)
-        await asyncio.sleep(0.2)
+        await until(lambda: batcher.busy == 1 and batcher.depth == 0)
         second = asyncio.create_task(c.post(INFER, json=body))  # queued
-        await asyncio.sleep(0.2)
+        await until(lambda: batcher.depth == 1)
         third = await c.post(INFER, json=body)  # queue full
         gate.set()
         return [await first, await second, third]

@@ -82,7 +82,8 @@ def test_batcher_drops_cancelled_work_and_bounds_the_queue() -> None:
         b = Batcher("m", fn, max_batch_size=1, max_wait_ms=0, max_queue=2)
         b.start()
         first = b.submit(np.array([[1.0]]))
-        await asyncio.sleep(0.05)  # first is in the forward now
+        while not (b.busy == 1 and b.depth == 0):  # wait until first is in the forward
+            await asyncio.sleep(0.001)
         doomed = b.submit(np.array([[2.0]]))
         kept = b.submit(np.array([[3.0]]))
         with pytest.raises(Unavailable):

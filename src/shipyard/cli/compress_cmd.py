@@ -76,7 +76,7 @@ def compress(
     for row in rows[1:]:
         table.add_row(*row)
     console.print(table)
-    console.print(f"report: {out / 'report.md'}", highlight=False)
+    console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
 
 
 def export(
@@ -108,6 +108,7 @@ def export(
         f"exported {format} → {path}; parity on {parity['rows']} test rows: max abs difference "
         f"{parity['max_abs_diff']:.3g} (tolerance {parity['tolerance']:g}){agree}",
         highlight=False,
+        soft_wrap=True,  # one line, also when piped (no hard wrap at 80 columns)
     )
 
 
@@ -124,4 +125,6 @@ def import_hf(
 
     path = run_import(directory, out)
     manifest = verify_package(path)
-    console.print(f"wrote package {manifest.name} {manifest.version}: {path}", highlight=False)
+    console.print(
+        f"wrote package {manifest.name} {manifest.version}: {path}", highlight=False, soft_wrap=True
+    )

@@ -162,10 +162,29 @@ class AsyncRequestStream(_Stream):
     ) -> None:
         super().__init__(engine, request_id, prompt_tokens)
         self.loop = loop
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        # A deque and at most one waiting future: lighter than an asyncio.Queue per token.
+        # Both are only touched on the loop's thread (the engine delivers via the loop).
+        self._items: deque[_Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None
 
     def _put(self, item: _Item) -> None:
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _get(self) -> _Item:
+        while not self._items:
+            waiter = self.loop.create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.popleft()
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self
@@ -173,7 +192,8 @@ class AsyncRequestStream(_Stream):
     async def __anext__(self) -> TokenEvent:
         if self._over:
             raise StopAsyncIteration
-        event = self._take(await self._queue.get())
+        item = self._items.popleft() if self._items else await self._get()
+        event = self._take(item)
         if event is None:
             raise StopAsyncIteration
         return event
@@ -288,6 +308,7 @@ class Engine:
         self._history: TokenHistory | None = None
         self._next_tokens: list[int] = []
         self._outbox: list[tuple[_Request, _Item]] = []
+        self._new_tokens = 0  # generated tokens not yet added to _counts (one lock per step)
         self._thread: threading.Thread | None = None
         if start:
             self.start()
@@ -486,6 +507,8 @@ class Engine:
 
     def _finish(self, req: _Request, *, cancelled: bool) -> None:
         with self._lock:
+            self._counts["tokens"] += self._new_tokens
+            self._new_tokens = 0
             self._active.pop(req.state.request_id, None)
             self._counts["finished"] += 1
             self._counts["cancelled"] += int(cancelled)
@@ -544,6 +567,7 @@ class Engine:
             )
             if self._emit(req, logits[0], tokens[0], logprobs[0]):
                 joining.append(req)
+        self._count_tokens()
         if joining:
             self._join(joining)
 
@@ -556,8 +580,7 @@ class Engine:
             self.logits_hook(state.request_id, len(state.output_ids), logits.detach().cpu())
         previous = state.last_token_at
         event = state.add_token(token, logprob)
-        with self._lock:
-            self._counts["tokens"] += 1
+        self._new_tokens += 1
         assert state.last_token_at is not None
         if previous is None:
             self.observer.on_first_token(state.request_id, state.last_token_at - state.submitted_at)
@@ -582,6 +605,12 @@ class Engine:
         self._running += joining
         self._next_tokens += [r.state.output_ids[-1] for r in joining]
         self._rebuild_sampling()
+
+    def _count_tokens(self) -> None:
+        if self._new_tokens:
+            with self._lock:
+                self._counts["tokens"] += self._new_tokens
+                self._new_tokens = 0
 
     def _leave(self, rows: list[int]) -> None:
         """Drop rows of the decode batch and the left padding no remaining row needs."""
@@ -639,6 +668,8 @@ class Engine:
         self._next_tokens = tokens
         with self._lock:
             self._counts["steps"] += 1
+            self._counts["tokens"] += self._new_tokens
+            self._new_tokens = 0
         self._leave(leaving)
         self.observer.on_step(B, time.perf_counter() - start)
 

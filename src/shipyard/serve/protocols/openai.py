@@ -612,8 +612,30 @@ def _chat_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob]) -> di
     }
 
 
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+_json_string = json.encoder.encode_basestring_ascii  # what json.dumps does to a str (C)
+
+
+class _TextChunks:
+    """The SSE bytes of a plain text chunk (no logprobs, no finish reason), from a template.
+
+    Byte for byte what `_sse({**head, "choices": [choice]})` gives, without building and
+    serialising the dicts for every token: only the text goes through the JSON encoder.
+    """
+
+    def __init__(self, head: dict[str, Any], chat: bool, choices: int) -> None:
+        start = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+        middle = ',"delta":{"content":' if chat else ',"text":'
+        self._prefix = [f"{start}{i}{middle}" for i in range(choices)]
+        self._suffix = ('},"logprobs":null,' if chat else ',"logprobs":null,') + (
+            '"finish_reason":null}]}\n\n'
+        )
+
+    def __call__(self, index: int, text: str) -> bytes:
+        return (self._prefix[index] + _json_string(text) + self._suffix).encode()
 
 
 def _streaming(
@@ -633,7 +655,9 @@ def _streaming(
         "model": req.model,
     }
 
-    async def body() -> AsyncIterator[str]:
+    text_chunk = _TextChunks(head, chat, len(streams))
+
+    async def body() -> AsyncIterator[bytes]:
         completion_tokens = 0
         offsets = [0] * len(streams)
         try:
@@ -650,8 +674,12 @@ def _streaming(
                 async for i, event in _events(streams):
                     completion_tokens += 1
                     finish = _finish(event.finish_reason)
-                    if not event.text and finish is None and event.logprob is None:
-                        continue  # held back: part of a character or of a possible stop string
+                    if finish is None and event.logprob is None:
+                        if event.text:
+                            offsets[i] += len(event.text)
+                            yield text_chunk(i, event.text)
+                        # else held back: part of a character or of a possible stop string
+                        continue
                     lps = [event.logprob] if event.logprob is not None else None
                     if chat:
                         choice = {
@@ -677,7 +705,7 @@ def _streaming(
                 return
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(req, completion_tokens)})
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
         finally:  # client gone (or done): free the engine slots at the next step
             for stream in streams:
                 if stream.final is None:
