@@ -13,6 +13,7 @@ import torch
 from shipyard.compress.errors import CompressError
 from shipyard.config import RunConfig, validate_config
 from shipyard.data import DataInfo, PreparedData, prepare_data
+from shipyard.data.datasets import gather
 from shipyard.errors import ShipyardError
 from shipyard.models import TOKEN_MODELS
 from shipyard.package import LoadedModel, ParentRef, load_package, manifest_sha256
@@ -79,15 +80,7 @@ def split_tensors(
     if dataset is None or len(dataset) == 0:
         raise CompressError(f"the {split} split is empty; nothing to measure on")
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    idx = torch.arange(n)
-    if hasattr(dataset, "x") and hasattr(dataset, "y"):
-        return dataset.x[idx], dataset.y[idx]
-    get_batch = getattr(dataset, "get_batch", None)
-    if get_batch is not None:
-        x, y = get_batch(idx)
-        return x, y
-    items = [dataset[int(i)] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+    return gather(dataset, torch.arange(n))
 
 
 def as_inputs(x: torch.Tensor) -> np.ndarray:

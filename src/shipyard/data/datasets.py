@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,3 +42,16 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             f"ArrayDataset(n={len(self)}, x={tuple(self.x.shape)} {self.x.dtype}, "
             f"y={tuple(self.y.shape)} {self.y.dtype})"
         )
+
+
+def gather(dataset: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `idx` of a dataset as one (x, y) batch: direct tensor indexing where the dataset
+    allows it (ArrayDataset, TokenWindows), else stacking its items."""
+    if hasattr(dataset, "x") and hasattr(dataset, "y"):
+        return dataset.x[idx], dataset.y[idx]
+    get_batch = getattr(dataset, "get_batch", None)
+    if get_batch is not None:
+        x, y = get_batch(idx)
+        return x, y
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shipyard.config import GDConfig, RunConfig, dump_config
 from shipyard.data import PreparedData, prepare_data
+from shipyard.data.datasets import gather
 from shipyard.errors import CheckpointError, TrainError
 from shipyard.evaluate.metrics import build_metrics, primary_metric
 from shipyard.evaluate.report import read_history, write_report
@@ -494,7 +495,7 @@ class Trainer:
         return loss_sum_total, grad_norm
 
     def _batch(self, dataset: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = _gather(dataset, idx)
+        x, y = gather(dataset, idx)
         nb = self.device.type == "cuda"
         return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
 
@@ -769,7 +770,7 @@ def evaluate_model(
     if config.eval.max_batches is not None:
         batches = batches[: config.eval.max_batches]
     for idx in batches:
-        x, y = _gather(dataset, idx)
+        x, y = gather(dataset, idx)
         x, y = x.to(device), y.to(device)
         with autocast() if autocast is not None else contextlib.nullcontext():
             out = model(x)
@@ -871,18 +872,6 @@ class _JsonlLog:
         keep = [r for r in read_history(self.path) if int(r.get("step", 0)) <= step]
         keep = [r for r in keep if r.get("kind") != "final"]
         _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def _gather(dataset: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of rows: direct tensor indexing where the dataset allows it."""
-    if hasattr(dataset, "x") and hasattr(dataset, "y"):
-        return dataset.x[idx], dataset.y[idx]
-    get_batch = getattr(dataset, "get_batch", None)
-    if get_batch is not None:
-        x, y = get_batch(idx)
-        return x, y
-    items = [dataset[int(i)] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
 
 
 def _grad_norm(model: nn.Module) -> float:

@@ -285,25 +285,25 @@ def encode_response(
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for want in wanted:
-        arr = outputs[want.name]
-        entry: dict[str, Any] = {
-            "name": want.name,
-            "datatype": v2_datatype(arr),
-            "shape": list(arr.shape),
-        }
         binary = want.binary if want.binary is not None else binary_output
-        if binary:
-            raw = tensor_bytes(arr)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = _json_data(arr)
-        tensors.append(entry)
+        tensors.append(_tensor_entry(want.name, outputs[want.name], binary, blobs))
     header["outputs"] = tensors
     head = json.dumps(header, separators=(",", ":")).encode()
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
+
+
+def _tensor_entry(name: str, arr: np.ndarray, binary: bool, blobs: list[bytes]) -> dict[str, Any]:
+    """One tensor's JSON entry; with `binary`, its raw bytes go to `blobs` (the body's tail)."""
+    entry: dict[str, Any] = {"name": name, "datatype": v2_datatype(arr), "shape": list(arr.shape)}
+    if binary:
+        raw = tensor_bytes(arr)
+        entry["parameters"] = {"binary_data_size": len(raw)}
+        blobs.append(raw)
+    else:
+        entry["data"] = _json_data(arr)
+    return entry
 
 
 # ------------------------------------------------------------------------------ client side
@@ -324,18 +324,7 @@ def encode_request(
     tensors: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, arr in inputs.items():
-        entry: dict[str, Any] = {
-            "name": name,
-            "datatype": v2_datatype(arr),
-            "shape": list(arr.shape),
-        }
-        if binary:
-            raw = tensor_bytes(arr)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = _json_data(arr)
-        tensors.append(entry)
+        tensors.append(_tensor_entry(name, arr, binary, blobs))
     header["inputs"] = tensors
     if outputs is not None:
         header["outputs"] = [
