@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -57,6 +58,11 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
             served = await repo.load(ref)
             repo.configured.add(served.name)
         repo.started = True
+        # Everything alive now (torch, the models) lives as long as the server: move it out of
+        # the collector's sight, so full collections triggered by per-request garbage do not
+        # walk millions of start-up objects (they showed up as ~100 ms p99 spikes under load).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
