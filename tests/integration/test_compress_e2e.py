@@ -172,8 +172,18 @@ def test_gpt_weight_only_int8(gpt: Path, work: Path) -> None:
     ppl_parent = report["parent"]["quality"]["perplexity"]
     assert report["child"]["quality"]["perplexity"] == pytest.approx(ppl_parent, rel=0.02)
     assert report["child"]["file_bytes"] < report["parent"]["file_bytes"]
-    with pytest.raises(CompressError, match="structured pruning supports mlp and cnn"):
-        prune(gpt, work / "gpt-structured", 0.5, structured=True)
+
+
+def test_gpt_structured_pruning_narrows_the_mlp(gpt: Path, work: Path) -> None:
+    result = prune(gpt, work / "gpt-structured", 0.5, structured=True, bench=BENCH)
+    check_lineage(result.package, gpt, "prune")
+    child = load_package(result.package)
+    parent_width = load_package(gpt).manifest.architecture.config.get("mlp_hidden") or 4 * 32
+    assert child.manifest.architecture.config["mlp_hidden"] == parent_width // 2
+    report = result.report
+    assert report["child"]["parameters"] < report["parent"]["parameters"]
+    assert report["child"]["file_bytes"] < report["parent"]["file_bytes"]
+    assert report["child"]["quality"]["perplexity"] > 1.0  # reported honestly, even if worse
 
 
 def test_onnx_export_parity_and_onnxruntime_package(digits: Path, work: Path) -> None:

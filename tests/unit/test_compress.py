@@ -19,6 +19,7 @@ from shipyard.config import load_config
 from shipyard.errors import PackageError, TrainError
 from shipyard.models import GPT, MLP, GPTConfig, MLPConfig, build_model
 from shipyard.models.cnn import CNNConfig
+from shipyard.models.encoder import EncoderConfig
 from shipyard.package.manifest import Quantization, parse_manifest
 from shipyard.train.distill import DistillParams, distillation_loss, soft_target_loss
 
@@ -133,9 +134,27 @@ def test_structured_pruning_of_a_cnn_shrinks_channels() -> None:
     small, new, _ = prune_structured(model, config, 0.5, (1, 8, 8), 3)
     assert new.channels == [2, 3] and new.hidden_size == 4
     assert small(torch.randn(2, 1, 8, 8)).shape == (2, 3)
-    with pytest.raises(CompressError, match="structured pruning supports mlp and cnn"):
-        gpt = GPTConfig(n_layer=1, n_head=1, n_embd=4, block_size=4, vocab_size=5)
-        prune_structured(build_model(gpt, vocab_size=5), gpt, 0.5, (4,), 5)
+    with pytest.raises(CompressError, match="structured pruning supports mlp, cnn and gpt"):
+        enc = EncoderConfig(n_layer=1, n_head=1, n_embd=4, block_size=4)
+        prune_structured(build_model(enc, vocab_size=5, num_outputs=2), enc, 0.5, (4,), 2)
+
+
+def test_structured_pruning_of_a_gpt_drops_dead_mlp_neurons_exactly() -> None:
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=8)
+    model = build_model(config, vocab_size=11).eval()
+    with torch.no_grad():  # half of every block's 32 MLP neurons do nothing
+        for block in model.transformer.h:  # type: ignore[union-attr]
+            block.mlp.c_proj.weight[:, ::2] = 0.0
+    idx = torch.randint(0, 11, (3, 8))
+    small, new, changes = prune_structured(model, config, 0.5, (8,), 11)
+    assert new.mlp_hidden == 16 and changes == {"mlp_hidden": [32, 16]}
+    assert small.transformer.h[0].mlp.c_fc.weight.shape == (16, 8)  # type: ignore[union-attr]
+    torch.testing.assert_close(small(idx), model(idx), rtol=0, atol=1e-6)
+    # the narrower GPT is still GPT-2: the HF config carries the new width
+    from shipyard.models.gpt import hf_gpt2_config_kwargs
+
+    assert hf_gpt2_config_kwargs(new, 11)["n_inner"] == 16
 
 
 def test_soft_target_loss_against_the_formula() -> None:

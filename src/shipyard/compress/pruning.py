@@ -21,6 +21,7 @@ from shipyard.compress.errors import CompressError
 from shipyard.compress.measure import weight_layers
 from shipyard.models import CNN, MLP, build_model
 from shipyard.models.cnn import CNNConfig
+from shipyard.models.gpt import GPT, GPTConfig
 from shipyard.models.mlp import MLPConfig
 
 
@@ -59,10 +60,11 @@ def prune_structured(
         return _prune_mlp(model, config, sparsity, input_shape, outputs)
     if isinstance(model, CNN) and isinstance(config, CNNConfig):
         return _prune_cnn(model, config, sparsity, input_shape, outputs)
+    if isinstance(model, GPT) and isinstance(config, GPTConfig):
+        return _prune_gpt(model, config, sparsity)
     raise CompressError(
-        f"structured pruning supports mlp and cnn models, not {config.name!r} (a gpt config has "
-        "no field for a narrower MLP or fewer heads per width); use unstructured pruning "
-        "(--prune without --structured) or --quantize int8-weight"
+        f"structured pruning supports mlp, cnn and gpt models, not {config.name!r}; use "
+        "unstructured pruning (--prune without --structured) or --quantize int8-weight"
     )
 
 
@@ -123,6 +125,26 @@ def _prune_mlp(
     new_config = config.model_copy(update={"hidden_sizes": sizes})
     changes = {"hidden_sizes": [list(config.hidden_sizes), sizes]}
     return _rebuild(new_config, sd, input_shape, outputs), new_config, changes
+
+
+def _prune_gpt(
+    model: GPT, config: GPTConfig, sparsity: float
+) -> tuple[nn.Module, GPTConfig, dict[str, Any]]:
+    """Drop the weakest MLP neurons of every block (the same number per block, so the config
+    keeps one `mlp_hidden`); attention heads stay (the head size is fixed by n_embd / n_head)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hidden = config.mlp_hidden or 4 * config.n_embd
+    for i in range(config.n_layer):
+        prefix = f"transformer.h.{i}.mlp"
+        scores = _unit_scores(sd[f"{prefix}.c_fc.weight"], sd[f"{prefix}.c_proj.weight"])
+        keep = _keep(scores, sparsity)
+        _rows(sd, f"{prefix}.c_fc", keep)
+        _columns(sd, f"{prefix}.c_proj", keep)
+        kept = len(keep)
+    new_config = config.model_copy(update={"mlp_hidden": kept})
+    new = GPT(new_config, vocab_size=model.lm_head.out_features)
+    new.load_state_dict(sd, strict=True)
+    return new.eval(), new_config, {"mlp_hidden": [hidden, kept]}
 
 
 def _prune_cnn(

@@ -50,6 +50,9 @@ class GPTConfig(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = Field(True, description="biases in Linear and LayerNorm layers")
     tie_weights: bool = Field(True, description="share the token embedding with the LM head")
+    mlp_hidden: int | None = Field(
+        None, gt=0, description="MLP width (None = 4 * n_embd); structured pruning narrows it"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> GPTConfig:
@@ -137,13 +140,14 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: C -> 4C -> GELU (tanh approximation, as GPT-2) -> C."""
+    """Position-wise MLP: C -> H (4C by default) -> GELU (tanh approximation, as GPT-2) -> C."""
 
-    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
+    def __init__(self, n_embd: int, dropout: float, bias: bool, hidden: int | None = None) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        hidden = hidden or 4 * n_embd
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,13 +159,19 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(
-        self, n_embd: int, n_head: int, dropout: float, bias: bool, layer_idx: int = 0
+        self,
+        n_embd: int,
+        n_head: int,
+        dropout: float,
+        bias: bool,
+        layer_idx: int = 0,
+        mlp_hidden: int | None = None,
     ) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, eps=LAYER_NORM_EPS, bias=bias)
         self.attn = SelfAttention(n_embd, n_head, dropout, bias, layer_idx)
         self.ln_2 = nn.LayerNorm(n_embd, eps=LAYER_NORM_EPS, bias=bias)
-        self.mlp = FeedForward(n_embd, dropout, bias)
+        self.mlp = FeedForward(n_embd, dropout, bias, mlp_hidden)
 
     def forward(
         self,
@@ -185,7 +195,14 @@ class Transformer(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(
-            Block(config.n_embd, config.n_head, config.dropout, config.bias, layer_idx=i)
+            Block(
+                config.n_embd,
+                config.n_head,
+                config.dropout,
+                config.bias,
+                layer_idx=i,
+                mlp_hidden=config.mlp_hidden,
+            )
             for i in range(config.n_layer)
         )
         self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
@@ -389,7 +406,7 @@ def hf_gpt2_config_kwargs(config: GPTConfig, vocab_size: int | None = None) -> d
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": 4 * config.n_embd,
+        "n_inner": config.mlp_hidden or 4 * config.n_embd,
         "activation_function": "gelu_new",
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
