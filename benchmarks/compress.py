@@ -74,6 +74,10 @@ GPT_METHODS: list[tuple[str, dict[str, Any]]] = [
     ("int8 weight-only", {"quantize": "int8-weight"}),
     ("int8 dynamic", {"quantize": "int8"}),
     ("prune 30% unstructured", {"prune": 0.3}),
+    (
+        "prune 50% MLP neurons (structured) + ft",
+        {"prune": 0.5, "structured": True, "finetune_steps": 50},
+    ),
     ("onnx (onnxruntime)", {"export": "onnx"}),
 ]
 
