@@ -49,6 +49,8 @@ def setup_distributed(device_type: str) -> DistEnv:
 
 
 def teardown_distributed() -> None:
+    """Leave the process group. No barrier here: after an error on one rank the others may never
+    arrive; a finished run has already met every rank at the end of `Trainer._finish`."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -9,6 +9,7 @@ and a report at the end.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -125,6 +126,11 @@ def fit(
     try:
         return trainer.run()
     finally:
+        # The DDP wrapper holds the process group; drop it first, so nothing tied to the group
+        # is destroyed after it (that ordering aborted a rank at exit now and then).
+        trainer.forward_model = trainer.model
+        del trainer
+        gc.collect()
         teardown_distributed()
 
 
