@@ -16,3 +16,21 @@ def _shipyard_home(
 ) -> None:
     monkeypatch.setenv("SHIPYARD_HOME", str(tmp_path_factory.getbasetemp() / "shipyard-home"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def package_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny trained package per session, for registry tests (copy it before changing it)."""
+    from tests.registry_support import tiny_package
+
+    return tiny_package(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh SHIPYARD_HOME with no registry or artifact overrides from the environment."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SHIPYARD_HOME", str(home))
+    monkeypatch.delenv("SHIPYARD_REGISTRY_URL", raising=False)
+    monkeypatch.delenv("SHIPYARD_ARTIFACT_ROOT", raising=False)
+    return home

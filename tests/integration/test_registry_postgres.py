@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.registry_support import register_concurrently, tiny_package
+from tests.registry_support import register_concurrently
 
 from shipyard.errors import RegistryError
 from shipyard.package import verify_package
@@ -136,11 +136,6 @@ def pg_url(postgres: _Server) -> str:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return postgres.url(name)
-
-
-@pytest.fixture(scope="module")
-def package_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_package(tmp_path_factory.getbasetemp())
 
 
 def test_registry_flows_on_postgres(pg_url: str, package_src: Path, tmp_path: Path) -> None:

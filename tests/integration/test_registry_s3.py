@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.registry_support import tiny_package
 
 from shipyard.errors import RegistryError
 from shipyard.package import manifest_sha256, verify_package
@@ -50,11 +49,6 @@ def s3(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any
     for obj in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
         client.delete_object(Bucket=BUCKET, Key=obj["Key"])
     client.delete_bucket(Bucket=BUCKET)
-
-
-@pytest.fixture(scope="module")
-def package_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_package(tmp_path_factory.getbasetemp())
 
 
 def keys(client: Any, prefix: str = "") -> list[str]:

@@ -9,26 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.registry_support import copy_package, tiny_package
+from tests.registry_support import copy_package
 
 from shipyard.errors import PackageError, RegistryError
 from shipyard.package import manifest_sha256, verify_package
 from shipyard.package.registry import SCHEMA_VERSION, Registry, parse_ref
 from shipyard.package.storage import ArtifactStore
-
-
-@pytest.fixture(scope="session")
-def package_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_package(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("SHIPYARD_HOME", str(home))
-    monkeypatch.delenv("SHIPYARD_REGISTRY_URL", raising=False)
-    monkeypatch.delenv("SHIPYARD_ARTIFACT_ROOT", raising=False)
-    return home
 
 
 @pytest.fixture

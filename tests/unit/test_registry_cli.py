@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import ROOT
-from tests.registry_support import copy_package, tiny_package
+from tests.registry_support import copy_package
 from typer.testing import CliRunner, Result
 
 from shipyard.cli import app
@@ -18,20 +18,6 @@ from shipyard.errors import RegistryError
 from shipyard.package import verify_package
 
 VERBS = ("register", "list", "show", "promote", "rollback", "delete", "pull")
-
-
-@pytest.fixture(scope="session")
-def package_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_package(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("SHIPYARD_HOME", str(home))
-    monkeypatch.delenv("SHIPYARD_REGISTRY_URL", raising=False)
-    monkeypatch.delenv("SHIPYARD_ARTIFACT_ROOT", raising=False)
-    return home
 
 
 @pytest.fixture

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from tests.registry_support import register_concurrently, tiny_package
+from tests.registry_support import register_concurrently
 
 from shipyard.package import verify_package
 from shipyard.package.registry import Registry
-
-
-@pytest.fixture(scope="session")
-def package_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_package(tmp_path_factory.getbasetemp())
 
 
 def test_two_processes_get_distinct_versions_on_sqlite(package_src: Path, tmp_path: Path) -> None:
