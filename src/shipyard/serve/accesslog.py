@@ -6,11 +6,12 @@ one) and every request writes one JSON line to the `shipyard.serve.access` logge
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,6 +22,20 @@ access_log = logging.getLogger("shipyard.serve.access")
 log = logging.getLogger("shipyard.serve")
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+# Request ids: a random per-process prefix and a counter (unique without a urandom call each).
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits, unique across processes and restarts)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+def iso_timestamp(t: float) -> str:
+    """`t` (seconds since the epoch) as 2026-01-31T12:00:00.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 class AccessLogMiddleware:
@@ -37,9 +52,14 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        supplied = headers.get("x-request-id", "")
-        request_id = supplied if REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        supplied = length = ""
+        for k, v in scope["headers"]:  # only two headers matter here: no dict of all of them
+            name = k.lower()
+            if name == b"x-request-id":
+                supplied = v.decode("latin-1")
+            elif name == b"content-length":
+                length = v.decode("latin-1")
+        request_id = supplied if REQUEST_ID.match(supplied) else new_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500
@@ -58,7 +78,6 @@ class AccessLogMiddleware:
 
         metrics.IN_FLIGHT.inc()
         try:
-            length = headers.get("content-length", "")
             if length.isdigit() and int(length) > self.max_body_bytes:
                 await _json(
                     send_with_id,
@@ -82,13 +101,11 @@ class AccessLogMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             model = state.get("model") or ""
-            metrics.REQUESTS.labels(model=model, route=template, status=str(status)).inc()
-            metrics.LATENCY.labels(model=model, route=template).observe(elapsed)
+            metrics.observe_request(model, template, status, elapsed)
             if self.enabled and access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
                 record: dict[str, Any] = {
-                    "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-                    + f".{int(time.time() * 1000) % 1000:03d}Z",
+                    "ts": iso_timestamp(time.time()),
                     "request_id": request_id,
                     "method": scope.get("method"),
                     "path": scope.get("path"),

@@ -27,6 +27,7 @@ from shipyard.serve.accesslog import AccessLogMiddleware, access_log
 from shipyard.serve.auth import KeyStore, RateLimiter
 from shipyard.serve.core import ModelRepository
 from shipyard.serve.errors import RequestError
+from shipyard.serve.fastlane import InferenceFastLane
 from shipyard.serve.http import ServerState, require, server_state
 from shipyard.serve.protocols import kserve_v2, openai, simple
 from shipyard.serve.settings import ServeSettings, is_loopback
@@ -81,6 +82,12 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
     )
     app.state.server = state
     _configure_access_log(settings)
+    # Middleware added last runs first: the access log wraps the fast lane, which wraps FastAPI.
+    app.add_middleware(
+        InferenceFastLane,
+        routes=[*simple.FAST_ROUTES, *kserve_v2.FAST_ROUTES],
+        render_error=_error_body,
+    )
     app.add_middleware(
         AccessLogMiddleware, max_body_bytes=settings.max_body_bytes, enabled=settings.access_log
     )
@@ -89,7 +96,7 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
         if openai.is_openai_route(request):
             return openai.error_response(exc)
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        return _error_body(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -131,6 +138,11 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
 def app_from_env() -> FastAPI:
     """Uvicorn app factory for worker processes (`shipyard serve` publishes the settings)."""
     return create_app(ServeSettings.from_env())
+
+
+def _error_body(exc: RequestError) -> JSONResponse:
+    """The JSON error every non-OpenAI route answers a RequestError with."""
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
 def _configure_access_log(settings: ServeSettings) -> None:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shipyard.serve")
 
+# A request starts watching for its client's disconnect only after waiting this long.
+WATCH_AFTER_S = 0.05
+
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # KServe V2 datatype ↔ numpy dtype (BYTES are object arrays of str/bytes)
@@ -130,28 +133,48 @@ class ServedModel:
     ) -> Outputs:
         """Run `x` (N, ...) through the batcher; 503 when the queue is full, 504 on timeout.
 
-        `disconnected`, when given, is awaited alongside: if it returns first (client gone) the
-        request is withdrawn from the queue and `asyncio.CancelledError` is raised.
+        `disconnected`, when given, is awaited alongside once the request has waited
+        `WATCH_AFTER_S`: if it returns (client gone) the request is withdrawn from the queue and
+        `asyncio.CancelledError` is raised. Most requests finish before that, so they pay for
+        two timer handles rather than a watcher task and an `asyncio.wait` each.
         """
         future = self.batcher.submit(x)  # no await before this: see Batcher.submit
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
-        try:
-            waiting: set[asyncio.Future[Any]] = {future}
-            if watcher is not None:
-                waiting.add(watcher)
-            done, _ = await asyncio.wait(
-                waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-            if future in done:
-                return future.result()
+        loop = asyncio.get_running_loop()
+        expired = False
+        watcher: asyncio.Future[Any] | None = None
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
             future.cancel()
-            if watcher is not None and watcher in done:
-                raise asyncio.CancelledError("client disconnected")
-            raise DeadlineExceeded(f"inference did not finish within {timeout_s:g}s")
+
+        def withdraw_if_gone(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                future.cancel()  # the client went away: drop its queued work
+
+        def watch() -> None:
+            nonlocal watcher
+            assert disconnected is not None
+            watcher = asyncio.ensure_future(disconnected())
+            watcher.add_done_callback(withdraw_if_gone)
+
+        deadline = loop.call_later(timeout_s, expire)
+        watch_timer = (
+            loop.call_later(min(WATCH_AFTER_S, timeout_s), watch)
+            if disconnected is not None
+            else None
+        )
+        try:
+            return await future
         except asyncio.CancelledError:
             future.cancel()
+            if expired:
+                raise DeadlineExceeded(f"inference did not finish within {timeout_s:g}s") from None
             raise
         finally:
+            deadline.cancel()
+            if watch_timer is not None:
+                watch_timer.cancel()
             if watcher is not None:
                 watcher.cancel()
 

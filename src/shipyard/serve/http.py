@@ -26,30 +26,42 @@ class ServerState:
     shutting_down: bool = False
 
 
-def server_state(request: Request) -> ServerState:
-    """FastAPI dependency: this app's ServerState."""
+def state_of(request: Request) -> ServerState:
+    """This app's ServerState."""
     state: ServerState = request.app.state.server
     return state
 
 
-def require(scope: str) -> Callable[[Request], Awaitable[ApiKey | None]]:
-    """FastAPI dependency factory: authenticate the bearer key, check `scope`, rate-limit.
+async def server_state(request: Request) -> ServerState:
+    """FastAPI dependency: this app's ServerState. Async on purpose: FastAPI runs a sync
+    dependency in its thread pool, a thread hop on every request."""
+    return state_of(request)
 
-    Returns the key (None when auth is disabled). 401 without a valid key, 403 without the scope,
-    429 over the key's rate (clients without auth are limited per address).
+
+async def authorize(request: Request, scope: str) -> ApiKey | None:
+    """Authenticate the bearer key, check `scope`, rate-limit; return the key (None without auth).
+
+    401 without a valid key, 403 without the scope, 429 over the key's rate (clients without
+    auth are limited per address). Hot routes call this directly rather than through
+    `require`: FastAPI's dependency solving costs more per request than the check itself.
     """
+    state = state_of(request)
+    key: ApiKey | None = None
+    if state.keys is not None:
+        key = state.keys.authenticate(request.headers.get("authorization"))
+        request.state.key_id = key.id
+        require_scope(key, scope)
+    if state.limiter is not None:
+        client = key.id if key is not None else (request.client.host if request.client else "-")
+        state.limiter.check(client)
+    return key
+
+
+def require(scope: str) -> Callable[[Request], Awaitable[ApiKey | None]]:
+    """FastAPI dependency factory: `authorize(request, scope)` (see there)."""
 
     async def dependency(request: Request) -> ApiKey | None:
-        state = server_state(request)
-        key: ApiKey | None = None
-        if state.keys is not None:
-            key = state.keys.authenticate(request.headers.get("authorization"))
-            request.state.key_id = key.id
-            require_scope(key, scope)
-        if state.limiter is not None:
-            client = key.id if key is not None else (request.client.host if request.client else "-")
-            state.limiter.check(client)
-        return key
+        return await authorize(request, scope)
 
     return dependency
 

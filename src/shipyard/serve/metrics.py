@@ -113,6 +113,27 @@ WAITING_SEQUENCES = Gauge(
 )
 
 
+# (model, route, status) -> the counter and histogram children: `labels()` costs more than the
+# increment itself, and a server sees the same few combinations over and over
+_REQUEST_CHILDREN: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
+def observe_request(model: str, route: str, status: int, seconds: float) -> None:
+    """Count one HTTP request and record its latency."""
+    key = (model, route, status)
+    children = _REQUEST_CHILDREN.get(key)
+    if children is None:
+        if len(_REQUEST_CHILDREN) > 10_000:  # bounded (names are validated, but be safe)
+            _REQUEST_CHILDREN.clear()
+        children = (
+            REQUESTS.labels(model=model, route=route, status=str(status)),
+            LATENCY.labels(model=model, route=route),
+        )
+        _REQUEST_CHILDREN[key] = children
+    children[0].inc()
+    children[1].observe(seconds)
+
+
 def batch_observer(model: str) -> Callable[[int, int, float], None]:
     """A Batcher `on_batch` hook that records rows, requests and forward time for `model`."""
     rows_hist = BATCH_SIZE.labels(model=model)

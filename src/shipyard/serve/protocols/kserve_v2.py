@@ -24,7 +24,16 @@ from shipyard import __version__
 from shipyard.serve.auth import ApiKey
 from shipyard.serve.core import V2_TO_NUMPY, ServedModel, v2_datatype
 from shipyard.serve.errors import BadRequest
-from shipyard.serve.http import ServerState, disconnected, read_body, require, server_state
+from shipyard.serve.fastlane import FastRoute
+from shipyard.serve.http import (
+    ServerState,
+    authorize,
+    disconnected,
+    read_body,
+    require,
+    server_state,
+    state_of,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 16
@@ -440,26 +449,29 @@ def build_router() -> APIRouter:
         served = state.repo.get(model_name, version)
         return {"name": served.name, "version": served.version, "ready": True}
 
-    @router.post("/v2/models/{model_name}/infer")
-    async def infer(
-        request: Request,
-        model_name: str,
-        state: ServerState = Depends(server_state),
-        key: ApiKey | None = Depends(require("infer")),
-    ) -> Response:
-        return await _infer(request, state, model_name, None)
-
-    @router.post("/v2/models/{model_name}/versions/{version}/infer")
-    async def infer_version(
-        request: Request,
-        model_name: str,
-        version: str,
-        state: ServerState = Depends(server_state),
-        key: ApiKey | None = Depends(require("infer")),
-    ) -> Response:
-        return await _infer(request, state, model_name, version)
+    for route in FAST_ROUTES:
+        router.add_api_route(route.path, route.endpoint, methods=["POST"], response_model=None)
 
     return router
+
+
+async def infer(request: Request, model_name: str) -> Response:
+    """`POST /v2/models/{model_name}/infer` (default version)."""
+    await authorize(request, "infer")
+    return await _infer(request, state_of(request), model_name, None)
+
+
+async def infer_version(request: Request, model_name: str, version: str) -> Response:
+    """`POST /v2/models/{model_name}/versions/{version}/infer`."""
+    await authorize(request, "infer")
+    return await _infer(request, state_of(request), model_name, version)
+
+
+# The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
+FAST_ROUTES = [
+    FastRoute("/v2/models/{model_name}/infer", infer),
+    FastRoute("/v2/models/{model_name}/versions/{version}/infer", infer_version),
+]
 
 
 async def _infer(
