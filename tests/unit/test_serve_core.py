@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from tests.serve_support import loaded_digits
+from tests.serve_support import digits_inputs, loaded_digits
 from typer.testing import CliRunner
 
 from shipyard.cli import app as cli_app
 from shipyard.serve import Batcher, ServeSettings, create_app
-from shipyard.serve.errors import BadRequest, Unavailable
+from shipyard.serve.errors import BadRequest, DeadlineExceeded, Unavailable
 
 
 def double(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -167,3 +167,98 @@ def test_keys_add_list_revoke(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["keys"][0]["revoked"] is True
     r = runner.invoke(cli_app, ["keys", "add", "--scope", "root", "--keys-file", str(path)])
     assert r.exit_code != 0
+
+
+def test_served_model_withdraws_work_of_a_client_that_went_away() -> None:
+    from shipyard.serve.core import WATCH_AFTER_S, ServedModel
+
+    gate = threading.Event()
+    seen: list[float] = []
+
+    def fn(x: np.ndarray) -> dict[str, np.ndarray]:
+        gate.wait(5)
+        seen.extend(x[:, 0].tolist())
+        return double(x)
+
+    async def run() -> None:
+        b = Batcher("m", fn, max_batch_size=1, max_wait_ms=0)
+        b.start()
+        served = ServedModel("m", "1", loaded=None, batcher=b, load_seconds=0.0, source="-")  # type: ignore[arg-type]
+        first = asyncio.ensure_future(served.infer(np.array([[1.0]]), timeout_s=5))
+        while not (b.busy == 1 and b.depth == 0):  # first is in the (blocked) forward
+            await asyncio.sleep(0.001)
+        gone = asyncio.Event()
+        watched: list[float] = []
+
+        async def disconnected() -> None:
+            watched.append(asyncio.get_running_loop().time())
+            await gone.wait()
+
+        start = asyncio.get_running_loop().time()
+        doomed = asyncio.ensure_future(
+            served.infer(np.array([[2.0]]), timeout_s=5, disconnected=disconnected)
+        )
+        while not watched:  # the watcher starts only after WATCH_AFTER_S
+            await asyncio.sleep(0.005)
+        assert watched[0] - start >= WATCH_AFTER_S * 0.9
+        assert b.depth == 1
+        gone.set()  # the client goes away while its request is queued
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert b.depth == 0
+        with pytest.raises(DeadlineExceeded, match=r"0\.05s"):
+            await served.infer(np.array([[3.0]]), timeout_s=0.05)  # queued behind `first`
+        gate.set()
+        assert (await first)["y"].tolist() == [[2.0]]
+        await b.close()
+
+    asyncio.run(run())
+    assert seen == [1.0]  # neither the withdrawn nor the expired request ever ran
+
+
+def test_fast_lane_serves_inference_routes_and_leaves_the_rest_to_fastapi(
+    tmp_path: Path,
+) -> None:
+    loaded = loaded_digits(tmp_path)
+    x = digits_inputs(1).reshape(1, 64)
+    with TestClient(create_app(ServeSettings(), preloaded=[loaded])) as client:
+        body = {"instances": x.tolist()}
+        want = loaded.predict(x.tolist())
+        r = client.post("/v1/models/digits:predict", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == want
+        version = r.json()["model_version"]
+        r = client.post(f"/v1/models/digits/versions/{version}:predict", json=body)
+        assert r.status_code == 200 and r.json()["predictions"] == want
+        spec = loaded.signature.inputs[0]
+        v2 = {
+            "inputs": [
+                {
+                    "name": spec.name,
+                    "shape": [1, *spec.shape[1:]],
+                    "datatype": "FP32",
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+        r = client.post(f"/v2/models/digits/versions/{version}/infer", json=v2)
+        assert r.status_code == 200 and r.json()["model_version"] == version
+        # errors from the lane have the app's JSON body
+        r = client.post("/v1/models/nope:predict", json=body)
+        assert r.status_code == 404 and "unknown model 'nope'" in r.json()["error"]
+        r = client.post("/v1/models/digits/versions/9:predict", json=body)
+        assert r.status_code == 404 and "error" in r.json()
+        # other methods and paths still go through FastAPI
+        assert client.get("/v2/models/digits/infer").status_code == 405
+        assert client.post("/v1/models/a/b:predict", json=body).status_code == 404
+        # and FastAPI still documents the lane's routes
+        paths = client.get("/openapi.json").json()["paths"]
+        for path in (
+            "/v1/models/{model_name}:predict",
+            "/v1/models/{model_name}/versions/{version}:predict",
+            "/v2/models/{model_name}/infer",
+            "/v2/models/{model_name}/versions/{version}/infer",
+        ):
+            assert "post" in paths[path]
+        metrics = client.get("/metrics").text
+        assert 'route="/v1/models/{model_name}/versions/{version}:predict",status="200"' in metrics
