@@ -1,9 +1,10 @@
 """Serving throughput on loopback: shipyard (batching on / off) vs a naive one-forward-per-request
 Flask server, for the digits MLP and two larger MLPs (hidden [2048, 2048] and [4096] x 3).
 
-Each server runs in its own process; the load generator (asyncio + httpx, keep-alive) sends a
-fixed number of one-row `:predict` requests at concurrency 1, 8 and 32 and prints requests/s and
-p50/p99 latency side by side, the ratio over naive at 32 clients, and each server's resident
+Each server runs in its own process (shipyard also as two worker processes, labelled); the load
+generator (a minimal HTTP/1.1 client on asyncio streams, keep-alive) sends a fixed number of
+one-row `:predict` requests at concurrency 1, 8 and 32 and prints requests/s and p50/p99 latency
+side by side, the ratio over naive at 32 clients, and each server's resident
 memory after a long run.
 
     python benchmarks/serve_throughput.py            # full: 2000 requests per level, 50k long run
@@ -193,6 +194,11 @@ def main() -> None:
         "shipyard (batching)": [*shipyard, "--max-batch-size", "32", "--max-wait-ms", "0"],
         "shipyard (no batching)": [*shipyard, "--max-batch-size", "1", "--max-wait-ms", "0"],
         "naive flask/waitress": [sys.executable, __file__, "--naive-server"],
+        # the same 2 cores, two server processes (the naive server above is one process)
+        "shipyard (batching, 2 workers)": [
+            *shipyard,
+            *("--max-batch-size", "32", "--max-wait-ms", "0", "--workers", "2"),
+        ],
     }
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -223,15 +229,15 @@ def main() -> None:
         results["models"][model] = rows
         print(f"\n## {model} (hidden {hidden}), {n} one-row requests per level")
         print(
-            f"{'server':<24}" + "".join(f"{f'c={c} rps':>11}{'p50':>8}{'p99':>8}" for c in LEVELS)
+            f"{'server':<32}" + "".join(f"{f'c={c} rps':>11}{'p50':>8}{'p99':>8}" for c in LEVELS)
         )
         for label, r in rows.items():
             cells = "".join(
                 f"{r[c]['rps']:>11.0f}{r[c]['p50_ms']:>8.1f}{r[c]['p99_ms']:>8.1f}" for c in LEVELS
             )
-            print(f"{label:<24}{cells}")
+            print(f"{label:<32}{cells}")
         naive = rows["naive flask/waitress"][32]
-        for label in ("shipyard (batching)", "shipyard (no batching)"):
+        for label in (k for k in rows if k.startswith("shipyard")):
             r = rows[label][32]
             print(
                 f"{label} vs naive at 32 clients: {r['rps'] / naive['rps']:.2f}x requests/s, "
