@@ -32,6 +32,7 @@ import torch
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import EngineOverloaded, GenerationError
 from shipyard.generate.cache import BatchKVCache
+from shipyard.generate.packed import pack_linears
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
 from shipyard.generate.sequence import (
@@ -246,7 +247,8 @@ class Engine:
         max_batch_size x block_size (no extra limit).
     max_queue: accepted requests beyond the running ones; more raise `EngineOverloaded`.
     prefill_chunk: most prompt tokens prefilled per iteration (bounds the stall of the batch).
-    device: move the model there (default: where it is). The model is put in eval mode.
+    device: move the model there (default: where it is). The model is put in eval mode and its
+        Linear layers are packed for oneDNN (`pack_linears`; training it later is unaffected).
     autocast_dtype: e.g. torch.bfloat16 to run the model under autocast (GPU); None = as is.
     observer: metrics hooks; logits_hook: see `LogitsHook` (tests, debugging).
     start: start the engine thread now (else call `start()`).
@@ -280,6 +282,7 @@ class Engine:
         if device is not None:
             model.to(device)
         self.model = model.eval()
+        pack_linears(model)
         self.tokenizer = tokenizer
         self.device = model_device(model)
         self.max_batch_size = max_batch_size

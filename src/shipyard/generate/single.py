@@ -13,6 +13,7 @@ import torch
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
 from shipyard.generate.cache import BatchKVCache
+from shipyard.generate.packed import pack_linears
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
 from shipyard.generate.sequence import (
@@ -84,13 +85,15 @@ def stream(
 ) -> Iterator[TokenEvent]:
     """Yield one `TokenEvent` per generated token; the last has finish_reason and the result.
 
-    Puts the model in eval mode. Raises GenerationError for a prompt that does not fit.
+    Puts the model in eval mode and packs its Linear layers for oneDNN (`pack_linears`).
+    Raises GenerationError for a prompt that does not fit.
     """
     params = params or SamplingParams()
     V, device = model.vocab_size, model_device(model)
     ids = encode_prompt(tokenizer, prompt, params, model.config.block_size, V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
     model.eval()
+    pack_linears(model)
     return _decode(model, state, device, autocast_dtype)
 
 
@@ -132,8 +135,8 @@ def generate(
 ) -> GenerationResult:
     """Generate a completion of `prompt` (text or token ids) and return it with usage and timings.
 
-    Puts the model in eval mode. Raises GenerationError for bad parameters or a prompt that
-    does not fit the model's context.
+    Puts the model in eval mode and packs its Linear layers for oneDNN (`pack_linears`). Raises
+    GenerationError for bad parameters or a prompt that does not fit the model's context.
     """
     for event in stream(
         model, tokenizer, prompt, params, request_id=request_id, autocast_dtype=autocast_dtype
