@@ -189,15 +189,24 @@ def main() -> None:
         return
     n = args.requests or (300 if args.quick else 2000)
     long_n = args.long_run or (3000 if args.quick else 50_000)
-    shipyard = [sys.executable, "-m", "shipyard", "serve", "--port", "0", "--torch-threads", "1"]
+    # Every server may use every core: the naive server runs up to 8 forwards at once (waitress
+    # threads, one torch thread each), shipyard one batched forward with cores / workers torch
+    # threads (its own default; set explicitly because OMP_NUM_THREADS=1 is set for all).
+    cores = os.cpu_count() or 1
+    shipyard = [sys.executable, "-m", "shipyard", "serve", "--port", "0"]
+    batching = ["--max-batch-size", "32", "--max-wait-ms", "0"]
     servers: dict[str, list[str]] = {
-        "shipyard (batching)": [*shipyard, "--max-batch-size", "32", "--max-wait-ms", "0"],
-        "shipyard (no batching)": [*shipyard, "--max-batch-size", "1", "--max-wait-ms", "0"],
+        "shipyard (batching)": [*shipyard, *batching, "--torch-threads", str(cores)],
+        "shipyard (no batching)": [
+            *shipyard,
+            *("--max-batch-size", "1", "--max-wait-ms", "0", "--torch-threads", str(cores)),
+        ],
         "naive flask/waitress": [sys.executable, __file__, "--naive-server"],
-        # the same 2 cores, two server processes (the naive server above is one process)
+        # two server processes on the same cores (the naive server above is one process)
         "shipyard (batching, 2 workers)": [
             *shipyard,
-            *("--max-batch-size", "32", "--max-wait-ms", "0", "--workers", "2"),
+            *batching,
+            *("--workers", "2", "--torch-threads", str(max(1, cores // 2))),
         ],
     }
     results: dict[str, Any] = {
