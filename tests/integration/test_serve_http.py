@@ -69,6 +69,14 @@ def test_tritonclient_defaults_equal_in_process_predictions(server: str, loaded:
     ]
     result = client.infer("digits", [inp], outputs=outs)
     assert result.as_numpy("label").tolist() == want["label"].tolist()
+    # the classification extension: top 3 classes as "value:index:label", best first
+    outs = [httpclient.InferRequestedOutput("probabilities", class_count=3)]
+    top = client.infer("digits", [inp], outputs=outs).as_numpy("probabilities")
+    assert top.shape == (7, 3)
+    labels = loaded.labels
+    for row, probs in zip(top, want["probabilities"], strict=True):
+        best = np.argsort(-probs, kind="stable")[:3]
+        assert [v.decode() for v in row] == [f"{probs[c]:f}:{c}:{labels[c]}" for c in best]
     client.close()
 
 

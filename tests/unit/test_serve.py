@@ -500,3 +500,32 @@ def test_batcher_groups_concurrent_requests_exactly(loaded: Any) -> None:
         )
         assert got["label"].tolist() == want["label"][start : start + len(x)].tolist()
         start += len(x)
+
+
+def test_classification_extension_top_classes(client: TestClient, loaded: Any) -> None:
+    x = digits_inputs(4)
+    want = loaded.predict_arrays(x)["probabilities"]
+    body = v2_json(x, outputs=[{"name": "probabilities", "parameters": {"classification": 2}}])
+    r = client.post(INFER, json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["datatype"] == "BYTES" and out["shape"] == [4, 2]
+    got = np.asarray(out["data"]).reshape(4, 2)
+    for row, probs in zip(got, want, strict=True):
+        first, second = np.argsort(-probs, kind="stable")[:2]
+        assert row.tolist() == [
+            f"{probs[first]:f}:{first}:{loaded.labels[first]}",
+            f"{probs[second]:f}:{second}:{loaded.labels[second]}",
+        ]
+    # more classes than there are: all of them; 0 means no classification (the tensor itself)
+    body = v2_json(x, outputs=[{"name": "probabilities", "parameters": {"classification": 99}}])
+    assert client.post(INFER, json=body).json()["outputs"][0]["shape"] == [4, 10]
+    body = v2_json(x, outputs=[{"name": "probabilities", "parameters": {"classification": 0}}])
+    assert client.post(INFER, json=body).json()["outputs"][0]["datatype"] == "FP32"
+    # bad uses name the problem
+    body = v2_json(x, outputs=[{"name": "label", "parameters": {"classification": 2}}])
+    r = client.post(INFER, json=body)
+    assert r.status_code == 400 and "numeric (batch, classes)" in r.json()["error"]
+    body = v2_json(x, outputs=[{"name": "probabilities", "parameters": {"classification": "2"}}])
+    r = client.post(INFER, json=body)
+    assert r.status_code == 400 and "classification must be an integer" in r.json()["error"]

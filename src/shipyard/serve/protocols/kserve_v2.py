@@ -51,10 +51,12 @@ class InferInput:
 
 @dataclass
 class RequestedOutput:
-    """An output the request asked for; `binary` None means "use binary_data_output"."""
+    """An output the request asked for; `binary` None means "use binary_data_output";
+    `class_count` asks for the top classes instead of the tensor (classification extension)."""
 
     name: str
     binary: bool | None = None
+    class_count: int | None = None
 
 
 @dataclass
@@ -255,11 +257,21 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             oparams = raw.get("parameters") or {}
             if not isinstance(oparams, dict):
                 raise BadRequest(f"outputs[{i}]: 'parameters' must be an object")
-            if oparams.get("classification"):
-                raise BadRequest("the classification extension is not supported")
+            class_count = oparams.get("classification")
+            if class_count is not None and (
+                not isinstance(class_count, int) or isinstance(class_count, bool) or class_count < 0
+            ):
+                raise BadRequest(
+                    f"outputs[{i}]: parameters.classification must be an integer >= 0 (the "
+                    f"number of top classes), got {json.dumps(class_count)[:32]}"
+                )
             binary_flag = oparams.get("binary_data")
             outputs.append(
-                RequestedOutput(raw["name"], None if binary_flag is None else bool(binary_flag))
+                RequestedOutput(
+                    raw["name"],
+                    None if binary_flag is None else bool(binary_flag),
+                    class_count or None,  # 0 means "no classification", as in Triton
+                )
             )
     return InferRequest(
         inputs=inputs,
@@ -268,6 +280,30 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         binary_output=bool(params.get("binary_data_output", False)),
         parameters=params,
     )
+
+
+def top_classes(scores: np.ndarray, k: int, labels: list[str] | None) -> np.ndarray:
+    """Triton's classification extension: for scores (N, C), the top `k` classes of each row as
+    BYTES "value:index" or "value:index:label", highest first, shape (N, min(k, C)).
+
+    Values are printed with six decimals, as Triton's `std::to_string` does; ties keep the
+    lower index first.
+    """
+    if scores.ndim != 2 or scores.dtype.kind not in "iuf":
+        raise BadRequest(
+            f"the classification extension needs a numeric (batch, classes) output; this one is "
+            f"{v2_datatype(scores)} with shape {list(scores.shape)}"
+        )
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (N, k)
+    out = np.empty(order.shape, dtype=object)
+    for r, row in enumerate(order):
+        for j, c in enumerate(row):
+            text = f"{float(scores[r, c]):f}:{int(c)}"
+            if labels is not None and c < len(labels):
+                text += f":{labels[c]}"
+            out[r, j] = text.encode()
+    return out
 
 
 def _json_data(arr: np.ndarray) -> list[Any]:
@@ -285,8 +321,13 @@ def encode_response(
     request_id: str | None = None,
     requested: list[RequestedOutput] | None = None,
     binary_output: bool = False,
+    class_labels: dict[str, list[str]] | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body and, when it has binary parts, the JSON header's length."""
+    """The response body and, when it has binary parts, the JSON header's length.
+
+    `class_labels` names the classes of an output (its columns), for outputs requested with
+    `class_count`.
+    """
     wanted = requested if requested is not None else [RequestedOutput(n) for n in outputs]
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
@@ -295,7 +336,10 @@ def encode_response(
     blobs: list[bytes] = []
     for want in wanted:
         binary = want.binary if want.binary is not None else binary_output
-        tensors.append(_tensor_entry(want.name, outputs[want.name], binary, blobs))
+        arr = outputs[want.name]
+        if want.class_count is not None:
+            arr = top_classes(arr, want.class_count, (class_labels or {}).get(want.name))
+        tensors.append(_tensor_entry(want.name, arr, binary, blobs))
     header["outputs"] = tensors
     head = json.dumps(header, separators=(",", ":")).encode()
     if not blobs:
@@ -336,13 +380,16 @@ def encode_request(
         tensors.append(_tensor_entry(name, arr, binary, blobs))
     header["inputs"] = tensors
     if outputs is not None:
-        header["outputs"] = [
-            {
-                "name": o.name,
-                **({} if o.binary is None else {"parameters": {"binary_data": o.binary}}),
-            }
-            for o in outputs
-        ]
+        header["outputs"] = []
+        for o in outputs:
+            oparams: dict[str, Any] = {}
+            if o.binary is not None:
+                oparams["binary_data"] = o.binary
+            if o.class_count is not None:
+                oparams["classification"] = o.class_count
+            header["outputs"].append(
+                {"name": o.name, **({"parameters": oparams} if oparams else {})}
+            )
     elif binary_output:
         header["parameters"] = {"binary_data_output": True}
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -411,7 +458,11 @@ def build_router() -> APIRouter:
 
     @router.get("/v2")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "shipyard", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {
+            "name": "shipyard",
+            "version": __version__,
+            "extensions": ["binary_tensor_data", "classification"],
+        }
 
     @router.get("/v2/models/{model_name}")
     async def metadata(
@@ -467,6 +518,19 @@ async def infer_version(request: Request, model_name: str, version: str) -> Resp
     return await _infer(request, state_of(request), model_name, version)
 
 
+def _class_labels(served: ServedModel) -> dict[str, list[str]]:
+    """A classifier's class names, for its probabilities (classification extension)."""
+    loaded = served.loaded
+    if loaded.task != "classification":
+        return {}
+    names = [s.name for s in loaded.signature.outputs]
+    if "probabilities" not in names:
+        return {}
+    spec = loaded.signature.outputs[names.index("probabilities")]
+    labels = loaded.labels or [str(i) for i in range(spec.shape[-1])]
+    return {"probabilities": list(labels)}
+
+
 # The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
 FAST_ROUTES = [
     FastRoute("/v2/models/{model_name}/infer", infer),
@@ -508,6 +572,7 @@ async def _infer(
         request_id=req.id,
         requested=req.outputs,
         binary_output=req.binary_output,
+        class_labels=_class_labels(served),
     )
     if head_len is None:
         return Response(payload, media_type="application/json")
