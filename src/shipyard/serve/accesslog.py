@@ -14,6 +14,7 @@ import secrets
 import time
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shipyard.serve import metrics
@@ -116,7 +117,7 @@ class AccessLogMiddleware:
                     "key_id": state.get("key_id"),
                     "client": client[0] if client else None,
                 }
-                access_log.info(json.dumps(record, separators=(",", ":")))
+                access_log.info(orjson.dumps(record).decode())
 
 
 async def _json(send: Send, status: int, body: dict[str, Any]) -> None:

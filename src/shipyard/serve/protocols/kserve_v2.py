@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from shipyard import __version__
@@ -173,7 +174,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     else:
         header_raw, binary = body, memoryview(b"")
     try:
-        header = json.loads(header_raw)
+        header = orjson.loads(header_raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BadRequest(
             "request body is not valid JSON (or the JSON header length is wrong)"
@@ -341,7 +342,7 @@ def encode_response(
             arr = top_classes(arr, want.class_count, (class_labels or {}).get(want.name))
         tensors.append(_tensor_entry(want.name, arr, binary, blobs))
     header["outputs"] = tensors
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = orjson.dumps(header)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
@@ -392,7 +393,7 @@ def encode_request(
             )
     elif binary_output:
         header["parameters"] = {"binary_data_output": True}
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = orjson.dumps(header)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)

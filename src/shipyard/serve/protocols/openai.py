@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -237,7 +238,7 @@ class _Request:
 
 def _load_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        body = orjson.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise _bad("request body is not valid JSON", None) from None
     if not isinstance(body, dict):
@@ -613,7 +614,7 @@ def _chat_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob]) -> di
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 _json_string = json.encoder.encode_basestring_ascii  # what json.dumps does to a str (C)

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request, Response
 
 from shipyard.package import InvalidInputError
@@ -109,7 +110,7 @@ async def _predict(
     request.state.model = model_name
     body = await read_body(request, state.settings.max_body_bytes)
     try:
-        payload = json.loads(body)
+        payload = orjson.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(payload, dict) or "instances" not in payload:
@@ -124,4 +125,4 @@ async def _predict(
         "model_version": served.version,
         "predictions": format_predictions(served, out),
     }
-    return Response(json.dumps(answer, separators=(",", ":")), media_type="application/json")
+    return Response(orjson.dumps(answer), media_type="application/json")
