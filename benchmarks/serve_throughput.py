@@ -4,11 +4,12 @@ Flask server, for the digits MLP and two larger MLPs (hidden [2048, 2048] and [4
 Each server runs in its own process (shipyard also as two worker processes, labelled); the load
 generator (a minimal HTTP/1.1 client on asyncio streams, keep-alive) sends a fixed number of
 one-row `:predict` requests at concurrency 1, 8 and 32 and prints requests/s and p50/p99 latency
-side by side, the ratio over naive at 32 clients, and each server's resident
-memory after a long run.
+side by side, the ratio over naive at 32 clients, and each server's resident memory after a long
+run. All servers of a model run at once and are measured in interleaved rounds (median reported),
+so a machine that speeds up or slows down mid-run affects them alike.
 
-    python benchmarks/serve_throughput.py            # full: 2000 requests per level, 50k long run
-    python benchmarks/serve_throughput.py --quick    # 300 per level, 3k long run
+    python benchmarks/serve_throughput.py                      # 2000 per level x 3, 50k long run
+    python benchmarks/serve_throughput.py --quick --repeats 1  # 300 per level, 3k long run
 """
 
 from __future__ import annotations
@@ -154,6 +155,13 @@ async def load(url: str, model: str, n: int, concurrency: int) -> dict[str, floa
     }
 
 
+def _median(trials: list[dict[str, float]]) -> dict[str, float]:
+    """Each measure's median over the trials (and their count)."""
+    out = {k: float(np.median([t[k] for t in trials])) for k in trials[0]}
+    out["trials"] = len(trials)
+    return out
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process and its children (workers), MiB, from /proc."""
     total = 0
@@ -178,6 +186,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests")
     ap.add_argument("--requests", type=int, default=None, help="requests per level")
     ap.add_argument("--long-run", type=int, default=None, help="requests in the memory run")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds per level (median reported)"
+    )
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     ap.add_argument("--work-dir", type=Path, default=Path("runs/bench-serve"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_throughput.json"))
@@ -214,29 +225,47 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(sys.argv),
         "requests_per_level": n,
+        "repeats": args.repeats,
         "models": {},
     }
     for model in args.models.split(","):
         hidden = MODELS[model]
         pkg = build_package(args.work_dir, model, hidden)
         rows: dict[str, Any] = {}
-        for label, cmd in servers.items():
-            proc, url = start([*cmd, str(pkg)])
-            try:
-                asyncio.run(load(url, model, 50, 4))  # warm-up
-                rows[label] = {c: asyncio.run(load(url, model, n, c)) for c in LEVELS}
+        # All servers up at once (idle ones cost nothing), measured in interleaved rounds so
+        # that drift in the machine's speed hits every server alike; medians over the rounds.
+        running: dict[str, tuple[subprocess.Popen[str], str]] = {}
+        try:
+            for label, cmd in servers.items():
+                running[label] = start([*cmd, str(pkg)])
+                asyncio.run(load(running[label][1], model, 50, 4))  # warm-up
+            trials: dict[str, dict[int, list[dict[str, float]]]] = {
+                label: {c: [] for c in LEVELS} for label in servers
+            }
+            for _ in range(args.repeats):
+                for c in LEVELS:
+                    for label, (_, url) in running.items():
+                        trials[label][c].append(asyncio.run(load(url, model, n, c)))
+            for label in servers:
+                rows[label] = {c: _median(trials[label][c]) for c in LEVELS}
                 if model == "digits":
+                    proc, url = running[label]
                     before = rss_mib(proc.pid)
                     asyncio.run(load(url, model, long_n, 32))
                     after = rss_mib(proc.pid)
                     rows[label]["rss_mib_before_long_run"] = before
                     rows[label]["rss_mib_after_long_run"] = after
                     rows[label]["rss_growth_pct"] = 100.0 * (after - before) / before
-            finally:
+        finally:
+            for proc, _ in running.values():
                 proc.terminate()
+            for proc, _ in running.values():
                 proc.wait(timeout=60)
         results["models"][model] = rows
-        print(f"\n## {model} (hidden {hidden}), {n} one-row requests per level")
+        print(
+            f"\n## {model} (hidden {hidden}), {n} one-row requests per level, "
+            f"median of {args.repeats} interleaved rounds"
+        )
         print(
             f"{'server':<32}" + "".join(f"{f'c={c} rps':>11}{'p50':>8}{'p99':>8}" for c in LEVELS)
         )
