@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from shipyard.cli import app as cli_app
 from shipyard.serve import Batcher, ServeSettings, create_app
+from shipyard.serve.batching import ForwardFn
 from shipyard.serve.errors import BadRequest, DeadlineExceeded, Unavailable
 
 
@@ -69,7 +70,8 @@ def test_batcher_keeps_different_shapes_apart_and_isolates_failures() -> None:
     assert isinstance(bad, BadRequest) and "negative input" in str(bad)
 
 
-def test_batcher_drops_cancelled_work_and_bounds_the_queue() -> None:
+def gated_double() -> tuple[threading.Event, list[float], ForwardFn]:
+    """A forward that blocks until the gate is set and records the rows it ran (first column)."""
     gate = threading.Event()
     seen: list[float] = []
 
@@ -77,6 +79,12 @@ def test_batcher_drops_cancelled_work_and_bounds_the_queue() -> None:
         gate.wait(5)
         seen.extend(x[:, 0].tolist())
         return double(x)
+
+    return gate, seen, fn
+
+
+def test_batcher_drops_cancelled_work_and_bounds_the_queue() -> None:
+    gate, seen, fn = gated_double()
 
     async def run() -> None:
         b = Batcher("m", fn, max_batch_size=1, max_wait_ms=0, max_queue=2)
@@ -172,13 +180,7 @@ def test_keys_add_list_revoke(tmp_path: Path) -> None:
 def test_served_model_withdraws_work_of_a_client_that_went_away() -> None:
     from shipyard.serve.core import WATCH_AFTER_S, ServedModel
 
-    gate = threading.Event()
-    seen: list[float] = []
-
-    def fn(x: np.ndarray) -> dict[str, np.ndarray]:
-        gate.wait(5)
-        seen.extend(x[:, 0].tolist())
-        return double(x)
+    gate, seen, fn = gated_double()
 
     async def run() -> None:
         b = Batcher("m", fn, max_batch_size=1, max_wait_ms=0)
