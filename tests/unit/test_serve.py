@@ -529,3 +529,14 @@ def test_classification_extension_top_classes(client: TestClient, loaded: Any) -
     body = v2_json(x, outputs=[{"name": "probabilities", "parameters": {"classification": "2"}}])
     r = client.post(INFER, json=body)
     assert r.status_code == 400 and "classification must be an integer" in r.json()["error"]
+
+
+def test_access_log_timestamps_and_request_ids() -> None:
+    from shipyard.serve.accesslog import REQUEST_ID, iso_timestamp, new_request_id
+
+    # seconds and milliseconds come from one clock reading (they used to come from two)
+    assert iso_timestamp(1764370128.9996) == "2025-11-28T22:48:48.999Z"
+    assert iso_timestamp(1764370129.0004) == "2025-11-28T22:48:49.000Z"
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and REQUEST_ID.match(i) for i in ids)

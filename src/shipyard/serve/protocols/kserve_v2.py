@@ -573,7 +573,9 @@ async def _infer(
         request_id=req.id,
         requested=req.outputs,
         binary_output=req.binary_output,
-        class_labels=_class_labels(served),
+        class_labels=(
+            _class_labels(served) if any(o.class_count for o in req.outputs or ()) else None
+        ),
     )
     if head_len is None:
         return Response(payload, media_type="application/json")
