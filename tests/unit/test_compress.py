@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from shipyard.compress import CompressError, DynamicInt8Linear, Int8Linear, quantize_linears
-from shipyard.compress.layers import quantize_weight_int8, swap_quantized_layers
 from shipyard.compress.measure import markdown_table
 from shipyard.compress.pipeline import student_config
 from shipyard.compress.pruning import prune_structured, prune_unstructured
@@ -20,6 +19,8 @@ from shipyard.errors import PackageError, TrainError
 from shipyard.models import GPT, MLP, GPTConfig, MLPConfig, build_model
 from shipyard.models.cnn import CNNConfig
 from shipyard.models.encoder import EncoderConfig
+from shipyard.models.quantized import quantize_weight_int8
+from shipyard.package.loading import swap_quantized_layers
 from shipyard.package.manifest import Quantization, parse_manifest
 from shipyard.train.distill import DistillParams, distillation_loss, soft_target_loss
 

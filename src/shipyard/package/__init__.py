@@ -40,10 +40,9 @@ from shipyard.package.security import (
     decrypt_package,
     encrypt_package,
     generate_package_key,
-    generate_signing_key,
     sign_package,
-    verify_signature,
 )
+from shipyard.package.signing import generate_signing_key, verify_signature
 from shipyard.package.writer import PACKAGE_DIR, build_signature, package_run, write_package
 
 __all__ = [

@@ -26,17 +26,20 @@ from torch import nn
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.errors import PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
+from shipyard.models.quantized import LAYER_TYPES, replace_module
 from shipyard.package.manifest import (
     ONNX_MODEL,
     TOKENIZER,
     WEIGHTS,
     FileEntry,
     Manifest,
+    Quantization,
     Signature,
     check_file,
     sha256_bytes,
     verify_package,
 )
+from shipyard.package.onnx_runtime import OnnxRuntimeModule
 from shipyard.package.security import decrypt_file, resolve_key
 
 _MODEL_CONFIG: TypeAdapter[Any] = TypeAdapter(ModelConfig)
@@ -259,8 +262,6 @@ def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes |
     verifier = None if encrypted_weights else _Verifier(root, WEIGHTS, manifest.files[WEIGHTS])
     model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
     if manifest.quantization is not None:
-        from shipyard.compress.layers import swap_quantized_layers
-
         swap_quantized_layers(model, manifest.quantization, where=f"{root}/manifest.json")
     if encryption is not None and encrypted_weights:
         check_file(root, WEIGHTS, manifest.files[WEIGHTS])
@@ -280,8 +281,6 @@ def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes |
 def _load_onnx(root: Path, manifest: Manifest, raw_key: bytes | None) -> nn.Module:
     """Read model.onnx into memory, check its hash, and give it to ONNX Runtime from there (so
     what runs is exactly what was hashed)."""
-    from shipyard.compress.runtime import OnnxRuntimeModule
-
     encryption = manifest.encryption
     entry = manifest.files[ONNX_MODEL]
     if encryption is not None and ONNX_MODEL in encryption.files:
@@ -295,6 +294,25 @@ def _load_onnx(root: Path, manifest: Manifest, raw_key: bytes | None) -> nn.Modu
                 f"{file}: SHA-256 does not match the manifest; the file was changed or corrupted"
             )
     return OnnxRuntimeModule(data, manifest.signature, where=str(root / ONNX_MODEL))
+
+
+def swap_quantized_layers(model: nn.Module, spec: Quantization, *, where: str) -> None:
+    """Swap the Linear layers `spec` lists for empty int8 layers (for loading a package)."""
+    kind = LAYER_TYPES[spec.scheme]
+    for name in spec.layers:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise PackageError(
+                f"{where}: quantization lists {name!r}, not a layer of the model"
+            ) from None
+        if not isinstance(linear, nn.Linear):
+            raise PackageError(
+                f"{where}: quantization lists {name!r}, a {type(linear).__name__}, not a Linear"
+            )
+        replace_module(
+            model, name, kind(linear.in_features, linear.out_features, linear.bias is not None)
+        )
 
 
 def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> nn.Module:

@@ -38,15 +38,17 @@ from pydantic import (
 
 from shipyard.errors import PackageError
 
+# The file names are files.py's; re-exported here because every reader of a manifest needs them.
+from shipyard.package.files import MANIFEST as MANIFEST
+from shipyard.package.files import ONNX_MODEL as ONNX_MODEL
+from shipyard.package.files import RESERVED as RESERVED
+from shipyard.package.files import SIGNATURE as SIGNATURE
+from shipyard.package.files import TOKENIZER as TOKENIZER
+from shipyard.package.files import WEIGHTS as WEIGHTS
+from shipyard.package.signing import verify_signature
+
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-WEIGHTS = "model.safetensors"
-ONNX_MODEL = "model.onnx"
-TOKENIZER = "tokenizer.json"
-RESERVED = frozenset({MANIFEST, SIGNATURE})
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is metadata; anything larger is not one of ours
-_HASH_CHUNK = 8 << 20
 
 Task = Literal["classification", "regression", "language-modeling"]
 Backend = Literal["torch", "onnxruntime"]
@@ -404,8 +406,6 @@ def verify_package(
     root = Path(path)
     manifest, raw = read_manifest(root)
     if public_key is not None:
-        from shipyard.package.security import verify_signature
-
         verify_signature(root, public_key, manifest_bytes=raw)
     for name, entry in manifest.files.items():
         if name not in skip:
