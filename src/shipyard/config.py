@@ -19,12 +19,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from shipyard.config_base import StrictModel
+from shipyard.config_base import StrictModel, Task
 from shipyard.data.config import DataConfig
 from shipyard.errors import ConfigError
 from shipyard.models import CAUSAL_MODELS, TOKEN_MODELS, ModelConfig
-
-Task = Literal["classification", "regression", "language-modeling"]
 
 # ----------------------------------------------------------------------------------------------
 # optimizers (torch.optim), chosen by name; each carries only its own hyper-parameters

@@ -234,9 +234,8 @@ def test_student_config_lays_the_student_over_the_parent() -> None:
 
 
 def test_trainer_hooks_keep_masks_and_take_a_teacher(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from shipyard.train import fit
+    from shipyard.train import best_checkpoint, fit
     from shipyard.train.checkpoint import load_weights
-    from shipyard.train.trainer import best_checkpoint
 
     config = load_config(
         {

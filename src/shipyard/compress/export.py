@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from shipyard.compress.errors import ExportError
+from shipyard.compress.hf import export_hf
 from shipyard.compress.source import Parent, as_inputs, split_tensors
 from shipyard.package import LoadedModel, load_package, write_package
 
@@ -80,8 +81,6 @@ def export(
         )
     target = Path(out) if out is not None else parent.path.with_name(f"{parent.path.name}-{format}")
     if format == "hf":
-        from shipyard.compress.hf import export_hf
-
         return export_hf(parent, target, tolerance=tolerance)
     if format == "onnx":
         return _export_onnx(parent, target, tolerance, opset)

@@ -6,11 +6,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from shipyard.config_base import TASKS, Task
 from shipyard.data.config import DataConfig
 from shipyard.data.corpus import TokenWindows, default_cache_dir, tokenize_to_file
 from shipyard.data.datasets import ArrayDataset
@@ -19,9 +20,6 @@ from shipyard.data.sources import Table, load_table, load_texts
 from shipyard.data.splits import SPLITS, split_documents, split_indices
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import DataError
-
-Task = Literal["classification", "regression", "language-modeling"]
-TASKS: tuple[str, ...] = ("classification", "regression", "language-modeling")
 
 
 @dataclass

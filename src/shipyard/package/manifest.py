@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from shipyard.config_base import Task
 from shipyard.errors import PackageError
 
 # The file names are files.py's; re-exported here because every reader of a manifest needs them.
@@ -50,7 +51,6 @@ from shipyard.package.signing import verify_signature
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is metadata; anything larger is not one of ours
 
-Task = Literal["classification", "regression", "language-modeling"]
 Backend = Literal["torch", "onnxruntime"]
 
 

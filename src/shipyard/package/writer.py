@@ -1,8 +1,8 @@
-"""Writing packages: `write_package` from objects in memory, `package_run` from a run directory."""
+"""Writing packages: `write_package` from objects in memory (a run directory is packaged by
+`shipyard.train.package_run`, which owns the run directory's layout)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Mapping
@@ -17,7 +17,7 @@ from torch import nn
 from shipyard import __version__
 from shipyard.config import RunConfig, config_sha256
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
-from shipyard.errors import PackageError, ShipyardError
+from shipyard.errors import PackageError
 from shipyard.models import TOKEN_MODELS
 from shipyard.package.manifest import (
     MANIFEST,
@@ -38,8 +38,6 @@ from shipyard.package.manifest import (
     staged_package,
     verify_package,
 )
-
-PACKAGE_DIR = "package"  # where `shipyard train` writes a run's package
 
 
 def build_signature(task: str, info: DataInfo, architecture: str) -> Signature:
@@ -151,55 +149,6 @@ def write_package(
         for file in tmp.iterdir():
             _fsync(file)
     return out
-
-
-def package_run(
-    run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """Package a training run's best checkpoint (default output: RUN_DIR/package)."""
-    from shipyard.package.loading import build_empty_model
-    from shipyard.train import best_checkpoint, load_run_config
-    from shipyard.train.checkpoint import load_weights, read_checkpoint
-
-    run = Path(run_dir)
-    try:
-        config = load_run_config(run)
-        data = json.loads((run / "data.json").read_text(encoding="utf-8"))
-        info = DataInfo.from_dict(data["info"])
-        pre = data.get("preprocessing")
-        preprocessor = Preprocessor.from_dict(pre) if pre is not None else None
-        tok_file = run / TOKENIZER
-        tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
-        checkpoint = best_checkpoint(run)
-        step = read_checkpoint(checkpoint, verify=False).step
-        model = build_empty_model(config.model, info)
-        load_weights(checkpoint, model)
-    except FileNotFoundError as exc:
-        raise PackageError(
-            f"{run}: not a complete run directory ({exc.filename} missing)"
-        ) from None
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise PackageError(f"{run}: cannot read the run ({exc})") from None
-    except PackageError:
-        raise
-    except ShipyardError as exc:
-        raise PackageError(f"{run}: cannot package this run: {exc}") from None
-    report_file = run / "report.json"
-    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
-    metrics = {
-        split: report[split] for split in ("val", "test") if isinstance(report.get(split), dict)
-    }
-    return write_package(
-        Path(out_dir) if out_dir is not None else run / PACKAGE_DIR,
-        model=model,
-        config=config,
-        data_info=info,
-        preprocessor=preprocessor,
-        tokenizer=tokenizer,
-        metrics=metrics,
-        version=run.resolve().name,
-        lineage_extra={"run_dir": str(run.resolve()), "checkpoint_step": step},
-    )
 
 
 def _entry(path: Path) -> FileEntry:
