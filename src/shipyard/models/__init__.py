@@ -19,9 +19,8 @@ from shipyard.models.encoder import Encoder, EncoderConfig
 from shipyard.models.gpt import GPT, GPTConfig, KVCache
 from shipyard.models.mlp import MLP, MLPConfig
 
-ModelConfig = Annotated[
-    MLPConfig | CNNConfig | GPTConfig | EncoderConfig, Field(discriminator="name")
-]
+ArchitectureConfig = MLPConfig | CNNConfig | GPTConfig | EncoderConfig
+ModelConfig = Annotated[ArchitectureConfig, Field(discriminator="name")]
 
 CAUSAL_MODELS = frozenset({"gpt"})  # next-token language models
 TOKEN_MODELS = frozenset({"gpt", "encoder"})  # take token ids, need a tokenizer
@@ -164,6 +163,7 @@ __all__ = [
     "MLP",
     "MODEL_NAMES",
     "TOKEN_MODELS",
+    "ArchitectureConfig",
     "CNNConfig",
     "Encoder",
     "EncoderConfig",
