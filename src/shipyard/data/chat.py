@@ -26,6 +26,24 @@ from shipyard.errors import DataError
 
 DEFAULT_TEMPLATE_NAME = "default"
 
+# Models without a template of their own (trained by shipyard, base checkpoints): one block per
+# message, then the assistant header; generation stops where the model starts a new block.
+FALLBACK_TEMPLATE = "<|{role}|>\n{content}\n"
+FALLBACK_STOPS = (
+    "\n<|system|>",
+    "\n<|user|>",
+    "\n<|assistant|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+)
+
+
+def fallback_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The prompt text of `messages` ({role, content}) in shipyard's fallback chat format."""
+    parts = [FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages]
+    return "".join(parts) + "<|assistant|>\n"
+
 
 class ChatTemplateError(DataError):
     """A chat template failed to compile, raised an error (`raise_exception`) or escaped the
@@ -75,6 +93,10 @@ class _Namespace(jinja2.utils.Namespace):
             )
 
 
+def _template_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+    return dict(*args, **kwargs)
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(
@@ -84,6 +106,7 @@ def _compile(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["namespace"] = _Namespace
+    env.globals["dict"] = _template_dict
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateError as exc:
@@ -96,7 +119,9 @@ def select_template(value: Any, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value or None
     if isinstance(value, list) and all(
-        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+        isinstance(t, dict)
+        and isinstance(t.get("name"), str)
+        and isinstance(t.get("template"), str)
         for t in value
     ):
         named = {t["name"]: t["template"] for t in value}
@@ -153,4 +178,11 @@ class ChatTemplate:
         return hash(self.source)
 
 
-__all__ = ["ChatTemplate", "ChatTemplateError", "select_template"]
+__all__ = [
+    "FALLBACK_STOPS",
+    "FALLBACK_TEMPLATE",
+    "ChatTemplate",
+    "ChatTemplateError",
+    "fallback_prompt",
+    "select_template",
+]

@@ -29,7 +29,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from shipyard.data.chat import ChatTemplate, select_template
+from shipyard.data.chat import FALLBACK_STOPS, ChatTemplate, fallback_prompt, select_template
 from shipyard.data.config import TokenizerConfig
 from shipyard.errors import DataError
 
@@ -186,7 +186,9 @@ class HFTokenizerConfig:
             )
         try:
             return cls(
-                special_tokens={str(k): str(v) for k, v in dict(data.get("special_tokens", {})).items()},
+                special_tokens={
+                    str(k): str(v) for k, v in dict(data.get("special_tokens", {})).items()
+                },
                 add_bos_token=data.get("add_bos_token"),
                 add_eos_token=data.get("add_eos_token"),
                 eos_token_ids=tuple(int(i) for i in data.get("eos_token_ids", ())),
@@ -454,6 +456,19 @@ class Tokenizer:
             out.append(bytes(run).decode("utf-8", errors="replace"))
             return "".join(out)
         return str(self._backend.decode(arr.tolist(), skip_special_tokens=skip_special_tokens))
+
+    def chat_prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Prompt ids for chat `messages` ({role, content}): the model's own template when it
+        has one, else shipyard's fallback format (see `chat_stops`)."""
+        if self.chat_template is not None:
+            return self.apply_chat_template(messages, add_generation_prompt=True) or [self.eos_id]
+        return self.encode_prompt(fallback_prompt(messages)) or [self.eos_id]
+
+    @property
+    def chat_stops(self) -> tuple[str, ...]:
+        """Stop strings chat generation needs: none with the model's own template (its
+        end-of-turn token is an EOS id), the fallback format's block headers otherwise."""
+        return () if self.chat_template is not None else FALLBACK_STOPS
 
     # -- persistence ----------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ A package is a flat directory with fixed file names:
     model.safetensors   the weights (backend "torch", the default)
     model.onnx          instead of the weights: an ONNX graph (backend "onnxruntime")
     tokenizer.json      optional: the tokenizer (token models)
+    tokenizer_config.json  optional: an imported Hugging Face tokenizer's special tokens, EOS ids
+                        and chat template (`shipyard.data.HFTokenizerConfig`)
     manifest.sig        optional: Ed25519 signature over the exact bytes of manifest.json
 
 `verify_package` refuses anything that does not match the manifest: a changed, missing or extra
@@ -44,6 +46,7 @@ SIGNATURE = "manifest.sig"
 WEIGHTS = "model.safetensors"
 ONNX_MODEL = "model.onnx"
 TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 RESERVED = frozenset({MANIFEST, SIGNATURE})
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is metadata; anything larger is not one of ours
 _HASH_CHUNK = 8 << 20
