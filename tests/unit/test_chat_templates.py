@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.hf_support import MESSAGES, eos_ids, hf_tokenizer
 
 from shipyard.data import ChatTemplate, ChatTemplateError, HFTokenizerConfig, Tokenizer
 from shipyard.data.chat import FALLBACK_STOPS, select_template
 from shipyard.errors import DataError
-from tests.hf_support import MESSAGES, eos_ids, hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -158,13 +158,13 @@ def test_bad_template_values_and_tokenizer_files_are_clear_errors(tmp_path: Path
     with pytest.raises(ChatTemplateError, match="must be a string or a list"):
         select_template(42, "tokenizer_config.json")
     assert select_template(None, "x") is None
-    with pytest.raises(DataError, match="no tokenizer.json"):
+    with pytest.raises(DataError, match=r"no tokenizer\.json"):
         Tokenizer.from_hf_dir(tmp_path)
     hf_tokenizer("qwen2", tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["bos_token"] = "<|not-in-vocab|>"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(DataError, match="'<\\|not-in-vocab\\|>' is not in tokenizer.json"):
+    with pytest.raises(DataError, match=r"'<\|not-in-vocab\|>' is not in tokenizer\.json"):
         Tokenizer.from_hf_dir(tmp_path)
 
 

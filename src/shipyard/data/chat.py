@@ -74,7 +74,7 @@ def _strftime_now(format: str) -> str:
 class _Namespace(jinja2.utils.Namespace):
     """`namespace()` that refuses underscore names (no reaching into CPython internals)."""
 
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805  (Jinja's own signature trick)
+    def __init__(*args: Any, **kwargs: Any) -> None:
         self, rest = args[0], args[1:]
         attrs = dict(*rest, **kwargs)
         for name in attrs:

@@ -149,7 +149,7 @@ class HFTokenizerConfig:
                 )
         eos: list[int] = []
         if "eos_token" in special:
-            eos.append(int(backend.token_to_id(special["eos_token"])))
+            eos.append(int(backend.token_to_id(special["eos_token"]) or 0))  # checked above
         source = generation_config if generation_config else model_config or {}
         for i in _id_list(source.get("eos_token_id")):
             if i not in eos:
@@ -238,7 +238,7 @@ class Tokenizer:
                 single=single,
                 pair=f"{single}{pair_head} $B:1{pair_tail}",
                 special_tokens=[
-                    (t, int(self._backend.token_to_id(t))) for t in (bos, eos) if t is not None
+                    (t, int(self._backend.token_to_id(t) or 0)) for t in (bos, eos) if t is not None
                 ],
             )
         # chat prompts: special tokens the template writes must become their ids

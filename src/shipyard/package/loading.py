@@ -254,7 +254,7 @@ def load_package(
 
 
 def _hf_tokenizer_config(root: Path, manifest: Manifest) -> HFTokenizerConfig | None:
-    """An imported Hugging Face tokenizer's config (tokenizer_config.json), if the package has one."""
+    """An imported Hugging Face tokenizer's config (tokenizer_config.json), if any."""
     if TOKENIZER_CONFIG not in manifest.files:
         return None
     try:
