@@ -190,3 +190,19 @@ def test_models_without_a_template_keep_the_fallback_format() -> None:
     assert tok.chat_stops == FALLBACK_STOPS and tok.eos_ids == (1,)
     with pytest.raises(DataError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_every_eos_id_ends_generation(saved: dict[str, tuple[Path, Any]]) -> None:
+    from shipyard.generate import SamplingParams
+    from shipyard.generate.sequence import SequenceState
+
+    path, ref = saved["qwen2"]
+    tok = Tokenizer.from_hf_dir(path, generation_config={"eos_token_id": eos_ids("qwen2", ref)})
+    hello = tok.encode("Hello")
+    for eos in tok.eos_ids:
+        state = SequenceState("r", [1, 2], SamplingParams(max_tokens=8), tok)
+        events = [state.add_token(t) for t in (*hello, eos)]
+        assert events[-1].finish_reason == "stop" and state.finished
+        assert "".join(e.text for e in events) == "Hello"
+    state = SequenceState("r", [1, 2], SamplingParams(max_tokens=8, stop_on_eos=False), tok)
+    assert state.add_token(tok.eos_ids[1]).finish_reason is None

@@ -433,6 +433,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; invalid UTF-8 becomes U+FFFD. Special tokens are dropped by default."""
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self.hf is not None and arr.size and arr.max() >= self.vocab_size:
+            # checkpoints pad their embedding past the tokenizer (Qwen: 151936 rows for 151665
+            # tokens); those ids have no text, as in transformers
+            arr = arr[arr < self.vocab_size]
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
             raise DataError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
