@@ -32,7 +32,7 @@ MODEL = "tiny-qwen"
 WAIT_S = 60.0
 
 
-STOP_AT = 6  # the greedy chat answer to MESSAGES[0] ends here: its next token is an EOS id
+STOP_AT = 4  # the greedy chat answer to MESSAGES[0] ends here: its next token is an EOS id
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,10 @@ def _chat_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
 def _greedy(ref: Any, ids: list[int], n: int) -> list[int]:
     """transformers' own greedy continuation of `ids` (EOS ignored), n tokens."""
     with torch.inference_mode():
+        x = torch.tensor([ids])
         out = ref.generate(
-            torch.tensor([ids]),
+            x,
+            attention_mask=torch.ones_like(x),  # not inferred from pad ids: prompts contain them
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,
