@@ -96,7 +96,9 @@ def imported(
     checkpoints: dict[str, tuple[Path, Any, Any]], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf-packages")
-    return {f: import_hf(path, root / f, name=f"tiny-{f}") for f, (path, _, _) in checkpoints.items()}
+    return {
+        f: import_hf(path, root / f, name=f"tiny-{f}") for f, (path, _, _) in checkpoints.items()
+    }
 
 
 def _prompts(vocab: int) -> list[torch.Tensor]:
@@ -128,9 +130,7 @@ def test_import_matches_transformers_logits(
     assert loaded.tokenizer.apply_chat_template(messages) == want_ids
     lineage = loaded.manifest.lineage.model_dump()
     assert lineage["source_fingerprint"].startswith("sha256:")
-    assert set(lineage["source_files"]) == {
-        p.name for p in path.glob("*.safetensors")
-    }
+    assert set(lineage["source_files"]) == {p.name for p in path.glob("*.safetensors")}
     assert loaded.manifest.derivation is not None
     assert loaded.manifest.derivation.params == {"model_type": family}
 
@@ -142,12 +142,17 @@ def test_export_loads_in_transformers_with_identical_logits(
     imported: dict[str, Path],
     tmp_path: Path,
 ) -> None:
-    path, ref, tok = checkpoints[family]
+    _, ref, tok = checkpoints[family]
     shard = 30_000 if family == "qwen3" else None  # qwen3: force shards on export
     out, parity = export(imported[family], tmp_path / "hf", format="hf", max_shard_size=shard)
     assert parity["max_abs_diff"] == 0.0
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= files
     assert "chat_template.jinja" in files
     assert ("model.safetensors.index.json" in files) == (shard is not None)
     back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -225,7 +230,9 @@ def test_pickled_and_broken_checkpoints_are_refused(
     other = tmp_path / "gemma"
     other.mkdir()
     write_json(other / "config.json", {"model_type": "gemma"})
-    with pytest.raises(ExportError, match="model_type 'gemma' is not supported; supported: gpt2, llama"):
+    with pytest.raises(
+        ExportError, match="model_type 'gemma' is not supported; supported: gpt2, llama"
+    ):
         import_hf(other, tmp_path / "out")
     sharded = checkpoints["qwen2"][0]
     escape = tmp_path / "escape"
@@ -261,8 +268,13 @@ def test_gpt2_checkpoint_imports_and_exports(tmp_path: Path) -> None:
     (src / "chat_template.jinja").unlink()
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     cfg = transformers.GPT2Config(
-        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=eot, eos_token_id=eot,
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eot,
+        eos_token_id=eot,
     )
     torch.manual_seed(0)
     ref = transformers.GPT2LMHeadModel(cfg).eval()
