@@ -188,7 +188,13 @@ class LoadedModel:
             ids = [self.tokenizer.encode_array(t) for t in texts]
             if len({len(i) for i in ids}) != 1 or len(ids[0]) == 0:
                 raise InvalidInputError("texts for a language model must encode to equal lengths")
-            block = int(self.manifest.architecture.config.get("block_size") or len(ids[0]))
+            arch = self.manifest.architecture.config
+            block = int(
+                getattr(self.model, "max_context", 0)  # a LanguageModel; else an ONNX export
+                or arch.get("block_size")
+                or arch.get("max_position_embeddings")
+                or len(ids[0])
+            )
             return np.stack(ids)[:, -block:]
         block_size = self.input_shape[0]
         out = np.full((len(texts), block_size), self.tokenizer.pad_id, dtype=np.int64)
