@@ -293,3 +293,26 @@ def test_gpt2_checkpoint_imports_and_exports(tmp_path: Path) -> None:
     back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.inference_mode():
         assert torch.equal(back(x).logits, ref(x).logits)
+
+
+def test_bf16_checkpoint_stays_bf16_and_exports_bitwise(tmp_path: Path) -> None:
+    tok = hf_tokenizer("llama", tmp_path / "hf")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), tie_word_embeddings=True, **{**SMALL, "max_position_embeddings": 64}
+    )
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    ref.save_pretrained(str(tmp_path / "hf"))
+    pkg = import_hf(tmp_path / "hf", tmp_path / "pkg")
+    with safe_open(str(pkg / "model.safetensors"), "pt") as h:
+        assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.bfloat16}  # noqa: SIM118
+    x = torch.randint(0, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # the package computes in fp32 from the bf16 values
+        want = ref.float()(x).logits
+        assert (load_package(pkg).model(x) - want).abs().max().item() <= 1e-4
+    out, parity = export(pkg, tmp_path / "out", format="hf")
+    assert parity["max_abs_diff"] == 0.0
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert back.dtype == torch.bfloat16
+    ref_state = ref.to(torch.bfloat16).state_dict()
+    assert all(torch.equal(ref_state[k], v) for k, v in back.state_dict().items())
