@@ -19,8 +19,8 @@ from tests.hf_support import MESSAGES, eos_ids, hf_tokenizer, write_json
 from typer.testing import CliRunner
 
 from shipyard.cli import app as cli_app
-from shipyard.compress import export, import_hf
-from shipyard.compress.errors import ExportError
+from shipyard.compress import export, import_hf, quantize
+from shipyard.compress.errors import CompressError, ExportError
 from shipyard.package import load_package, verify_package
 
 transformers = pytest.importorskip("transformers")
@@ -133,6 +133,11 @@ def test_import_matches_transformers_logits(
     assert set(lineage["source_files"]) == {p.name for p in path.glob("*.safetensors")}
     assert loaded.manifest.derivation is not None
     assert loaded.manifest.derivation.params == {"model_type": family}
+
+
+def test_steps_that_need_training_data_say_so(imported: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(CompressError, match="imported from a Hugging Face checkpoint"):
+        quantize(imported["llama"], tmp_path / "q", "int8-weight")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
