@@ -25,6 +25,7 @@ from shipyard.models import (
     hf_config_from,
     is_language_model,
 )
+from shipyard.models.llama import llama_from_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -323,6 +324,25 @@ def test_meta_device_build_then_assign() -> None:
     idx = prompt(12, 7)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx), source(idx), atol=0, rtol=0)
+
+
+def test_llama_from_state_dict_assigns_without_copies() -> None:
+    source = ours("qwen3", "default", True)
+    state = {k: v.clone() for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    model = llama_from_state_dict(source.config, state).eval()
+    assigned = model.model.layers[1].self_attn.q_norm.weight
+    assert assigned.data_ptr() == state["model.layers.1.self_attn.q_norm.weight"].data_ptr()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    idx = prompt(9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), source(idx), atol=0, rtol=0)
+    bf16 = llama_from_state_dict(source.config, {k: v.bfloat16() for k, v in state.items()})
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    assert bf16(idx).dtype == torch.bfloat16
+    del state["model.norm.weight"]
+    state["model.layers.0.mlp.extra"] = torch.zeros(1)
+    with pytest.raises(ModelError, match=r"missing \['model.norm.weight'\], unexpected"):
+        llama_from_state_dict(source.config, state)
 
 
 def test_registry_knows_llama() -> None:

@@ -25,6 +25,7 @@ weights with `load_state_dict(..., assign=True)` and call `tie_weights()`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -941,6 +942,50 @@ def hf_config_from(config: LlamaConfig, vocab_size: int | None = None) -> dict[s
         original = config.rope.original_max_position_embeddings
         out["original_max_position_embeddings"] = original or config.max_position_embeddings
     return out
+
+
+# Non-parameter tensors some older Llama conversions saved (recomputed here from the config).
+_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def llama_from_state_dict(
+    config: LlamaConfig, state_dict: Mapping[str, torch.Tensor], vocab_size: int | None = None
+) -> Llama:
+    """A Llama whose parameters are the given tensors themselves (no random init, no copy).
+
+    The model is built on the meta device and the tensors (e.g. memory-mapped safetensors, in
+    their own dtype) are assigned. A tied checkpoint may omit `lm_head.weight`. Raises
+    ModelError naming missing, unexpected or misshapen tensors.
+    """
+    sd = {k: v for k, v in state_dict.items() if not k.endswith(_HF_IGNORED_SUFFIXES)}
+    embed = sd.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ModelError("not a Llama-family state dict: it has no model.embed_tokens.weight")
+    vocab = vocab_size or config.vocab_size or embed.size(0)
+    if config.tie_word_embeddings:
+        head = sd.pop("lm_head.weight", None)
+        if head is not None and head is not embed and not torch.equal(head, embed):
+            raise ModelError(
+                "the checkpoint's lm_head.weight differs from its embedding but "
+                "tie_word_embeddings is true; set tie_word_embeddings false"
+            )
+    with torch.device("meta"):
+        model = Llama(config, vocab)
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:3]]
+        raise ModelError(
+            f"weights do not fit the {config.model_type} config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {shapes}"
+        )
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    return model
 
 
 def build_llama(
