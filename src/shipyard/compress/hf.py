@@ -32,7 +32,7 @@ from shipyard.compress.source import Parent
 from shipyard.config import RunConfig, validate_config
 from shipyard.data import DataInfo, Tokenizer
 from shipyard.errors import ModelError, ShipyardError
-from shipyard.models import GPT, GPTConfig, build_model
+from shipyard.models import GPT, GPTConfig
 from shipyard.models.gpt import (
     LAYER_NORM_EPS,
     from_hf_gpt2_state_dict,
@@ -40,7 +40,7 @@ from shipyard.models.gpt import (
     to_hf_gpt2_state_dict,
 )
 from shipyard.models.llama import MODEL_TYPES as LLAMA_TYPES
-from shipyard.models.llama import Llama, config_from_hf, hf_config_from
+from shipyard.models.llama import Llama, config_from_hf, hf_config_from, llama_from_state_dict
 from shipyard.package import manifest_sha256, write_package
 from shipyard.package.manifest import sha256_file
 
@@ -135,47 +135,14 @@ def source_fingerprint(config_file: Path, files: list[Path]) -> tuple[str, dict[
     return "sha256:" + h.hexdigest(), digests
 
 
-def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """Put the checkpoint's tensors into a meta-device model as its parameters (no copies)."""
-    state = model.state_dict(keep_vars=True)
-    tied = isinstance(model, Llama) and model.config.tie_word_embeddings
-    if tied:
-        head = tensors.pop("lm_head.weight", None)
-        emb = tensors.get("model.embed_tokens.weight")
-        if head is not None and emb is not None and not torch.equal(head, emb):
-            raise ExportError(
-                f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
-                "model.embed_tokens.weight; set tie_word_embeddings to false in config.json"
-            )
-    expected = {k for k in state if not (tied and k == "lm_head.weight")}
-    missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected)
-    bad = [k for k in tensors if k in state and tuple(tensors[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or bad:
-        raise ExportError(
-            f"{where}: weights do not fit config.json (missing: {missing[:4]}, unexpected: "
-            f"{unexpected[:4]}, wrong shape: {bad[:4]})"
-        )
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if isinstance(model, Llama):
-        model.tie_weights()  # assign replaced lm_head.weight's owner; share it again
-
-
 def read_llama_dir(path: Path, hf: dict[str, Any]) -> Llama:
-    """A Llama-family model from a checkpoint directory, its weights memory-mapped."""
+    """A Llama-family model from a checkpoint directory, its weights memory-mapped and assigned
+    into a meta-device model (no random init, no copy)."""
     try:
         config = config_from_hf(hf)
+        model = llama_from_state_dict(config, read_tensors(weight_files(path)))
     except ModelError as exc:
-        raise ExportError(f"{path / HF_CONFIG}: {exc}") from None
-    tensors = read_tensors(weight_files(path))
-    vocab = config.vocab_size
-    with torch.device("meta"):
-        model = build_model(config, vocab_size=vocab)
-    assert isinstance(model, Llama)
-    _assign(model, tensors, path)
-    for name, buf in model.named_buffers():  # non-persistent buffers (none expected)
-        if buf.is_meta:
-            raise ExportError(f"{path}: buffer {name} cannot be loaded from the checkpoint")
+        raise ExportError(f"{path}: {exc}") from None
     return model.eval()
 
 
