@@ -298,6 +298,9 @@ def test_gpt2_checkpoint_imports_and_exports(tmp_path: Path) -> None:
     back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.inference_mode():
         assert torch.equal(back(x).logits, ref(x).logits)
+    again = load_package(import_hf(out, tmp_path / "again"))  # its HF tokenizer comes back too
+    assert again.tokenizer == loaded.tokenizer
+    assert again.manifest.lineage.parent is not None
 
 
 def test_bf16_checkpoint_stays_bf16_and_exports_bitwise(tmp_path: Path) -> None:

@@ -242,8 +242,8 @@ def import_hf(
         raise ExportError(
             f"{src}: tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}"
         )
-    if base is not None and (base_gpt is not None or base.model.name == "llama"):
-        config = base
+    if base is not None and (base_gpt is not None or base.model == getattr(model, "config")):  # noqa: B009
+        config = base  # exported by shipyard: the package's own run config again
     else:
         config = _run_config(model, tokenizer, src)
     fingerprint, digests = source_fingerprint(src / HF_CONFIG, weight_files(src))
@@ -277,8 +277,11 @@ def _read_tokenizer(
     if not (src / HF_TOKENIZER).is_file():
         return None
     try:
-        if shipyard_made:  # exported from a shipyard-trained GPT: its own tokenizer again
-            return Tokenizer.from_json((src / HF_TOKENIZER).read_text(encoding="utf-8"))
+        if shipyard_made:  # exported from a shipyard GPT: its own tokenizer again, if it was one
+            try:
+                return Tokenizer.from_json((src / HF_TOKENIZER).read_text(encoding="utf-8"))
+            except ShipyardError:
+                pass  # the GPT was itself imported: a Hugging Face tokenizer
         return Tokenizer.from_hf_dir(src, generation_config=generation, model_config=hf)
     except ShipyardError as exc:
         raise ExportError(f"{src / HF_TOKENIZER}: {exc}") from None
