@@ -52,9 +52,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 def chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
     rows = [
-        {"messages": _conversation(country, system=True)}
-        for i in range(10)
-        for country in CAPITALS
+        {"messages": _conversation(country, system=True)} for i in range(10) for country in CAPITALS
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
