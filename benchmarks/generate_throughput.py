@@ -9,7 +9,10 @@ same logits). Every generation produces exactly N tokens (EOS ignored), greedily
 1. single stream: tokens/s of one request (shipyard `generate` vs HF `generate`);
 2. batch of 16: aggregate tokens/s of 16 concurrent HTTP streams to a real `shipyard serve`
    (continuous batching) vs HF `generate` on one left-padded batch of the same 16 prompts;
-3. time to first token: one HTTP streaming request to shipyard vs HF prefill + first token.
+3. time to first token: one HTTP streaming request to shipyard vs HF prefill + first token;
+4. shipyard with int8 decoding (`--decode-weights int8`: per-channel int8 weights, the x86 int8
+   GEMM where this CPU has one): single stream and 16 HTTP streams, rounds interleaved with fp32,
+   and how often its greedy tokens equal fp32's.
 
     python benchmarks/generate_throughput.py            # N=128 new tokens, 3 repeats
     python benchmarks/generate_throughput.py --quick    # N=32, 1 repeat
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
@@ -119,7 +123,9 @@ def hf_generate(hf: Any, batch: list[list[int]], n: int, pad_id: int) -> tuple[f
 # ------------------------------------------------------------------------------ shipyard
 
 
-def start_server(package: Path, threads: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    package: Path, threads: int, decode_weights: str = "auto"
+) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(
         [
@@ -134,6 +140,8 @@ def start_server(package: Path, threads: int) -> tuple[subprocess.Popen[str], st
             str(threads),
             "--max-running-seqs",
             str(BATCH),
+            "--decode-weights",
+            decode_weights,
             "--log-level",
             "warning",
         ],
@@ -227,6 +235,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from shipyard.generate import SamplingParams, generate
+    from shipyard.generate.packed import cpu_flags
     from shipyard.package import load_package
 
     package = build_package(args.work)
@@ -240,10 +249,19 @@ def main() -> None:
     # 1. single stream, in process
     generate(gpt, tok, single, params)
     hf_generate(hf, [single], 4, tok.pad_id)
-    ours_s = [generate(gpt, tok, single, params) for _ in range(repeats)]
+    gpt8 = copy.deepcopy(gpt)
+    generate(gpt8, tok, single, params, weights="int8")
+    ours_s, int8_s = [], []
+    for _ in range(repeats):  # interleaved rounds: a shared machine's noise hits both alike
+        ours_s.append(generate(gpt, tok, single, params))
+        int8_s.append(generate(gpt8, tok, single, params, weights="int8"))
     hf_s = [hf_generate(hf, [single], n, tok.pad_id) for _ in range(repeats)]
     same = ours_s[0].token_ids == hf_s[0][1][0].tolist()
+    int8_agree = sum(
+        a == b for a, b in zip(ours_s[0].token_ids, int8_s[0].token_ids, strict=True)
+    ) / len(ours_s[0].token_ids)
     ours_single = n / statistics.median(r.total_s for r in ours_s)
+    int8_single = n / statistics.median(r.total_s for r in int8_s)
     hf_single = n / statistics.median(t for t, _ in hf_s)
 
     # 3. (HF side) time to first token: prefill + one token
@@ -255,15 +273,23 @@ def main() -> None:
     hf_batch = BATCH * n / statistics.median(hf_b)
 
     proc, url = start_server(package, args.threads)
+    proc8, url8 = start_server(package, args.threads, "int8")
     try:
         asyncio.run(http_batch(url, batch, 8))  # warm-up
-        runs = [asyncio.run(http_batch(url, batch, n)) for _ in range(repeats)]
-        assert all(tokens == BATCH * n for _, tokens in runs), runs
+        asyncio.run(http_batch(url8, batch, 8))
+        runs, runs8 = [], []
+        for _ in range(repeats):  # interleaved
+            runs.append(asyncio.run(http_batch(url, batch, n)))
+            runs8.append(asyncio.run(http_batch(url8, batch, n)))
+        assert all(tokens == BATCH * n for _, tokens in runs + runs8), (runs, runs8)
         ours_batch = BATCH * n / statistics.median(t for t, _ in runs)
+        int8_batch = BATCH * n / statistics.median(t for t, _ in runs8)
         ours_ttft = asyncio.run(http_ttft(url, single, 5))
+        int8_ttft = asyncio.run(http_ttft(url8, single, 5))
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        for p in (proc, proc8):
+            p.terminate()
+            p.wait(timeout=60)
 
     rows = [
         ("single stream (tokens/s)", ours_single, hf_single, ours_single / hf_single, 5.0),
@@ -275,13 +301,31 @@ def main() -> None:
             2.0,
         ),
         ("time to first token (ms)", ours_ttft * 1000, hf_ttft * 1000, hf_ttft / ours_ttft, 1.0),
+        ("int8: single stream (tokens/s)", int8_single, hf_single, int8_single / hf_single, 5.0),
+        (
+            f"int8: {BATCH} streams (tokens/s)",
+            int8_batch,
+            hf_batch,
+            int8_batch / hf_batch,
+            2.0,
+        ),
+        (
+            "int8: time to first token (ms)",
+            int8_ttft * 1000,
+            hf_ttft * 1000,
+            hf_ttft / int8_ttft,
+            1.0,
+        ),
     ]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\nGPT {MODEL}, byte vocab, prompt {len(single)} tokens (batch: 8-38), N={n} new")
     print(
         f"machine: {machine}; torch threads {args.threads}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
-    print(f"greedy tokens identical (single stream): {same}\n")
+    print(f"greedy tokens identical (single stream): {same}")
+    print(f"int8 greedy tokens equal to fp32's: {int8_agree:.0%}")
+    print(f"int8 vs fp32 shipyard: single {int8_single / ours_single:.2f}x, ", end="")
+    print(f"{BATCH} streams {int8_batch / ours_batch:.2f}x\n")
     print(f"| {'measure':<32} | {'shipyard':>9} | {'HF':>9} | {'ratio':>6} | target |")
     print(f"|{'-' * 34}|{'-' * 11}:|{'-' * 11}:|{'-' * 8}:|{'-' * 8}|")
     for name, ours, theirs, ratio, target in rows:
@@ -307,6 +351,10 @@ def main() -> None:
         "new_tokens": n,
         "repeats": repeats,
         "greedy_tokens_identical": same,
+        "int8_greedy_agreement": int8_agree,
+        "cpu_flags": sorted(
+            cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"}
+        ),
         "rows": [
             {"measure": name, "shipyard": ours, "hf": theirs, "ratio": ratio, "target": target}
             for name, ours, theirs, ratio, target in rows

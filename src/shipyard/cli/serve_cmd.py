@@ -46,6 +46,11 @@ def serve(
     max_running_seqs: int = typer.Option(
         16, "--max-running-seqs", min=1, help="Language models: sequences decoded together."
     ),
+    decode_weights: str = typer.Option(
+        "auto",
+        "--decode-weights",
+        help="Language models: auto (package's weights), int8 (quantize for decoding) or fp32.",
+    ),
     timeout_s: float = typer.Option(30.0, "--timeout-s", help="Per-request deadline → 504."),
     max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", help="Body limit → 413."),
     rate_limit: float | None = typer.Option(
@@ -90,6 +95,7 @@ def serve(
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
             max_running_seqs=max_running_seqs,
+            decode_weights=decode_weights,  # type: ignore[arg-type]  # validated by pydantic
             timeout_s=timeout_s,
             max_body_bytes=max_body_bytes,
             rate_limit=rate_limit,
