@@ -89,15 +89,15 @@ def test_int8_gemm_kernel_is_close_to_the_int8_weights_in_fp32() -> None:
 
 def test_unknown_or_disabled_kernel_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = int8_layer()
-    with pytest.raises(ModelError, match="unknown int8 kernel 'fast'.*dequantized"):
+    with pytest.raises(ModelError, match=r"unknown int8 kernel 'fast'.*dequantized"):
         layer.set_kernel("fast")
     monkeypatch.setenv("SHIPYARD_DISABLE_KERNELS", "int8-gemm")
-    with pytest.raises(ModelError, match="int8-gemm is not available.*'dequantized'"):
+    with pytest.raises(ModelError, match=r"int8-gemm is not available.*'dequantized'"):
         layer.set_kernel("int8-gemm")
 
 
 def test_bad_decode_weights_is_a_generation_error() -> None:
-    with pytest.raises(GenerationError, match="unknown decode weights 'int4'.*auto, fp32, int8"):
+    with pytest.raises(GenerationError, match=r"unknown decode weights 'int4'.*auto, fp32, int8"):
         prepare_decoding(tiny_gpt(), "int4")
 
 

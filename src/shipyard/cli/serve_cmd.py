@@ -95,7 +95,7 @@ def serve(
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
             max_running_seqs=max_running_seqs,
-            decode_weights=decode_weights,  # type: ignore[arg-type]  # validated by pydantic
+            decode_weights=decode_weights,
             timeout_s=timeout_s,
             max_body_bytes=max_body_bytes,
             rate_limit=rate_limit,
