@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.lm_support import loaded_lm
+from tests.lm_support import lm_package, loaded_lm
+from typer.testing import CliRunner
 
+from shipyard.errors import GenerationError
 from shipyard.generate import SamplingParams, generate
 from shipyard.generate.packed import prepare_decoding
 from shipyard.models.quantized import int8_gemm_available
+from shipyard.serve.settings import ServeError
 
 pytestmark = pytest.mark.skipif(not int8_gemm_available(), reason="no x86 int8 GEMM here")
 
@@ -50,3 +54,21 @@ def test_trained_gpt_int8_perplexity_within_one_percent(
         agree += sum(x == y for x, y in zip(a, b, strict=True))
         total += len(a)
     assert agree / total >= 0.8, agree / total
+
+
+def test_generate_cli_decode_weights(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from shipyard.cli import app as cli
+
+    package = str(lm_package(tmp_path_factory.getbasetemp()))
+    args = ["generate", package, "--prompt", "def ", "--max-tokens", "8", "--temperature", "0"]
+    runner = CliRunner()
+    out = runner.invoke(cli, [*args, "--decode-weights", "int8", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["completion_tokens"] == 8
+    # project errors (the console script turns them into one red line and exit code 2)
+    bad = runner.invoke(cli, [*args, "--decode-weights", "int4"])
+    assert isinstance(bad.exception, GenerationError)
+    assert "unknown decode weights 'int4'; choose one of auto, fp32, int8" in str(bad.exception)
+    bad = runner.invoke(cli, ["serve", package, "--decode-weights", "int4"])
+    assert isinstance(bad.exception, ServeError)
+    assert "unknown --decode-weights 'int4'; choose one of auto, fp32, int8" in str(bad.exception)

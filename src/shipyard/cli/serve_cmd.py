@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from shipyard.generate.packed import DECODE_WEIGHTS
 from shipyard.serve.settings import ServeError, ServeSettings
 
 console = Console()
@@ -76,6 +77,11 @@ def serve(
     packages = list(packages or [])
     if not packages and not registry:
         raise ServeError("nothing to serve: give PACKAGE_DIR arguments or --registry NAME[@ALIAS]")
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ServeError(
+            f"unknown --decode-weights {decode_weights!r}; "
+            f"choose one of {', '.join(DECODE_WEIGHTS)}"
+        )
     if keys_file is None and not insecure_no_auth:
         default = _default_keys_file()
         keys_file = default if default.is_file() else None

@@ -150,8 +150,9 @@ class Int8Linear(nn.Module):
                 "int8-gemm is not available here (no x86/fbgemm quantized engine, or disabled"
                 f" by ${DISABLE_ENV}); use kernel 'dequantized'"
             )
-        self._kernel = kernel
-        self._cache = None
+        if kernel != self._kernel:  # same kernel: keep its packed weight (no repacking)
+            self._kernel = kernel
+            self._cache = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
