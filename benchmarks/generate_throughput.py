@@ -120,6 +120,59 @@ def hf_generate(hf: Any, batch: list[list[int]], n: int, pad_id: int) -> tuple[f
     return elapsed, out[:, width:]
 
 
+# ------------------------------------------------------------------------------ CTranslate2
+
+
+def ct2_generators(hf: Any, work: Path, threads: int) -> dict[str, Any]:
+    """CTranslate2 fp32 and int8 generators converted from the same weights ({} if not installed).
+
+    `pip install shipyard[bench]`. The HF model is saved locally and converted with CTranslate2's
+    transformers converter; its vocabulary is the token ids spelled "<id>" (no tokenizer files).
+    """
+    try:
+        import ctranslate2
+        from ctranslate2.converters.transformers import TransformersConverter
+    except ImportError:
+        return {}
+    n_vocab = hf.config.vocab_size
+
+    class IdVocab:
+        bos_token, eos_token, unk_token = "<0>", "<1>", "<0>"
+
+        def get_vocab(self) -> dict[str, int]:
+            return {f"<{i}>": i for i in range(n_vocab)}
+
+    class Converter(TransformersConverter):  # type: ignore[misc]
+        def load_tokenizer(self, tokenizer_class: Any, path: str, **kwargs: Any) -> Any:
+            return IdVocab()
+
+    hf.save_pretrained(work / "ct2-hf")
+    generators = {}
+    for name, quantization in (("fp32", "float32"), ("int8", "int8")):
+        Converter(str(work / "ct2-hf")).convert(
+            str(work / f"ct2-{name}"), quantization=quantization, force=True
+        )
+        generators[name] = ctranslate2.Generator(
+            str(work / f"ct2-{name}"), device="cpu", intra_threads=threads, inter_threads=1
+        )
+    return generators
+
+
+def ct2_generate(generator: Any, batch: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+    """Seconds and token ids for CTranslate2 greedy generation of exactly n tokens per prompt."""
+    tokens = [[f"<{i}>" for i in p] for p in batch]
+    start = time.perf_counter()
+    results = generator.generate_batch(
+        tokens,
+        max_length=n,
+        min_length=n,
+        include_prompt_in_result=False,
+        sampling_topk=1,
+        end_token=[],
+    )
+    return time.perf_counter() - start, [r.sequences_ids[0] for r in results]
+
+
 # ------------------------------------------------------------------------------ shipyard
 
 
@@ -251,10 +304,16 @@ def main() -> None:
     hf_generate(hf, [single], 4, tok.pad_id)
     gpt8 = copy.deepcopy(gpt)
     generate(gpt8, tok, single, params, weights="int8")
+    ct2 = ct2_generators(hf, args.work, args.threads)
+    for g in ct2.values():
+        ct2_generate(g, [single], 4)
     ours_s, int8_s = [], []
-    for _ in range(repeats):  # interleaved rounds: a shared machine's noise hits both alike
+    ct2_s: dict[str, list[tuple[float, list[list[int]]]]] = {k: [] for k in ct2}
+    for _ in range(repeats):  # interleaved rounds: a shared machine's noise hits all alike
         ours_s.append(generate(gpt, tok, single, params))
         int8_s.append(generate(gpt8, tok, single, params, weights="int8"))
+        for name, g in ct2.items():
+            ct2_s[name].append(ct2_generate(g, [single], n))
     hf_s = [hf_generate(hf, [single], n, tok.pad_id) for _ in range(repeats)]
     same = ours_s[0].token_ids == hf_s[0][1][0].tolist()
     int8_agree = sum(
@@ -324,6 +383,15 @@ def main() -> None:
     )
     print(f"greedy tokens identical (single stream): {same}")
     print(f"int8 greedy tokens equal to fp32's: {int8_agree:.0%}")
+    ct2_single = {k: n / statistics.median(t for t, _ in v) for k, v in ct2_s.items()}
+    for name, runs_ in ct2_s.items():
+        ids = runs_[0][1][0]
+        agree = sum(a == b for a, b in zip(ids, ours_s[0].token_ids, strict=True)) / n
+        print(
+            f"CTranslate2 {name}: single stream {ct2_single[name]:.1f} tokens/s "
+            f"(shipyard {ours_single if name == 'fp32' else int8_single:.1f}); "
+            f"greedy tokens equal to shipyard fp32's: {agree:.0%}"
+        )
     print(f"int8 vs fp32 shipyard: single {int8_single / ours_single:.2f}x, ", end="")
     print(f"{BATCH} streams {int8_batch / ours_batch:.2f}x\n")
     print(f"| {'measure':<32} | {'shipyard':>9} | {'HF':>9} | {'ratio':>6} | target |")
@@ -352,6 +420,7 @@ def main() -> None:
         "repeats": repeats,
         "greedy_tokens_identical": same,
         "int8_greedy_agreement": int8_agree,
+        "ctranslate2_single_stream_tokens_per_s": ct2_single,
         "cpu_flags": sorted(
             cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"}
         ),
