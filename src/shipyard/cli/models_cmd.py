@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def promote(
     """
     name, version = _split_version_ref(ref)
     with _registry() as registry:
-        mv = registry.promote(name, version, to)
+        mv = registry.promote(name, version, to, actor=_cli_actor())
     console.print(f"{name}@{to} -> {_summary(mv)}", highlight=False)
 
 
@@ -196,7 +197,7 @@ def rollback(
     Example: shipyard models rollback digits-mlp --alias production
     """
     with _registry() as registry:
-        mv = registry.rollback(name, alias)
+        mv = registry.rollback(name, alias, actor=_cli_actor())
     console.print(f"{name}@{alias} -> {_summary(mv)}", highlight=False)
 
 
@@ -230,3 +231,11 @@ def pull(
         mv = registry.get(ref)
         path = registry.pull(mv.ref, dest)
     console.print(f"pulled {_summary(mv)} -> {path}", highlight=False)
+
+
+def _cli_actor() -> str:
+    """Who the alias history records for a change made from the command line."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
