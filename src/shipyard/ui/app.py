@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pydantic import BaseModel, ConfigDict
 
+from shipyard.package import LoadedModel
 from shipyard.package.registry import Registry
 from shipyard.serve.app import create_app
 from shipyard.serve.http import authorize
@@ -140,9 +142,12 @@ def mount_ui(app: FastAPI, settings: UISettings) -> FastAPI:
     return app
 
 
-def create_ui_app(serve: ServeSettings, ui: UISettings) -> FastAPI:
-    """A server app (models from `serve`, possibly none) with the dashboard mounted."""
-    return mount_ui(create_app(serve), ui)
+def create_ui_app(
+    serve: ServeSettings, ui: UISettings, *, preloaded: Sequence[LoadedModel] = ()
+) -> FastAPI:
+    """A server app (models from `serve`, possibly none) with the dashboard mounted;
+    `preloaded` models (already in memory) are served as they are, as in `create_app`."""
+    return mount_ui(create_app(serve, preloaded=preloaded), ui)
 
 
 def serve_app_from_env() -> FastAPI:
