@@ -244,12 +244,12 @@ class RunStore:
         records = self.records(run)
         config = self.config(run)
         columns = collect_columns(records)
-        wanted = keys if keys else default_keys(columns)
+        metric, mode = watched_metric(config)
+        wanted = keys if keys else default_keys(columns, metric)
         unknown = [k for k in wanted if k not in columns]
         if unknown:
             shown = ", ".join(sorted(columns)) or "none yet"
             raise UIError(f"unknown series {unknown[0]!r}; this run has: {shown}")
-        metric, mode = watched_metric(config)
         t0, clock = _clock(records)
         out: dict[str, Any] = {}
         for key in wanted:
@@ -371,11 +371,9 @@ def collect_columns(records: list[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def default_keys(columns: list[str]) -> list[str]:
-    """The curves a run page shows first: losses and the validation metrics."""
-    first = [c for c in ("loss", "val_loss") if c in columns]
-    rest = [c for c in columns if c.startswith("val_") and c not in first]
-    return first + rest[:4]
+def default_keys(columns: list[str], metric: str = "loss") -> list[str]:
+    """The curves a run page shows first: the losses and the watched validation metric."""
+    return [c for c in dict.fromkeys(("loss", "val_loss", f"val_{metric}")) if c in columns]
 
 
 def _clock(records: list[dict[str, Any]]) -> tuple[float | None, tuple[np.ndarray, np.ndarray]]:

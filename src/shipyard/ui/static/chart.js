@@ -92,7 +92,9 @@
           if (x < x0) { x0 = x; } if (x > x1) { x1 = x; }
         }
       }
-      if (this.zoom) { x0 = this.zoom[0]; x1 = this.zoom[1]; }
+      if (this.zoom) { x0 = this.zoom[0]; x1 = this.zoom[1]; } else if (isFinite(x0) && x1 > x0) {
+        const pad = (x1 - x0) * 0.015; x0 -= pad; x1 += pad;  // room for markers at the ends
+      }
       for (const s of this.series) {
         const ys = s._ys || s.y;
         for (let i = 0; i < s.x.length; i++) {

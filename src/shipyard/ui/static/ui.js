@@ -177,8 +177,8 @@
     function draw() {
       chart.opts.xLabel = x === "time" ? "seconds" : x;
       chart.setData(keys.filter((k) => series[k]).map((k, i) => ({ name: k, color: palette[i % palette.length], x: series[k].x, y: series[k].y, best: series[k].best })));
-      const notes = keys.filter((k) => series[k] && series[k].best).map((k) => k + ": best " + fmt(series[k].best.y) + " at " + x + " " + fmt(series[k].best.x) + " (" + series[k].points + " points)");
-      $("#best-note").textContent = notes.join(" · ");
+      const watched = series["val_" + s.metric];
+      $("#best-note").textContent = watched && watched.best ? "Best val " + s.metric + " " + fmt(watched.best.y) + " at " + x + " " + fmt(watched.best.x) + " (◆ marks each curve's best)." : "◆ marks each curve's best.";
     }
     function picker(columns) {
       if (all.length) { return; }
@@ -207,6 +207,13 @@
         if (data.reload) { await load(); return; }
         offset = data.offset; t0 = data.t0;
         let changed = false;
+        const fresh = data.records.some((r) => (r.kind === "train" || r.kind === "val") && Object.entries(r).some(([f, v]) => typeof v === "number" && !["step", "epoch", "time"].includes(f) && !all.includes(r.kind === "val" ? "val_" + f : f)));
+        if (fresh) {  // a new kind of curve (the first validation): fetch again, zoom kept
+          keys = null; all = [];
+          await load();
+          document.body.dataset.updates = String(+(document.body.dataset.updates || 0) + 1);
+          return;
+        }
         for (const r of data.records) {
           const kind = r.kind;
           if (kind !== "train" && kind !== "val") { continue; }
@@ -487,6 +494,10 @@
     const want = decodeURIComponent(location.hash.slice(1));
     if (names.includes(want)) { sel.value = want; }
     sel.addEventListener("change", () => { history.replaceState(null, "", "#" + encodeURIComponent(sel.value)); show(sel.value); });
+    window.addEventListener("hashchange", () => {
+      const name = decodeURIComponent(location.hash.slice(1));
+      if (names.includes(name) && name !== sel.value) { sel.value = name; show(name); }
+    });
     if (names.length) { await show(sel.value); }
     document.body.dataset.ready = "1";
   }
@@ -532,7 +543,7 @@
     try { values = formValues(); } catch (e) { toast("the pasted values are not a JSON array: " + e.message, true); return; }
     const n = shape.reduce((a, b) => a * b, 1);
     if (values.length !== n) { toast("the input needs " + n + " values (shape " + JSON.stringify(shape) + "), got " + values.length, true); return; }
-    const out = m.outputs[0];
+    const out = m.outputs.find((o) => o.name === "probabilities") || m.outputs[0];
     const body = { inputs: [{ name: m.inputs[0].name, datatype: m.inputs[0].datatype, shape: [1, ...shape], data: values }] };
     const t = performance.now();
     try {
@@ -616,8 +627,8 @@
       }
       chat.push({ role: "assistant", content: answer });
       stats(t0, first, tokens);
-      out.dataset.done = "1";
-    } catch (e) { out.textContent = answer + " [error: " + e.message + "]"; toast(e.message, true); }
+    } catch (e) { out.textContent = answer + " [error: " + e.message + "]"; out.dataset.error = e.message; toast(e.message, true); }
+    out.dataset.done = "1";
     $("#chat-send").disabled = false;
   }
 
