@@ -96,7 +96,7 @@ def browser(site: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> I
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
-        driver.get(site["url"] + "/ui/")
+        driver.get(site["url"] + "/ui/static/favicon.svg")  # the origin, without calling the API
         driver.execute_script("sessionStorage.setItem('shipyard.apiKey', arguments[0])", site["key"])
         yield driver
     finally:
@@ -146,6 +146,7 @@ def test_run_page_draws_curves_and_follows_a_growing_run(
     assert canvas_points(browser, "#chart") >= len(train) + len(val)
     assert "best" in browser.find_element(By.ID, "best-note").text
     assert browser.find_element(By.ID, "config").text.startswith("name:")
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#plots img[data-loaded]")) == 3)
     shot(browser, site, "run")
 
     live = start_live_run(site["runs"], source)
@@ -259,7 +260,7 @@ def test_no_csp_violations(browser: Any, site: dict[str, Any]) -> None:
     csp = [e["message"] for e in logs if "Content Security Policy" in e["message"]]
     assert csp == []
     severe = [e["message"] for e in logs if e["level"] == "SEVERE" and "favicon" not in e["message"]]
-    assert severe == []
+    assert severe == [], "\n".join(severe)
     reports = httpx.get(
         site["url"] + "/ui/api/csp-report", headers={"Authorization": f"Bearer {site['key']}"}
     ).json()

@@ -41,7 +41,7 @@ log = logging.getLogger("shipyard.ui")
 UI_ENV = "SHIPYARD_UI_SETTINGS"
 STATIC_DIR = Path(__file__).parent / "static"
 CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'; report-uri /ui/api/csp-report"
 )

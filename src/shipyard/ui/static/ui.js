@@ -261,8 +261,13 @@
     }
     const plots = $("#plots");
     plots.textContent = "";
-    for (const p of detail.plots) {
-      plots.append(el("img", { src: "/ui/api/runs/" + encodeURI(document.body.dataset.run) + "/files/" + p, alt: p, loading: "lazy" }));
+    for (const p of detail.plots) {  // fetched with the key (an <img src> cannot send one)
+      const img = el("img", { alt: p });
+      plots.append(img);
+      fetch("/ui/api/runs/" + encodeURI(document.body.dataset.run) + "/files/" + p, { headers: headers() })
+        .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(r.statusText))))
+        .then((b) => { img.src = URL.createObjectURL(b); img.dataset.loaded = "1"; })
+        .catch(() => { img.alt = p + " (could not load)"; });
     }
     if (!detail.plots.length) { plots.append(el("p", { class: "muted", text: "No plots yet." })); }
   }
