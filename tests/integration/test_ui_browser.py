@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
 from tests.serve_support import running_server
 from tests.ui_support import append_records, digits_runs, read_records, start_live_run
 
@@ -41,12 +40,13 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from tests.lm_support import loaded_lm
+
     from shipyard.package import load_package
     from shipyard.package.registry import Registry
     from shipyard.serve.auth import add_key
     from shipyard.serve.settings import ServeSettings
     from shipyard.ui import UISettings, create_ui_app
-    from tests.lm_support import loaded_lm
 
     base = tmp_path_factory.getbasetemp()
     work = tmp_path_factory.mktemp("ui-site")
@@ -97,7 +97,9 @@ def browser(site: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> I
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         driver.get(site["url"] + "/ui/static/favicon.svg")  # the origin, without calling the API
-        driver.execute_script("sessionStorage.setItem('shipyard.apiKey', arguments[0])", site["key"])
+        driver.execute_script(
+            "sessionStorage.setItem('shipyard.apiKey', arguments[0])", site["key"]
+        )
         yield driver
     finally:
         driver.quit()
@@ -109,7 +111,12 @@ def wait(driver: Any, condition: Callable[[Any], Any], timeout: float = 60) -> A
 
 def open_page(driver: Any, site: dict[str, Any], path: str) -> None:
     driver.get(site["url"] + path)
-    wait(driver, lambda d: d.execute_script("return document.body.dataset.ready || document.body.dataset.error"))
+    wait(
+        driver,
+        lambda d: d.execute_script(
+            "return document.body.dataset.ready || document.body.dataset.error"
+        ),
+    )
     error = driver.execute_script("return document.body.dataset.error")
     assert not error, f"{path}: {error}"
 
@@ -148,6 +155,16 @@ def test_run_page_draws_curves_and_follows_a_growing_run(
     assert browser.find_element(By.ID, "config").text.startswith("name:")
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#plots img[data-loaded]")) == 3)
     shot(browser, site, "run")
+    browser.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia",
+        {"features": [{"name": "prefers-color-scheme", "value": "dark"}]},
+    )
+    browser.refresh()
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.ready"))
+    bg = browser.execute_script("return getComputedStyle(document.body).backgroundColor")
+    assert bg == "rgb(15, 17, 21)"  # the dark palette follows the OS setting
+    shot(browser, site, "run-dark")
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
 
     live = start_live_run(site["runs"], source)
     open_page(browser, site, "/ui/runs/digits-mlp/live")
@@ -161,7 +178,10 @@ def test_run_page_draws_curves_and_follows_a_growing_run(
 
 def test_compare_shows_only_the_differing_setting(browser: Any, site: dict[str, Any]) -> None:
     open_page(browser, site, "/ui/compare?run=digits-mlp/lr-3e-3&run=digits-mlp/lr-1e-2")
-    keys = [e.get_attribute("data-key") for e in browser.find_elements(By.CSS_SELECTOR, "#compare-diff tbody tr")]
+    keys = [
+        e.get_attribute("data-key")
+        for e in browser.find_elements(By.CSS_SELECTOR, "#compare-diff tbody tr")
+    ]
     assert keys == ["optim.lr"]
     assert canvas_points(browser, "#compare-chart") > 0
     shot(browser, site, "compare")
@@ -170,7 +190,9 @@ def test_compare_shows_only_the_differing_setting(browser: Any, site: dict[str, 
 
 
 def _confirm(driver: Any) -> None:
-    wait(driver, lambda d: d.find_element(By.ID, "confirm-dialog").get_attribute("open") is not None)
+    wait(
+        driver, lambda d: d.find_element(By.ID, "confirm-dialog").get_attribute("open") is not None
+    )
     driver.find_element(By.ID, "confirm-yes").click()
 
 
@@ -215,7 +237,9 @@ def test_playground_classifies_a_digit_like_the_model(browser: Any, site: dict[s
     image = load_digits().images[7].astype(np.float32)
     expected = site["digits"].predict_arrays(image[None, None])["label"][0]
     open_page(browser, site, "/ui/playground#digits-mlp")
-    assert Select(browser.find_element(By.ID, "pg-model")).first_selected_option.text == "digits-mlp"
+    assert (
+        Select(browser.find_element(By.ID, "pg-model")).first_selected_option.text == "digits-mlp"
+    )
     assert len(browser.find_elements(By.CSS_SELECTOR, "#pg-grid input")) == 64
     browser.find_element(By.CSS_SELECTOR, "#pg-tensor details summary").click()
     browser.find_element(By.ID, "pg-json").send_keys(json.dumps(image.tolist()))
@@ -237,7 +261,22 @@ def test_playground_streams_a_chat_answer(browser: Any, site: dict[str, Any]) ->
     browser.find_element(By.ID, "chat-send").click()
     answer = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
     assert answer.get_attribute("data-error") is None, answer.get_attribute("data-error")
-    assert answer.text
+    streamed = browser.execute_script("return arguments[0].textContent", answer)
+    # the same request without streaming (same seed) gives the same text: nothing was lost
+    reference = httpx.post(
+        site["url"] + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {site['key']}"},
+        json={
+            "model": "tiny-lm",
+            "messages": [{"role": "user", "content": "def main("}],
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "max_tokens": 16,
+            "seed": 0,
+        },
+        timeout=60,
+    ).json()
+    assert streamed == reference["choices"][0]["message"]["content"] and streamed
     assert float(browser.find_element(By.ID, "chat-stats").get_attribute("data-ttft")) > 0
     browser.find_element(By.ID, "copy-curl").click()
     code = browser.find_element(By.ID, "chat-code").text
@@ -248,7 +287,10 @@ def test_playground_streams_a_chat_answer(browser: Any, site: dict[str, Any]) ->
 
 def test_server_page_charts_live_metrics(browser: Any, site: dict[str, Any]) -> None:
     open_page(browser, site, "/ui/server")
-    names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#server-models tbody td:first-child")]
+    names = [
+        e.text
+        for e in browser.find_elements(By.CSS_SELECTOR, "#server-models tbody td:first-child")
+    ]
     assert sorted(names) == ["digits-mlp", "tiny-lm"]
     # charts start from the second sample (rates need two); the page samples every 2 s
     wait(browser, lambda d: canvas_points(d, "#m-rps") >= 1, timeout=30)
@@ -259,7 +301,9 @@ def test_no_csp_violations(browser: Any, site: dict[str, Any]) -> None:
     logs = browser.get_log("browser")
     csp = [e["message"] for e in logs if "Content Security Policy" in e["message"]]
     assert csp == []
-    severe = [e["message"] for e in logs if e["level"] == "SEVERE" and "favicon" not in e["message"]]
+    severe = [
+        e["message"] for e in logs if e["level"] == "SEVERE" and "favicon" not in e["message"]
+    ]
     assert severe == [], "\n".join(severe)
     reports = httpx.get(
         site["url"] + "/ui/api/csp-report", headers={"Authorization": f"Bearer {site['key']}"}

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from tests.ui_support import append_records, digits_runs, read_records, start_live_run
 
 from shipyard.package.registry import Registry
 from shipyard.serve.auth import add_key
@@ -21,7 +22,6 @@ from shipyard.serve.settings import ServeSettings
 from shipyard.ui import UISettings, config_diff, create_ui_app, downsample
 from shipyard.ui.api import metrics_snapshot
 from shipyard.ui.runs import RunStore
-from tests.ui_support import append_records, digits_runs, read_records, start_live_run
 
 # ------------------------------------------------------------------------------- fixtures
 
@@ -108,9 +108,7 @@ def test_run_detail_has_config_report_checkpoints_and_package(
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
 
 
-def test_series_by_step_epoch_and_time_with_the_best_point(
-    client: TestClient, runs: Path
-) -> None:
+def test_series_by_step_epoch_and_time_with_the_best_point(client: TestClient, runs: Path) -> None:
     records = read_records(runs / "digits-mlp" / "lr-3e-3")
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
@@ -202,11 +200,11 @@ def test_registry_lists_models_versions_and_lineage(client: TestClient) -> None:
     assert r.status_code == 404 and "did you mean 'digits'" in r.json()["error"]
 
 
-def test_promote_and_rollback_record_the_key_name(
-    client: TestClient, keys: dict[str, str]
-) -> None:
+def test_promote_and_rollback_record_the_key_name(client: TestClient, keys: dict[str, str]) -> None:
     url = "/ui/api/registry/models/digits"
-    r = client.post(f"{url}/promote", json={"version": 1, "alias": "production"}, headers=admin(keys))
+    r = client.post(
+        f"{url}/promote", json={"version": 1, "alias": "production"}, headers=admin(keys)
+    )
     assert r.status_code == 200 and r.json()["actor"] == "alice"
     client.post(f"{url}/promote", json={"version": 2, "alias": "production"}, headers=admin(keys))
     assert client.get(url).json()["aliases"] == {"production": 2}
@@ -237,7 +235,9 @@ def test_registry_writes_need_an_admin_key(client: TestClient, keys: dict[str, s
 
 def test_registry_write_errors_are_4xx_json(client: TestClient, keys: dict[str, str]) -> None:
     url = "/ui/api/registry/models/digits"
-    r = client.post(f"{url}/promote", json={"version": 9, "alias": "production"}, headers=admin(keys))
+    r = client.post(
+        f"{url}/promote", json={"version": 9, "alias": "production"}, headers=admin(keys)
+    )
     assert r.status_code == 404 and "existing versions: 1, 2" in r.json()["error"]
     r = client.post(f"{url}/promote", json={"version": 1, "alias": "Prod!"}, headers=admin(keys))
     assert r.status_code == 400 and "invalid alias 'Prod!'" in r.json()["error"]
@@ -283,8 +283,14 @@ def test_v2_registry_database_gains_the_actor_columns(tmp_path: Path, runs: Path
 
 
 def test_pages_render_with_a_strict_csp_and_local_assets(client: TestClient) -> None:
-    for path in ("/ui/", "/ui/runs/digits-mlp/lr-3e-3", "/ui/compare", "/ui/registry",
-                 "/ui/server", "/ui/playground"):
+    for path in (
+        "/ui/",
+        "/ui/runs/digits-mlp/lr-3e-3",
+        "/ui/compare",
+        "/ui/registry",
+        "/ui/server",
+        "/ui/playground",
+    ):
         r = client.get(path, headers={"Authorization": ""})  # shells hold no data
         assert r.status_code == 200, path
         csp = r.headers["content-security-policy"]
@@ -363,3 +369,20 @@ def test_run_store_survives_a_resumed_run_truncating_metrics(tmp_path: Path) -> 
     summary: dict[str, Any] = store.summary(run)
     assert summary["best"] is None and summary["final_loss"] == 1 and summary["status"] == "running"
     assert math.isclose(summary["spark"][0], 1.0)
+
+
+def test_versions_link_back_to_their_run(
+    client: TestClient, runs: Path, registry_url: str, tmp_path: Path
+) -> None:
+    from shipyard.package import package_run
+
+    run = runs / "digits-mlp" / "lr-1e-2"
+    package = package_run(run, tmp_path / "pkg")  # lineage.run_dir: this copy, under the root
+    with Registry(registry_url, tmp_path / "store") as reg:
+        reg.register(package, name="digits")
+    versions = client.get("/ui/api/registry/models/digits").json()["versions"]
+    assert [(v["version"], v["run_id"]) for v in versions] == [
+        (3, "digits-mlp/lr-1e-2"),
+        (2, None),  # packaged from a run directory outside the runs folder
+        (1, None),
+    ]

@@ -52,8 +52,9 @@ def ui(
     from shipyard.serve.auth import read_keys
     from shipyard.ui.app import UISettings
 
-    if settings.keys_file is not None and not settings.insecure_no_auth:
-        if not [k for k in read_keys(settings.keys_file) if not k.revoked]:
+    if settings.auth_enabled and settings.keys_file is not None:
+        active = [k for k in read_keys(settings.keys_file) if not k.revoked]
+        if not active:
             raise ServeError(f"{settings.keys_file}: no active keys (add one: shipyard keys add)")
     run_server(
         settings,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import getpass
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
@@ -187,9 +188,7 @@ def build_router(ctx: UIContext) -> APIRouter:
         def work() -> dict[str, Any]:
             run = runs.resolve(run_id)
             report = runs.report(run)
-            checkpoints = sorted(
-                p.name for p in (run / "checkpoints").glob("step-*") if p.is_dir()
-            )
+            checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*") if p.is_dir())
             manifest: dict[str, Any] | None = None
             try:
                 manifest = json.loads((run / "package" / "manifest.json").read_text())
@@ -269,7 +268,7 @@ def build_router(ctx: UIContext) -> APIRouter:
             return {
                 "name": name,
                 "aliases": reg.aliases(name),
-                "versions": [v.to_dict() for v in reversed(versions)],
+                "versions": [_with_run(runs, v.to_dict()) for v in reversed(versions)],
                 "history": [e.to_dict() for e in reg.history(name)],
             }
 
@@ -338,8 +337,7 @@ def build_router(ctx: UIContext) -> APIRouter:
             "task": served.loaded.task,
             "kind": "language-model" if served.engine is not None else "tensor",
             "inputs": [
-                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
-                for s in sig.inputs
+                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in sig.inputs
             ],
             "outputs": [
                 {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
@@ -349,6 +347,17 @@ def build_router(ctx: UIContext) -> APIRouter:
         }
 
     return router
+
+
+def _with_run(runs: RunStore, version: dict[str, Any]) -> dict[str, Any]:
+    """A version dict plus `run_id` when its lineage's run directory is one of the shown runs."""
+    run_dir = (version.get("lineage") or {}).get("run_dir")
+    version["run_id"] = None
+    if isinstance(run_dir, str):
+        path = Path(run_dir)
+        if path.is_absolute() and path.resolve().is_relative_to(runs.root):
+            version["run_id"] = runs.run_id(path.resolve())
+    return version
 
 
 def _has(records: list[dict[str, Any]], key: str) -> bool:
@@ -399,7 +408,9 @@ def metrics_snapshot(text: str) -> dict[str, Any]:
                 elif s.name.endswith("_sum"):
                     total += s.value
             histograms[family.name] = {
-                "buckets": [[le if le != float("inf") else None, n] for le, n in sorted(buckets.items())],
+                "buckets": [
+                    [le if le != float("inf") else None, n] for le, n in sorted(buckets.items())
+                ],
                 "count": count,
                 "sum": total,
             }

@@ -32,7 +32,11 @@ def render_page(page: str, **context: str) -> str:
     """The HTML of one page (`page` is a key of PAGES)."""
     template = _env.get_template(f"{page}.html")
     return template.render(
-        page=page, title=PAGES[page], nav=[(p, PAGES[p]) for p in NAV], version=__version__, **context
+        page=page,
+        title=PAGES[page],
+        nav=[(p, PAGES[p]) for p in NAV],
+        version=__version__,
+        **context,
     )
 
 

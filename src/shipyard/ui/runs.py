@@ -11,6 +11,7 @@ read stopped, not from the start.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -254,9 +255,7 @@ class RunStore:
         out: dict[str, Any] = {}
         for key in wanted:
             kind, field_name = ("val", key[4:]) if key.startswith("val_") else ("train", key)
-            rows = [
-                r for r in records if r.get("kind") == kind and _number(r.get(field_name))
-            ]
+            rows = [r for r in records if r.get("kind") == kind and _number(r.get(field_name))]
             xs = np.array([_x_of(r, x, t0, clock) for r in rows], dtype=np.float64)
             ys = np.array([float(r[field_name]) for r in rows], dtype=np.float64)
             keep = np.isfinite(xs) & np.isfinite(ys)
@@ -416,7 +415,7 @@ def downsample(xs: np.ndarray, ys: np.ndarray, max_points: int) -> tuple[list[fl
     inner = np.arange(1, n - 1)
     edges = np.linspace(0, len(inner), buckets + 1).astype(np.int64)
     keep = [0]
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges.tolist()):
         if hi <= lo:
             continue
         idx = inner[lo:hi]
@@ -448,7 +447,9 @@ def config_diff(configs: list[dict[str, Any]], *, full: bool = False) -> dict[st
     out: dict[str, list[Any]] = {}
     for key in keys:
         values = [f.get(key, missing) for f in flats]
-        differ = any(json.dumps(v, default=str) != json.dumps(values[0], default=str) for v in values)
+        differ = any(
+            json.dumps(v, default=str) != json.dumps(values[0], default=str) for v in values
+        )
         if full or differ:
             out[key] = [None if v is missing else v for v in values]
     return out

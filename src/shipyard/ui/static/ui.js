@@ -399,7 +399,7 @@
           el("td", { text: when(v.created) }),
           el("td", { text: v.task || "–" }),
           el("td", { class: "wrap small", text: metricsText(v.metrics) }),
-          el("td", { class: "wrap small mono", text: lineageText(v) }),
+          lineageCell(v),
           el("td", {}, el("span", { class: "row" }, sel, btn))));
       }
       vt.append(body);
@@ -424,13 +424,23 @@
     const flat = [];
     const walk = (o, p) => { for (const [k, v] of Object.entries(o)) { if (v && typeof v === "object") { walk(v, p + k + "."); } else if (typeof v === "number") { flat.push(p + k + " " + fmt(v)); } } };
     walk(m, "");
-    return flat.slice(0, 4).join(" · ") || "–";
+    return flat.slice(0, 3).join("\n") || "–";
   }
-  function lineageText(v) {
+  function lineageCell(v) {
     const l = v.lineage || {};
-    const parts = [];
-    for (const k of ["run_dir", "run", "data_sha256", "data_hash", "parent", "parent_sha256", "compression"]) { if (l[k]) { parts.push(k + ": " + (typeof l[k] === "object" ? JSON.stringify(l[k]) : String(l[k]).slice(0, 60))); } }
-    return parts.join("\n") || "–";
+    const td = el("td", { class: "wrap small lineage" });
+    const line = (label, value, href) => {
+      const d = el("div", {}, el("span", { class: "muted", text: label + " " }));
+      d.append(href ? el("a", { href, text: value }) : el("span", { class: "mono", text: value }));
+      td.append(d);
+    };
+    if (v.run_id) { line("run", v.run_id, "/ui/runs/" + encodeURI(v.run_id)); } else if (l.run_dir) { line("run", String(l.run_dir)); }
+    if (l.checkpoint_step !== undefined && l.checkpoint_step !== null) { line("step", String(l.checkpoint_step)); }
+    if (l.data_fingerprint) { line("data", String(l.data_fingerprint).slice(0, 12)); }
+    if (l.parent) { line("parent", typeof l.parent === "object" ? JSON.stringify(l.parent) : String(l.parent)); }
+    if (l.git_commit) { line("git", String(l.git_commit).slice(0, 10)); }
+    if (!td.childNodes.length) { td.textContent = "–"; }
+    return td;
   }
 
   // -------------------------------------------------------------------------- server page
