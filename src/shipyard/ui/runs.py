@@ -57,6 +57,7 @@ class RunStore:
         self._parsed: dict[Path, _Parsed] = {}
         self._summaries: dict[Path, tuple[tuple[float, int, float], dict[str, Any]]] = {}
         self._configs: dict[Path, tuple[float, dict[str, Any]]] = {}
+        self._series: dict[tuple[Any, ...], tuple[int, dict[str, Any]]] = {}
 
     # -- finding runs ------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class RunStore:
             "mode": mode,
             "best": best,
             "final_loss": losses[-1] if losses else None,
-            "spark": spark[1],
+            "spark": [float(f"{v:.4g}") for v in spark[1]],
             "has_package": (run / "package" / "manifest.json").is_file(),
         }
 
@@ -243,6 +244,27 @@ class RunStore:
         if not 2 <= max_points <= 100_000:
             raise UIError(f"max_points={max_points} is out of range; use 2..100000")
         records = self.records(run)
+        cache_key = (run, tuple(keys or ()), x, max_points)
+        offset = self._offset(run)
+        with self._lock:
+            cached = self._series.get(cache_key)
+        if cached is not None and cached[0] == offset:
+            return cached[1]
+        out = self._series_uncached(run, records, keys, x, max_points)
+        with self._lock:
+            if len(self._series) > 256:  # a few pages' worth; old entries are cheap to redo
+                self._series.clear()
+            self._series[cache_key] = (offset, out)
+        return out
+
+    def _series_uncached(
+        self,
+        run: Path,
+        records: list[dict[str, Any]],
+        keys: list[str] | None,
+        x: str,
+        max_points: int,
+    ) -> dict[str, Any]:
         config = self.config(run)
         columns = collect_columns(records)
         metric, mode = watched_metric(config)
