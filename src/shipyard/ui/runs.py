@@ -30,6 +30,8 @@ RUNNING_WINDOW_S = 120.0  # a run without a final record that wrote this recentl
 X_AXES = ("step", "epoch", "time")
 _MAX_DEPTH = 4  # runs/<name>/<timestamp> sits at depth 2; allow some nesting (cv folds, trials)
 _SKIP_DIRS = {"checkpoints", "package", "__pycache__", ".git"}
+# libyaml's safe loader when present (same safety, ~10x faster on thousands of configs)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class UIError(ShipyardError):
@@ -142,7 +144,7 @@ class RunStore:
             if cached is not None and cached[0] == mtime:
                 return cached[1]
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_YAML_LOADER) or {}
         except (OSError, yaml.YAMLError):
             data = {}
         data = data if isinstance(data, dict) else {}

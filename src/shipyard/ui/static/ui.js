@@ -369,7 +369,7 @@
       for (const a of list.querySelectorAll("a")) { a.classList.toggle("active", a.dataset.name === name); }
       const m = await api("/ui/api/registry/models/" + encodeURIComponent(name));
       $("#model-card").hidden = false;
-      $("#model-title").textContent = name;
+      $("#model-title").textContent = name + (m.versions.length && m.versions[0].task ? " · " + m.versions[0].task : "");
       const al = $("#aliases"); al.textContent = "";
       for (const [alias, v] of Object.entries(m.aliases)) {
         const rb = el("button", { type: "button", class: "ghost small", "data-rollback": alias, text: "roll back" });
@@ -382,7 +382,7 @@
       }
       if (!Object.keys(m.aliases).length) { al.append(el("span", { class: "muted", text: "No aliases yet." })); }
       const vt = $("#versions"); vt.textContent = "";
-      vt.append(el("thead", {}, el("tr", {}, ...["version", "aliases", "created", "task", "metrics", "lineage", ""].map((h) => el("th", { text: h })))));
+      vt.append(el("thead", {}, el("tr", {}, ...["version", "aliases", "created", "metrics", "lineage", ""].map((h) => el("th", { text: h })))));
       const body = el("tbody");
       for (const v of m.versions) {
         const sel = el("select", { "aria-label": "alias" }, ...["production", "staging", "archived"].map((a) => el("option", { value: a, text: a })));
@@ -396,8 +396,7 @@
         body.append(el("tr", { "data-version": String(v.version) },
           el("td", { class: "num", text: v.version }),
           el("td", {}, ...v.aliases.map((a) => badge(a, a))),
-          el("td", { text: when(v.created) }),
-          el("td", { text: v.task || "–" }),
+          el("td", { text: when(v.created).slice(0, 16) }),
           el("td", { class: "wrap small", text: metricsText(v.metrics) }),
           lineageCell(v),
           el("td", {}, el("span", { class: "row" }, sel, btn))));
