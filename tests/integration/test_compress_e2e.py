@@ -32,8 +32,7 @@ from shipyard.compress import (
 from shipyard.compress.source import as_inputs, rebuild_data, split_tensors
 from shipyard.config import RunConfig, load_config, validate_config
 from shipyard.package import load_package, manifest_sha256, verify_package
-from shipyard.train import fit
-from shipyard.train.trainer import evaluate_model
+from shipyard.train import evaluate_model, fit
 
 pytestmark = pytest.mark.integration
 
@@ -348,5 +347,5 @@ def test_compress_refuses_bad_requests(digits: Path, work: Path) -> None:
         prune(digits, work / "x", 1.5)
     with pytest.raises(CompressError, match="unknown quantization"):
         quantize(digits, work / "x", "int4")  # type: ignore[arg-type]
-    with pytest.raises(ExportError, match="--format hf exports gpt"):
+    with pytest.raises(ExportError, match="--format hf exports language models"):
         export(digits, work / "x-hf", format="hf")

@@ -374,7 +374,7 @@ def test_run_store_survives_a_resumed_run_truncating_metrics(tmp_path: Path) -> 
 def test_versions_link_back_to_their_run(
     client: TestClient, runs: Path, registry_url: str, tmp_path: Path
 ) -> None:
-    from shipyard.package import package_run
+    from shipyard.train import package_run
 
     run = runs / "digits-mlp" / "lr-1e-2"
     package = package_run(run, tmp_path / "pkg")  # lineage.run_dir: this copy, under the root
