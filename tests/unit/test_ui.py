@@ -175,12 +175,22 @@ def test_tail_returns_exactly_the_appended_records(client: TestClient, runs: Pat
     assert r.status_code == 400
 
 
-def test_compare_shows_only_the_differing_settings(client: TestClient) -> None:
+def test_compare_shows_only_the_differing_settings(client: TestClient, runs: Path) -> None:
     q = "run=digits-mlp/lr-3e-3&run=digits-mlp/lr-1e-2"
     body = client.get(f"/ui/api/compare?{q}").json()
     assert body["differences"] == {"optim.lr": [0.003, 0.01]}
     assert [r["id"] for r in body["runs"]] == ["digits-mlp/lr-3e-3", "digits-mlp/lr-1e-2"]
     assert all("loss" in c and "val_accuracy" in c for c in body["curves"])
+    for run_id, at_best, summary in zip(
+        ("digits-mlp/lr-3e-3", "digits-mlp/lr-1e-2"), body["at_best"], body["runs"], strict=True
+    ):
+        (record,) = [
+            r
+            for r in read_records(runs / run_id)
+            if r["kind"] == "val" and r["step"] == summary["best"]["step"]
+        ]
+        assert at_best == {k: v for k, v in record.items() if k not in ("kind", "step", "epoch")}
+        assert at_best["accuracy"] == summary["best"]["value"]
     full = client.get(f"/ui/api/compare?{q}&full=1").json()["differences"]
     assert full["optim.lr"] == [0.003, 0.01] and full["model.name"] == ["mlp", "mlp"]
     r = client.get("/ui/api/compare?run=digits-mlp/lr-3e-3")

@@ -238,8 +238,27 @@ def build_router(ctx: UIContext) -> APIRouter:
                 metric, _ = watched_metric(cfg)
                 have = [k for k in ("loss", f"val_{metric}") if _has(runs.records(d), k)]
                 curves.append(runs.series(d, have or None, x, max_points)["series"])
+            at_best = []
+            for d, summary in zip(dirs, summaries, strict=True):
+                step = (summary.get("best") or {}).get("step")
+                record = next(
+                    (
+                        r
+                        for r in runs.records(d)
+                        if r.get("kind") == "val" and r.get("step") == step
+                    ),
+                    {},
+                )
+                at_best.append(
+                    {
+                        k: v
+                        for k, v in record.items()
+                        if k not in ("kind", "step", "epoch", "time") and isinstance(v, int | float)
+                    }
+                )
             return {
                 "runs": summaries,
+                "at_best": at_best,
                 "differences": config_diff(configs, full=full),
                 "full": full,
                 "curves": curves,

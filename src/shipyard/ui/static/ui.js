@@ -323,12 +323,20 @@
     }
     function best() {
       const t = $("#compare-best"); t.textContent = "";
-      t.append(el("thead", {}, el("tr", {}, el("th", { text: "run" }), el("th", { text: "metric" }), el("th", { text: "best" }), el("th", { text: "at step" }), el("th", { text: "final loss" }), el("th", { text: "status" }))));
+      const metrics = [...new Set(data.at_best.flatMap((m) => Object.keys(m)))];
+      t.append(el("thead", {}, el("tr", {}, el("th", { text: "run" }), el("th", { text: "best step" }), ...metrics.map((m) => el("th", { text: "val " + m })), el("th", { text: "final loss" }), el("th", { text: "status" }))));
       const body = el("tbody");
       data.runs.forEach((r, i) => {
-        const name = el("td", {}, el("i", {}), el("a", { href: "/ui/runs/" + encodeURI(r.id), text: " " + r.name + " · " + r.id }));
-        name.firstChild.className = "swatch"; name.firstChild.style.display = "inline-block"; name.firstChild.style.width = "10px"; name.firstChild.style.height = "10px"; name.firstChild.style.background = palette[i % palette.length];
-        body.append(el("tr", {}, name, el("td", { text: r.metric }), el("td", { class: "num", text: r.best ? fmt(r.best.value) : "–" }), el("td", { class: "num", text: r.best ? r.best.step : "–" }), el("td", { class: "num", text: fmt(r.final_loss) }), el("td", {}, badge(r.status))));
+        const sw = el("i", { class: "swatch" });
+        sw.style.display = "inline-block"; sw.style.width = "10px"; sw.style.height = "10px"; sw.style.marginRight = "6px"; sw.style.background = palette[i % palette.length];
+        const cells = metrics.map((m) => {
+          const v = data.at_best[i][m];
+          const vals = data.at_best.map((x) => x[m]).filter((x) => typeof x === "number");
+          const lower = /loss|error/.test(m);
+          const top = vals.length > 1 && v === (lower ? Math.min(...vals) : Math.max(...vals));
+          return el("td", { class: "num" + (top ? " top" : ""), text: fmt(v) });
+        });
+        body.append(el("tr", { "data-run": r.id }, el("td", {}, sw, el("a", { href: "/ui/runs/" + encodeURI(r.id), text: r.name + " · " + r.id })), el("td", { class: "num", text: r.best ? r.best.step : "–" }), ...cells, el("td", { class: "num", text: fmt(r.final_loss) }), el("td", {}, badge(r.status))));
       });
       t.append(body);
       $("#compare-best-card").hidden = false;
