@@ -201,6 +201,31 @@ def rollback(
     console.print(f"{name}@{alias} -> {_summary(mv)}", highlight=False)
 
 
+@models_app.command("history")
+def history(
+    name: str = typer.Argument(..., help="Model name."),
+    alias: str | None = typer.Option(None, "--alias", help="Only this alias."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show every promotion and rollback of a model's aliases, newest first, and who made it.
+
+    Example: shipyard models history digits-mlp --alias production
+    """
+    with _registry() as registry:
+        events = registry.history(name, alias)
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in events], indent=2))
+        return
+    table = Table()
+    for col in ("when", "alias", "action", "version", "who"):
+        table.add_column(col)
+    for e in events:
+        action = e.action + (" (rolled back)" if e.undone else "")
+        when = e.created.isoformat(timespec="seconds")
+        table.add_row(when, e.alias, action, str(e.version), e.actor or "unknown")
+    console.print(table)
+
+
 @models_app.command("delete")
 def delete(
     ref: str = typer.Argument(..., help="NAME:VERSION to delete."),
