@@ -173,12 +173,11 @@ TOKEN_MODELS = frozenset(f.name for f in FAMILIES.values() if f.takes_tokens)  #
 
 if TYPE_CHECKING:
     # The union below is built from the registry, which mypy cannot follow.
+    ArchitectureConfig: TypeAlias = Any
     ModelConfig: TypeAlias = Any
 else:
-    ModelConfig = Annotated[
-        Union[tuple(f.config for f in FAMILIES.values())],  # noqa: UP007
-        Field(discriminator="name"),
-    ]
+    ArchitectureConfig = Union[tuple(f.config for f in FAMILIES.values())]  # noqa: UP007
+    ModelConfig = Annotated[ArchitectureConfig, Field(discriminator="name")]
 
 
 def build_model(
@@ -215,6 +214,7 @@ __all__ = [
     "MLP",
     "MODEL_NAMES",
     "TOKEN_MODELS",
+    "ArchitectureConfig",
     "CNNConfig",
     "Encoder",
     "EncoderConfig",

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from shipyard.config_base import LM_TASK
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
 from shipyard.generate import Engine, EngineObserver, GenerationResult
@@ -15,8 +16,6 @@ from shipyard.models.protocol import LanguageModel, is_language_model
 from shipyard.package import LoadedModel
 from shipyard.serve import metrics
 from shipyard.serve.settings import ServeSettings
-
-LM_TASK = "language-modeling"
 
 
 def language_model(loaded: LoadedModel) -> tuple[LanguageModel, Tokenizer]:
