@@ -193,6 +193,7 @@ _ALLOWED_GLOBALS = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.distributed.checkpoint.planner", "LoadItemType"),
     ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
     ("torch", "strided"),
     ("collections", "OrderedDict"),
     ("builtins", "set"),
