@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from shipyard.config import RunConfig
+from shipyard.data.datasets import gather
+from shipyard.train.evaluation import build_data_and_model
 from shipyard.train.optim import build_optimizer
 from shipyard.train.sharding import apply_activation_checkpointing, find_blocks, local
 
@@ -206,3 +208,14 @@ def format_bytes(n: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def estimate_run_memory(config: RunConfig, processes: int = 1) -> MemoryEstimate:
+    """The pre-flight estimate for a run config: the data is prepared (for shapes and the
+    vocabulary), the model is built on the meta device, nothing else is allocated."""
+    cuda = config.train.device == "cuda" or (
+        config.train.device == "auto" and torch.cuda.is_available()
+    )
+    data, model = build_data_and_model(config, meta_model=True)
+    x, _ = gather(data.train, torch.zeros(1, dtype=torch.long))
+    return estimate_memory(config, model, x[0], processes=processes, cuda=cuda)
