@@ -43,6 +43,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from shipyard.errors import CheckpointError
@@ -148,8 +149,10 @@ def load_sharded_part(path: Path, tensors: dict[str, Any]) -> None:
         )
     try:
         dcp.load(tensors, storage_reader=_SafeReader(str(path / DCP_DIR)))
-    except CheckpointError:
-        raise
+    except CheckpointException as exc:  # a BaseException that wraps each rank's error
+        first = next(iter(exc.failures.values()), None)
+        why = str(first[0]) if isinstance(first, tuple) else str(exc)
+        raise CheckpointError(f"{path / DCP_DIR}: cannot load the sharded state: {why}") from None
     except Exception as exc:
         raise CheckpointError(f"{path / DCP_DIR}: cannot load the sharded state ({exc})") from None
 

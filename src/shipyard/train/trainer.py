@@ -183,6 +183,8 @@ class Trainer:
         if self.env.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.env.local_rank)
         self.fsdp = config.train.strategy == "fsdp"
+        if self.fsdp:
+            self._check_fsdp_options(weight_masks)
         if self.fsdp and not self.env.enabled:
             setup_single_process_group(self.device.type)
         self.amp_dtype = pick_precision(config.train.precision, self.device)
@@ -211,7 +213,6 @@ class Trainer:
         self.n_params = count_parameters(model)
         self.aliases = tied_names(model)
         if self.fsdp:
-            self._check_fsdp_options(weight_masks)
             full = model.state_dict() if not on_meta else {}
             buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
             if config.train.activation_checkpointing:
