@@ -44,17 +44,17 @@ def test_bad_fsdp_configs_are_clear_errors(train: dict[str, Any], needle: str) -
     assert needle in str(info.value)
 
 
-def test_fsdp_refuses_l1_penalty_before_starting() -> None:
+def test_fsdp_refuses_l1_penalty_before_starting(tmp_path: Path) -> None:
     cfg = load_config(regression_config(regularization={"l1": 0.01}, train__strategy="fsdp"))
     with pytest.raises(TrainError, match="weight_decay"):
-        fit(cfg, run_dir="/nonexistent/never-written")
+        fit(cfg, run_dir=tmp_path / "run")
 
 
-def test_global_batch_smaller_than_processes_is_refused() -> None:
+def test_global_batch_larger_than_the_train_split_is_refused(tmp_path: Path) -> None:
     raw = regression_config()
-    raw["train"]["batch_size"] = 500  # more than the train split
-    with pytest.raises(TrainError, match="lower train.batch_size"):
-        fit(load_config(raw), run_dir="/tmp/shipyard-never-written")
+    raw["train"]["batch_size"] = 500  # the global batch: more than the train split
+    with pytest.raises(TrainError, match=r"lower train\.batch_size"):
+        fit(load_config(raw), run_dir=tmp_path / "run")
 
 
 class Layer(nn.Module):
