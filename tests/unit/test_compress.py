@@ -135,7 +135,7 @@ def test_structured_pruning_of_a_cnn_shrinks_channels() -> None:
     small, new, _ = prune_structured(model, config, 0.5, (1, 8, 8), 3)
     assert new.channels == [2, 3] and new.hidden_size == 4
     assert small(torch.randn(2, 1, 8, 8)).shape == (2, 3)
-    with pytest.raises(CompressError, match="structured pruning supports mlp, cnn and gpt"):
+    with pytest.raises(CompressError, match="structured pruning supports mlp, cnn, gpt and llama"):
         enc = EncoderConfig(n_layer=1, n_head=1, n_embd=4, block_size=4)
         prune_structured(build_model(enc, vocab_size=5, num_outputs=2), enc, 0.5, (4,), 2)
 

@@ -110,6 +110,31 @@ class Derivation(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class BaseRef(_Model):
+    """The exact base model an adapter was trained on (its package's digests)."""
+
+    name: str
+    version: str
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(
+        description="hash of the base's weights file, as its manifest lists"
+    )
+
+
+class LoRASpec(_Model):
+    """LoRA adapters stored unmerged beside their frozen base weights.
+
+    Loading rebuilds the architecture, swaps `layers` (module paths) for LoRA layers of this rank
+    and alpha, then loads the tensors (`<path>.lora_A` (rank, in), `<path>.lora_B` (out, rank)).
+    An adapter is only valid on `base`: anything else refuses it.
+    """
+
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    layers: list[str] = Field(min_length=1)
+    base: BaseRef
+
+
 class Quantization(_Model):
     """Which Linear layers of a torch-backend model are stored as int8, and how.
 
@@ -206,6 +231,7 @@ class Manifest(_Model):
     derivation: Derivation | None = None
     backend: Backend = "torch"
     quantization: Quantization | None = None
+    lora: LoRASpec | None = None
     encryption: Encryption | None = None
     files: dict[str, FileEntry]
 
@@ -218,6 +244,8 @@ class Manifest(_Model):
         omit = {"backend"} if self.backend == "torch" else set()
         if self.quantization is None:
             omit.add("quantization")
+        if self.lora is None:
+            omit.add("lora")
         return self.model_dump_json(indent=2, exclude=omit) + "\n"
 
 

@@ -19,6 +19,7 @@ from shipyard.config import RunConfig, config_sha256
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.errors import PackageError
 from shipyard.models import TOKEN_MODELS
+from shipyard.package.loading import pretrained_architecture
 from shipyard.package.manifest import (
     MANIFEST,
     ONNX_MODEL,
@@ -28,6 +29,7 @@ from shipyard.package.manifest import (
     Derivation,
     FileEntry,
     Lineage,
+    LoRASpec,
     Manifest,
     ParentRef,
     Quantization,
@@ -77,6 +79,7 @@ def write_package(
     derivation: Derivation | Mapping[str, Any] | None = None,
     parent: ParentRef | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     quantization: Quantization | Mapping[str, Any] | None = None,
+    lora: LoRASpec | Mapping[str, Any] | None = None,
     onnx_model: bytes | None = None,
 ) -> Path:
     """Write a package directory for `model` and return its path.
@@ -103,7 +106,10 @@ def write_package(
     if version is None:
         run_dir = extra.get("run_dir")
         version = Path(run_dir).name if run_dir else datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    arch = config.model.name
+    arch: str = config.model.name
+    arch_config = config.model.model_dump(mode="json")
+    if arch == "pretrained":  # a fine-tuned model has its base's architecture
+        arch, arch_config = pretrained_architecture(arch_config["path"])
     lineage = Lineage(
         config_sha256=config_sha256(config),
         data_fingerprint=data_info.fingerprint,
@@ -130,7 +136,7 @@ def write_package(
             version=version,
             task=config.task,
             created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            architecture=Architecture(name=arch, config=config.model.model_dump(mode="json")),
+            architecture=Architecture(name=arch, config=arch_config),
             signature=build_signature(config.task, data_info, arch),
             data=data_info.to_dict(),
             preprocessing=preprocessor.to_dict() if preprocessor is not None else None,
@@ -140,6 +146,7 @@ def write_package(
             config=config.model_dump(mode="json"),
             derivation=Derivation.model_validate(derivation) if derivation is not None else None,
             backend="onnxruntime" if onnx_model is not None else "torch",
+            lora=LoRASpec.model_validate(lora) if lora is not None else None,
             quantization=(
                 Quantization.model_validate(quantization) if quantization is not None else None
             ),

@@ -19,6 +19,7 @@ from shipyard.evaluate.metrics import build_metrics
 from shipyard.models import TOKEN_MODELS, build_model
 from shipyard.train import checkpoint as ckpt
 from shipyard.train.distributed import DistEnv
+from shipyard.train.finetune import load_base, prepare_for_finetune
 from shipyard.train.losses import build_loss
 from shipyard.train.rundir import best_checkpoint, load_run_config
 
@@ -105,21 +106,35 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
 def build_data_and_model(
     config: RunConfig, *, meta_model: bool = False
 ) -> tuple[PreparedData, nn.Module]:
-    """Prepare the data and build the (untrained) model a config describes.
+    """Prepare the data and build the model a config describes: untrained, or the pretrained
+    package's (with its tokenizer), with LoRA adapters swapped in when `finetune` says so.
 
-    meta_model: build the model on the meta device (shapes only, no memory).
+    meta_model: build an untrained model on the meta device (shapes only, no memory); a
+    pretrained base is always loaded with its weights.
     """
-    token_model = config.model.name in TOKEN_MODELS
-    block_size = getattr(config.model, "block_size", None) if token_model else None
-    data = prepare_data(config.data, config.task, config.seed, block_size=block_size)
-    info = data.info
-    with torch.device("meta") if meta_model else contextlib.nullcontext():
-        model = build_model(
-            config.model,
-            input_shape=tuple(info.input_shape),
-            num_outputs=info.num_outputs,
-            vocab_size=info.vocab_size,
+    base = load_base(config)
+    if base is not None:
+        data = prepare_data(
+            config.data,
+            config.task,
+            config.seed,
+            block_size=base.block_size,
+            tokenizer=base.tokenizer,
         )
+        model = base.loaded.model
+    else:
+        token_model = config.model.name in TOKEN_MODELS
+        block_size = getattr(config.model, "block_size", None) if token_model else None
+        data = prepare_data(config.data, config.task, config.seed, block_size=block_size)
+        info = data.info
+        with torch.device("meta") if meta_model else contextlib.nullcontext():
+            model = build_model(
+                config.model,
+                input_shape=tuple(info.input_shape),
+                num_outputs=info.num_outputs,
+                vocab_size=info.vocab_size,
+            )
+    prepare_for_finetune(model, config)
     return data, model
 
 

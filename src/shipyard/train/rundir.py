@@ -22,15 +22,17 @@ from typing import Any
 
 import yaml
 
-from shipyard.config import RunConfig, validate_config
+from shipyard.config import PretrainedConfig, RunConfig, validate_config
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.errors import CheckpointError, PackageError, ShipyardError, TrainError
 from shipyard.evaluate.report import read_history
 from shipyard.fileio import atomic_write
+from shipyard.models.lora import merge_lora
 from shipyard.package import write_package
 from shipyard.package.loading import build_empty_model
 from shipyard.train import checkpoint as ckpt
 from shipyard.train.checkpoint import load_weights, read_checkpoint
+from shipyard.train.finetune import lora_spec, prepare_for_finetune
 
 CONFIG_FILE = "config.yaml"
 DATA_FILE = "data.json"
@@ -153,7 +155,11 @@ def package_run(
         checkpoint = best_checkpoint(run)
         step = read_checkpoint(checkpoint, verify=False).step
         model = build_empty_model(config.model, info)
+        prepare_for_finetune(model, config)
         load_weights(checkpoint, model)
+        if config.finetune is not None and config.finetune.merge:
+            merge_lora(model)
+        lora = lora_spec(model, config)
     except FileNotFoundError as exc:
         raise PackageError(
             f"{run}: not a complete run directory ({exc.filename} missing)"
@@ -179,4 +185,6 @@ def package_run(
         metrics=metrics,
         version=run.resolve().name,
         lineage_extra={"run_dir": str(run.resolve()), "checkpoint_step": step},
+        lora=lora,
+        parent=config.model.path if isinstance(config.model, PretrainedConfig) else None,
     )

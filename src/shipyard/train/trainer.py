@@ -211,6 +211,7 @@ class Trainer:
                     f"init_weights do not fit the model of this config: {exc}"
                 ) from None
         self.n_params = count_parameters(model)
+        self.n_trainable = count_parameters(model, trainable_only=True)
         self.aliases = tied_names(model)
         if self.fsdp:
             full = model.state_dict() if not on_meta else {}
@@ -248,7 +249,7 @@ class Trainer:
         elif distill is not None:
             raise TrainError("distill parameters were given without a teacher")
         self.is_lm = config.task == "language-modeling"
-        block_size = getattr(config.model, "block_size", None)
+        block_size = getattr(getattr(self.model, "config", None), "block_size", None)
         self.tokens_per_row = int(block_size) if self.is_lm and block_size else 1
         self.loss_fn = build_loss(
             config.task,
@@ -857,6 +858,7 @@ class Trainer:
             "task": self.config.task,
             "model": self.config.model.name,
             "parameters": self.n_params,
+            "trainable_parameters": self.n_trainable,
             "steps": self.step,
             "epochs": self.epoch + (1 if self.step_in_epoch else 0),
             "best_step": best,
