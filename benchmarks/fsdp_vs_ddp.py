@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch")
-    parser.add_argument("--out", default="fsdp_vs_ddp.json")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fsdp_vs_ddp.json"))
     args = parser.parse_args()
     machine = cpu_description()
     print(f"{machine['cpu']} ({machine['cores']} cores; {' '.join(machine['flags'])})")
@@ -145,7 +145,8 @@ def main() -> None:
         "fsdp_over_ddp": ratio,
         "same_losses": same,
     }
-    Path(args.out).write_text(json.dumps(payload, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {args.out}")
 
 

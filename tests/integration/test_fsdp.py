@@ -1,5 +1,7 @@
 """FSDP2 on CPU with torchrun + gloo: same losses as one process, 1/N of the state per rank, and
-a run killed on one number of processes resumes on another with the same trajectory."""
+a run killed on one number of processes resumes on another with the same trajectory. A tiny
+Llama-family model (blocks found generically at `model.layers`, tied embeddings) and the GPT
+(blocks from `shard_blocks()`, with activation checkpointing)."""
 
 from __future__ import annotations
 
@@ -33,7 +35,17 @@ CONFIG: dict[str, Any] = {
         "tokenizer": {"kind": "byte"},
         "sampling": "random",
     },
-    "model": {"name": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 16},
+    "model": {
+        "name": "llama",
+        "model_type": "llama",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 16,
+        "tie_word_embeddings": True,
+    },
     "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
     "schedule": {"name": "cosine", "warmup_steps": 3},
     "regularization": {"grad_clip_norm": 1.0},
@@ -50,9 +62,14 @@ CONFIG: dict[str, Any] = {
 }
 
 
-def write_config(tmp_path: Path, **train: Any) -> Path:
+GPT = {"name": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 16}
+
+
+def write_config(tmp_path: Path, model: dict[str, Any] | None = None, **train: Any) -> Path:
     raw = json.loads(json.dumps(CONFIG))
     raw["train"].update(train)
+    if model is not None:
+        raw["model"] = model
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -104,11 +121,18 @@ def torchrun_killed(config: Path, run_dir: Path, nproc: int) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], dict[str, Any]]:
-    """One plain process (no sharding): the trajectory every FSDP run must follow."""
+    """One plain process (no sharding): the trajectory every FSDP run of the Llama must follow."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = load_config(write_config(tmp, strategy="ddp"))
     result = fit(cfg, run_dir=tmp / "run")
     return losses(result.run_dir), result.summary["memory"]
+
+
+@pytest.fixture(scope="module")
+def gpt_reference(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    tmp = tmp_path_factory.mktemp("gpt-reference")
+    cfg = load_config(write_config(tmp, GPT, strategy="ddp"))
+    return losses(fit(cfg, run_dir=tmp / "run").run_dir)
 
 
 def assert_same(a: list[float], b: list[float], rel: float) -> None:
@@ -163,11 +187,11 @@ def test_fsdp_killed_on_two_resumes_on_three_and_on_one(
     assert_same(ref_losses, losses(on_one), 1e-4)
 
 
-def test_fsdp_killed_on_one_resumes_on_two(
-    tmp_path: Path, reference: tuple[list[float], dict[str, Any]]
+def test_fsdp_gpt_with_activation_checkpointing_killed_on_one_resumes_on_two(
+    tmp_path: Path, gpt_reference: list[float]
 ) -> None:
-    ref_losses, _ = reference
-    config = write_config(tmp_path, activation_checkpointing=True)
+    ref_losses = gpt_reference
+    config = write_config(tmp_path, GPT, activation_checkpointing=True)
     killed = tmp_path / "killed"
     out = torchrun_killed(config, killed, 1)
     assert out.returncode != 0
