@@ -128,3 +128,24 @@ def test_dry_run_prints_the_estimate_and_trains_nothing(tmp_path: Path) -> None:
     assert est["strategy"] == "fsdp" and est["processes"] == 2 and est["micro_batch"] == 8
     assert est["device_total_bytes"] > 0
     assert not (tmp_path / "runs").exists()
+
+
+def test_fsdp_on_one_process_restores_the_best_weights_at_the_end(tmp_path: Path) -> None:
+    # a model without repeated blocks (one FSDP group) and a learning rate far too high, so
+    # validation gets worse and the run ends on an earlier, better step's weights
+    cfg = regression_config(
+        model={"name": "mlp", "hidden_sizes": [8], "dropout": 0.0},
+        optim={"name": "sgd", "lr": 0.5, "momentum": 0.9},
+        schedule={"name": "constant"},
+        train={"epochs": None, "max_steps": 12, "batch_size": 16, "strategy": "fsdp"},
+        eval={"every_steps": 2},
+    )
+    result = fit(load_config(cfg), run_dir=tmp_path / "run")
+    assert result.best_step is not None and result.best_step < 12
+    vals = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "val"
+    ]
+    best = next(v for v in vals if v["step"] == result.best_step)
+    assert result.metrics["val"]["loss"] == pytest.approx(best["loss"], rel=1e-6)

@@ -115,10 +115,16 @@ def materialize_from_rank0(
         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
     )
     rank = dist.get_rank()
-    for name, buf in model.named_buffers():
-        if rank == 0:
-            buf.copy_(buffers[name].to(buf.device))
-        dist.broadcast(buf, src=0)
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is None:
+                continue
+            if buf.device != device:  # offloaded shards live on the CPU, buffers do not
+                buf = module._buffers[key] = buf.to(device)
+            name = next(n for n, b in model.named_buffers() if b is buf)
+            if rank == 0:
+                buf.copy_(buffers[name].to(device))
+            dist.broadcast(buf, src=0)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Any]:
