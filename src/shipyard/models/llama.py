@@ -648,6 +648,8 @@ class Llama(nn.Module):
         kv_cache: keys/values of earlier tokens; this call appends the new ones to it.
         positions: (B, T) position ids; default T_cached, ..., T_cached + T - 1 for every row.
             Give them for left-padded batches, where a row's first real token is position 0.
+            RoPE has no position table, so positions past max_position_embeddings are computed
+            (as transformers does); generation keeps a sequence within `max_context`.
         attention_mask: (B, T_cached + T), True/1 for real tokens and False/0 for padding
             slots, which no query attends (a padding query attends only itself).
         """
