@@ -1,4 +1,4 @@
-"""Training-batch augmentation: random crop, flips, small rotations, brightness/contrast, noise, mixup.
+"""Training-batch augmentation: random crop, flips, rotations, brightness/contrast, noise, mixup.
 
 `Augmenter(config, input_shape, task)` checks once that the operations fit the data, then
 `augmenter(x, y, key)` returns a changed copy of one training batch. Every random draw comes from

@@ -23,7 +23,7 @@ def fold_ids(
     labels: np.ndarray | None = None,
     groups: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n,) int64 fold of each row; `labels` (int class ids) stratify, `groups` keep rows together."""
+    """(n,) int64 fold of each row; `labels` (class ids) stratify, `groups` keep rows together."""
     if k < 2:
         raise DataError(f"cross-validation needs at least 2 folds, got {k}")
     if n < k:
