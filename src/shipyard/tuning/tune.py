@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import yaml
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from shipyard.config import RunConfig, TuneConfig, load_raw_config, validate_config
-from shipyard.errors import ConfigError, DataError, ShipyardError, TrainError
+from shipyard.errors import ConfigError, DataError, RegistryError, ShipyardError, TrainError
 from shipyard.package.registry import Registry, registry_database_url
 from shipyard.train import StepInfo, fit
 from shipyard.tuning.cv import FoldResult, cross_validate, fold_config
@@ -168,12 +169,19 @@ def _optuna() -> Any:
 
 def _storage(url: str) -> Any:
     optuna = _optuna()
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
         kwargs = {"connect_args": {"timeout": 60}}
-    else:
-        kwargs = {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except (SQLAlchemyError, ImportError) as exc:
+        raise RegistryError(
+            f"cannot open the study database {_shown(url)}: {' '.join(str(exc).split())[:300]}; "
+            "check --storage or SHIPYARD_REGISTRY_URL"
+        ) from None
 
 
 def _open_study(
@@ -208,6 +216,8 @@ def _open_study(
     saved = study.user_attrs.get(SPACE_ATTR)
     if saved is None:
         study.set_user_attr(SPACE_ATTR, space)
+        if not study.trials:  # trial 0 is the config as written: the baseline to beat
+            study.enqueue_trial(baseline_values(config), user_attrs={"baseline": True})
     elif saved != space:
         raise ConfigError(
             f"study {name!r} in {_shown(url)} was created with another search space or metric; "
@@ -300,7 +310,7 @@ class _Objective:
                 config,
                 run_dir=run_dir,
                 runs_root=self.runs_root,
-                callbacks=[_ReportValidation(trial, self.metric)],
+                callbacks=[PruningCallback(trial, self.metric)],
                 progress=self.progress,
             )
         except ShipyardError as exc:
@@ -331,8 +341,9 @@ class _Objective:
         return cv.mean[self.metric]
 
 
-class _ReportValidation:
-    """A trainer callback: report each validation's metric to the trial; prune if told to."""
+class PruningCallback:
+    """A `fit` callback: report each validation's metric to an Optuna trial (step = the n-th
+    validation) and raise optuna.TrialPruned when its pruner says so."""
 
     def __init__(self, trial: Any, metric: str) -> None:
         self.trial = trial
@@ -349,6 +360,27 @@ class _ReportValidation:
                 f"pruned at validation {self.evaluations} (step {info.step}): "
                 f"val {self.metric} = {info.val[self.metric]:.4g}"
             )
+
+
+def baseline_values(config: RunConfig) -> dict[str, Any]:
+    """The config's own values of the searched keys (as Optuna params), where they lie in the
+    space; trial 0 of a new study uses them, so the search starts from the config as written."""
+    assert config.tune is not None
+    plain = config.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for key, p in config.tune.params.items():
+        node: Any = plain
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        if p.choices is not None:
+            primitive = all(c is None or isinstance(c, bool | int | float | str) for c in p.choices)
+            if node in p.choices:
+                out[key] = node if primitive else json.dumps(node)
+        elif isinstance(node, int | float) and p.low <= node <= p.high:  # type: ignore[operator]
+            out[key] = node
+    return out
 
 
 def sample(trial: Any, tune_cfg: TuneConfig) -> dict[str, Any]:
