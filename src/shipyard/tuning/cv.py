@@ -230,7 +230,7 @@ def _plot(cv: CVResult) -> bytes:
         ax.set_xticks(xs)
         ax.set_xlabel("fold")
         ax.set_ylabel(f"val {key}")
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     ax.set_title(f"{cv.k}-fold cross-validation")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
