@@ -154,3 +154,15 @@ def test_baseline_is_the_config_as_written() -> None:
         "model.dropout": 0.1,
         "optim.name": "adamw",
     }
+
+
+def test_missing_optuna_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from shipyard.tuning.tune import _optuna
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # what an environment without it looks like
+    with pytest.raises(
+        ConfigError, match=r"^shipyard tune needs Optuna: pip install 'shipyard\[tune\]'$"
+    ):
+        _optuna()
