@@ -166,3 +166,33 @@ def test_missing_optuna_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyP
         ConfigError, match=r"^shipyard tune needs Optuna: pip install 'shipyard\[tune\]'$"
     ):
         _optuna()
+
+
+def test_cli_bad_space_exits_2_with_one_line_and_no_trial(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    raw = copy.deepcopy(BASE)
+    raw["tune"]["params"]["model.dropuot"] = {"low": 0.0, "high": 0.2}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "SHIPYARD_HOME": str(tmp_path / "home")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "shipyard", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+        )
+
+    out = run("tune", "bad.yaml", "--trials", "2")
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean 'dropout'" in lines[0], out.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "home").exists()
+    for verb in ("cv", "tune"):
+        helped = run(verb, "--help")
+        assert helped.returncode == 0 and "Example: shipyard " + verb in helped.stdout
