@@ -60,17 +60,17 @@ def test_cli_cv_five_folds_on_digits_then_final_model(tmp_path: Path) -> None:
     assert report["mean"]["accuracy"] == pytest.approx(sum(accuracies) / 5)
     assert report["mean"]["accuracy"] >= 0.95
     assert 0 < report["std"]["accuracy"] < 0.05
-    # the validation folds partition train+val (1617 of digits' 1797 rows); no fold has a test split
-    assert sum(f["sizes"]["val"] for f in folds) == 1617
+    # the val folds partition train+val (1527 of 1797 rows at 0.7/0.15/0.15); no fold sees test
+    assert sum(f["sizes"]["val"] for f in folds) == 1527
     assert all(set(f["sizes"]) == {"train", "val"} for f in folds)
     for i, f in enumerate(folds):
         run = Path(f["run_dir"])
         assert run == out_dir / f"fold-{i}" and (run / "package" / "manifest.json").is_file()
         assert "test" not in json.loads((run / "report.json").read_text())
-    # the final model trained on all 1617 rows and is the only one to see the test split (180)
+    # the final model trained on all 1527 rows and is the only one to see the test split (270)
     final = Path(report["final"]["run_dir"])
     sizes = json.loads((final / "data.json").read_text())["info"]["split_sizes"]
-    assert sizes == {"train": 1617, "test": 180}
+    assert sizes == {"train": 1527, "test": 270}
     assert report["final"]["test"]["accuracy"] >= 0.95
     assert (out_dir / "cv.png").read_bytes()[:4] == b"\x89PNG"
     assert "| accuracy |" in (out_dir / "cv.md").read_text()
