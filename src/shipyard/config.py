@@ -330,6 +330,77 @@ class FinetuneConfig(LoRAConfig):
     )
 
 
+class TuneParam(StrictModel):
+    """One searched key: a range (`low`/`high`, optionally `log` or `step`) or a list of `choices`.
+
+    A range of two integers samples integers. `when: {optim.name: sgd}` samples the key only when
+    earlier searched keys have those values (a list means any of them).
+    """
+
+    low: int | float | None = Field(None, description="range: smallest value")
+    high: int | float | None = Field(None, description="range: largest value")
+    log: bool = Field(False, description="range: sample uniformly in log space (needs low > 0)")
+    step: int | float | None = Field(None, gt=0, description="range: sample on a grid of this step")
+    choices: list[Any] | None = Field(None, min_length=1, description="sample one of these values")
+    when: dict[str, Any] | None = Field(
+        None, description="sample only when these earlier searched keys have these values"
+    )
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> TuneParam:
+        has_range = self.low is not None or self.high is not None
+        if has_range == (self.choices is not None):
+            raise ValueError("give either low and high (a range) or choices (a list)")
+        if self.choices is not None:
+            if self.log or self.step is not None:
+                raise ValueError("log and step apply to ranges, not to choices")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high, got low={self.low} high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log needs low > 0, got low={self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("give log or step, not both")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        """True for a range of integers (and an integer step, if any)."""
+        return (
+            self.choices is None
+            and isinstance(self.low, int)
+            and isinstance(self.high, int)
+            and (self.step is None or isinstance(self.step, int))
+        )
+
+
+class TuneConfig(StrictModel):
+    """Hyperparameter search with `shipyard tune` (Optuna); ignored by `shipyard train`."""
+
+    params: dict[str, TuneParam] = Field(
+        ..., min_length=1, description="dotted config key (e.g. optim.lr) -> its search range"
+    )
+    metric: str | None = Field(
+        None, description="validation metric to optimise (default: accuracy, or mse)"
+    )
+    direction: Literal["auto", "maximize", "minimize"] = Field(
+        "auto", description="auto: maximize accuracy-like metrics, minimize losses and errors"
+    )
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="stop hopeless trials early on intermediate validation metrics"
+    )
+    startup_trials: int = Field(
+        4, ge=0, description="random trials before TPE models the space, and before pruning"
+    )
+    study: str | None = Field(None, description="study name in the database (default: run name)")
+    cv_folds: int | None = Field(
+        None, ge=2, description="objective = mean validation metric of k-fold cross-validation"
+    )
+
+
 class RunConfig(StrictModel):
     """A whole run: data → model → training → evaluation."""
 
@@ -359,6 +430,9 @@ class RunConfig(StrictModel):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="validation and testing")
+    tune: TuneConfig | None = Field(
+        None, description="search space for `shipyard tune` (ignored by `shipyard train`)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -436,6 +510,14 @@ class RunConfig(StrictModel):
 
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """Read a run config from a YAML file (or a dict), apply `a.b=c` overrides, validate."""
+    raw, where = load_raw_config(source, overrides)
+    return validate_config(raw, where=where)
+
+
+def load_raw_config(
+    source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], str]:
+    """The config as plain data (no defaults filled in) with overrides applied, and its origin."""
     if isinstance(source, Mapping):
         raw: Any = json.loads(json.dumps(source))  # deep copy of plain data
         where = "config"
@@ -456,7 +538,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         )
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, where=where)
+    return raw, where
 
 
 def validate_config(raw: Mapping[str, Any], *, where: str = "config") -> RunConfig:
@@ -518,6 +600,7 @@ def format_validation_error(exc: ValidationError, where: str = "config") -> str:
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         path, owner = _resolve_loc(loc)
+        path = path.replace(".[", "[")  # tune.params['optim.lr'].low
         if err["type"] == "extra_forbidden":
             allowed = sorted(owner.model_fields) if owner is not None else []
             key = str(loc[-1])
@@ -576,11 +659,29 @@ def _resolve_loc(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
             model = None
             continue
         parts.append(str(part))
+        value_model = _dict_value_model(field.annotation)
+        if value_model is not None and i + 1 < len(loc):
+            parts.append(f"[{loc[i + 1]!r}]")
+            if i + 1 == len(loc) - 1:
+                return ".".join(parts), owner
+            model = value_model
+            i += 2
+            continue
         model, skip = _submodel(field.annotation, loc[i + 1] if i + 1 < len(loc) else None)
         if i == len(loc) - 1:
             return ".".join(parts), owner
         i += 1 + skip
     return ".".join(parts), model
+
+
+def _dict_value_model(annotation: Any) -> type[BaseModel] | None:
+    """X for a `dict[str, X]` field whose X is a model (e.g. tune.params), else None."""
+    for arg in _flatten(annotation):
+        if typing.get_origin(arg) is dict:
+            value = typing.get_args(arg)[1]
+            if isinstance(value, type) and issubclass(value, BaseModel):
+                return value
+    return None
 
 
 def _submodel(annotation: Any, next_part: Any) -> tuple[type[BaseModel] | None, int]:
@@ -638,6 +739,9 @@ def config_reference_markdown() -> str:
                     for sub_cls in _flatten(sub.annotation):
                         if isinstance(sub_cls, type) and issubclass(sub_cls, BaseModel):
                             sections.append((f"{field_name}.{sub_name}", sub_cls))
+                    value_model = _dict_value_model(sub.annotation)
+                    if value_model is not None:
+                        sections.append((f"{field_name}.{sub_name}[KEY]", value_model))
     for title, cls in sections:
         out += [f"## `{title}`", ""]
         doc = (cls.__doc__ or "").strip().splitlines()

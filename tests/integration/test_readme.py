@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 SHORTER = {
     "examples/digits-mlp.yaml": ["--set", "train.epochs=4", "--set", "schedule.warmup_steps=5"],
+    "examples/digits-tune.yaml": ["--set", "train.epochs=1"],
     "examples/gpt-tiny.yaml": [
         "--set", "train.max_steps=20", "--set", "schedule.warmup_steps=2",
         "--set", "data.max_chars=60000", "--set", "data.tokenizer.kind=byte",
@@ -90,8 +91,8 @@ def test_readme_lifecycle(tmp_path: Path) -> None:
                 hits = sorted(glob.glob(a, root_dir=tmp_path)) if "*" in a else []
                 expanded += hits or [a]
             argv = [sys.executable, "-m", "shipyard", *expanded]
-            if argv[3] == "train":
-                argv += SHORTER[argv[4]] + ["--no-progress"]
+            if argv[3] in ("train", "cv", "tune"):
+                argv += SHORTER[argv[4]] + (["--no-progress"] if argv[3] != "tune" else [])
             if argv[3] == "serve":
                 server = subprocess.Popen(
                     [*argv, "--port", "0"],
@@ -122,3 +123,5 @@ def test_readme_lifecycle(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "digits-small" / "report.json").read_text())
     assert "child" in report and "parent" in report
     assert (tmp_path / "digits-onnx" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "digits-cv" / "cv.json").read_text())["k"] == 5
+    assert (tmp_path / "runs" / "digits-tune" / "tune-digits-tune" / "best.yaml").is_file()

@@ -17,6 +17,7 @@ from shipyard.cli.models_cmd import models_app
 from shipyard.cli.package_cmd import package_app
 from shipyard.cli.serve_cmd import keys_add, keys_list, keys_revoke, predict, serve
 from shipyard.cli.train_cmd import evaluate, train
+from shipyard.cli.tuning_cmd import cv, tune
 from shipyard.cli.ui_cmd import ui
 from shipyard.errors import ShipyardError
 
@@ -30,6 +31,8 @@ app = typer.Typer(
         "  shipyard train examples/digits-mlp.yaml\n\n"
         "  shipyard train examples/gpt-tiny.yaml --nproc 2 --set train.max_steps=200\n\n"
         "  shipyard eval runs/digits-mlp/<run-id> --split test\n\n"
+        "  shipyard cv examples/digits-mlp.yaml --folds 5\n\n"
+        "  shipyard tune examples/digits-tune.yaml --trials 8\n\n"
         "  shipyard package runs/digits-mlp/<run-id> -o digits-pkg\n\n"
         "  shipyard compress digits-pkg --quantize int8 -o digits-int8\n\n"
         "  shipyard export digits-pkg --format onnx -o digits-onnx\n\n"
@@ -50,6 +53,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.command("train")(train)
 app.command("eval")(evaluate)
+app.command("cv")(cv)
+app.command("tune")(tune)
 app.command("serve")(serve)
 app.command("predict")(predict)
 app.command("compress")(compress)

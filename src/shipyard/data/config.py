@@ -47,6 +47,68 @@ class TokenizerConfig(StrictModel):
     min_frequency: int = Field(2, ge=1, description="BPE only: minimum pair frequency to merge")
 
 
+class FoldsConfig(StrictModel):
+    """Cross-validation: which fold of the pooled train+val rows this run validates on.
+
+    `shipyard cv` sets this for each of its runs; the test split is never part of the pool.
+    """
+
+    k: int = Field(..., ge=2, description="number of folds")
+    index: int | None = Field(
+        ...,
+        ge=0,
+        description="the fold held out as val; null: train on every fold (no val), keep test",
+    )
+    stratify: bool = Field(
+        True, description="classification: keep each class's share equal in every fold"
+    )
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> FoldsConfig:
+        if self.index is not None and self.index >= self.k:
+            raise ValueError(f"fold index {self.index} is out of range for k={self.k} (0..k-1)")
+        return self
+
+
+class AugmentationConfig(StrictModel):
+    """Random changes to training batches only (val and test never change), seeded per step.
+
+    Applied to the preprocessed tensors. Image operations (crop, flips, rotation, brightness,
+    contrast) need (C, H, W) examples; noise and mixup also work on feature rows.
+    """
+
+    crop_padding: int = Field(
+        0, ge=0, description="images: shift by up to N pixels (pad N, random crop back)"
+    )
+    hflip: float = Field(0.0, ge=0, le=1, description="images: probability of a horizontal flip")
+    vflip: float = Field(0.0, ge=0, le=1, description="images: probability of a vertical flip")
+    rotation: float = Field(
+        0.0, ge=0, le=180, description="images: rotate by a uniform angle in [-deg, +deg]"
+    )
+    brightness: float = Field(
+        0.0, ge=0, description="images: add a uniform offset in [-b, +b] per example"
+    )
+    contrast: float = Field(
+        0.0, ge=0, lt=1, description="images: scale around each example's mean by [1-c, 1+c]"
+    )
+    noise_std: float = Field(0.0, ge=0, description="add Gaussian noise with this std")
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="mixup: blend pairs with weight ~ Beta(alpha, alpha); 0 = off"
+    )
+
+    @property
+    def uses_images(self) -> bool:
+        """True if an image-only operation is switched on."""
+        return bool(
+            self.crop_padding
+            or self.hflip
+            or self.vflip
+            or self.rotation
+            or self.brightness
+            or self.contrast
+        )
+
+
 class DataConfig(StrictModel):
     """Where the data comes from and how it is split and prepared.
 
@@ -70,6 +132,9 @@ class DataConfig(StrictModel):
     )
     text_column: str | None = Field(
         None, description="CSV/JSONL: a text column to tokenize (sequence classification)"
+    )
+    group_column: str | None = Field(
+        None, description="CSV/JSONL: rows sharing a value stay in one cross-validation fold"
     )
     splits: SplitRatios = Field(default_factory=SplitRatios)
     files: SplitFiles | None = Field(None, description="explicit files per split (replaces source)")
@@ -110,6 +175,12 @@ class DataConfig(StrictModel):
     )
     max_chars: int | None = Field(
         2_000_000, ge=1, description="text corpora: stop reading after this many characters"
+    )
+    folds: FoldsConfig | None = Field(
+        None, description="cross-validation fold of this run (set by `shipyard cv`)"
+    )
+    augmentation: AugmentationConfig | None = Field(
+        None, description="random changes to training batches only (images and feature rows)"
     )
     n_samples: int = Field(1000, ge=10, description="synthetic-regression: number of rows")
     n_features: int = Field(8, ge=1, description="synthetic-regression: number of features")

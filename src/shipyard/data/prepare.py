@@ -15,6 +15,7 @@ from shipyard.config_base import TASKS, Task
 from shipyard.data.config import DataConfig
 from shipyard.data.corpus import TokenWindows, default_cache_dir, tokenize_to_file
 from shipyard.data.datasets import ArrayDataset
+from shipyard.data.folds import fold_ids
 from shipyard.data.instructions import InstructionStats, instruction_rows, read_examples
 from shipyard.data.preprocessing import Preprocessor, encode_labels, fit_class_names
 from shipyard.data.sources import Table, load_table, load_texts, resolve_paths
@@ -114,6 +115,11 @@ def prepare_data(
     if task == "language-modeling" and config.is_instructions:
         return _prepare_instructions(config, seed, block_size, fingerprint, tokenizer)
     if task == "language-modeling":
+        if config.folds is not None:
+            raise DataError(
+                "cross-validation (data.folds) works for classification and regression, not "
+                "language-modeling"
+            )
         return _prepare_corpus(config, seed, block_size, cache_dir, fingerprint, tokenizer)
     if config.is_text_corpus:
         raise DataError(
@@ -200,15 +206,65 @@ def _prepare_instructions(
 def _split_tables(config: DataConfig, task: str, seed: int) -> dict[str, Table]:
     if config.files is not None:
         specs = {name: getattr(config.files, name) for name in SPLITS}
-        return {
+        tables = {
             name: load_table(spec, config, task, seed)
             for name, spec in specs.items()
             if spec is not None
         }
-    assert config.source is not None
-    table = load_table(config.source, config, task, seed)
-    indices = split_indices(len(table), config.splits, seed, config.shuffle)
-    return {name: table.take(idx) for name, idx in indices.items()}
+    else:
+        assert config.source is not None
+        table = load_table(config.source, config, task, seed)
+        indices = split_indices(len(table), config.splits, seed, config.shuffle)
+        tables = {name: table.take(idx) for name, idx in indices.items()}
+    if config.group_column is not None and tables["train"].groups is None:
+        raise DataError(
+            f"data.group_column {config.group_column!r} needs a CSV or JSONL source with that "
+            "column; remove it for other sources"
+        )
+    if config.folds is not None:
+        tables = _fold_tables(tables, config, task, seed)
+    return tables
+
+
+def _fold_tables(
+    tables: dict[str, Table], config: DataConfig, task: str, seed: int
+) -> dict[str, Table]:
+    """Pool train+val and cut them by fold (see data.folds); the test table stays as it was.
+
+    A fold run gets no test table at all, so cross-validation never looks at it; the final run
+    (fold index null) trains on the whole pool and keeps the test table.
+    """
+    assert config.folds is not None
+    pool = _concat([tables[n] for n in ("train", "val") if n in tables])
+    labels = None
+    if task == "classification" and config.folds.stratify and pool.labels is not None:
+        labels = np.unique(np.asarray(pool.labels).astype(str), return_inverse=True)[1]
+    folds = fold_ids(len(pool), config.folds.k, seed, labels=labels, groups=pool.groups)
+    if config.folds.index is None:
+        out = {"train": pool}
+        if "test" in tables:
+            out["test"] = tables["test"]
+        return out
+    held = folds == config.folds.index
+    return {"train": pool.take(np.flatnonzero(~held)), "val": pool.take(np.flatnonzero(held))}
+
+
+def _concat(tables: list[Table]) -> Table:
+    if len(tables) == 1:
+        return tables[0]
+    first = tables[0]
+
+    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if arrays[0] is None else np.concatenate(arrays)  # type: ignore[arg-type]
+
+    return Table(
+        x=cat([t.x for t in tables]),
+        labels=cat([t.labels for t in tables]),
+        feature_names=first.feature_names,
+        class_names=first.class_names,
+        texts=None if first.texts is None else [s for t in tables for s in t.texts or []],
+        groups=cat([t.groups for t in tables]),
+    )
 
 
 def _prepare_rows(

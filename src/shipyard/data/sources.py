@@ -49,6 +49,7 @@ class Table:
     feature_names: list[str] | None = None
     class_names: list[str] | None = None
     texts: list[str] | None = None
+    groups: np.ndarray | None = None  # (N,) group of each row (data.group_column), as strings
 
     def __len__(self) -> int:
         if self.texts is not None:
@@ -64,6 +65,7 @@ class Table:
             feature_names=self.feature_names,
             class_names=self.class_names,
             texts=None if self.texts is None else [self.texts[i] for i in idx.tolist()],
+            groups=None if self.groups is None else self.groups[idx],
         )
 
     def update_hash(self, h: Any) -> None:
@@ -333,12 +335,17 @@ def load_records(paths: Sequence[Path], fmt: str, config: DataConfig, task: str)
                 [[_parse_number(row[t], target, w)] for w, row in rows], dtype=np.float32
             )
 
+    groups: np.ndarray | None = None
+    if config.group_column is not None:
+        g = column(config.group_column, "group")
+        groups = np.asarray([str(row[g]) for _, row in rows], dtype=object)
+
     if config.text_column is not None:
         c = column(config.text_column, "text")
         texts = [str(row[c]) for _, row in rows]
-        return Table(x=None, labels=labels, texts=texts)
+        return Table(x=None, labels=labels, texts=texts, groups=groups)
 
-    features = config.features or [h for h in header if h != target]
+    features = config.features or [h for h in header if h not in (target, config.group_column)]
     if not features:
         raise DataError(f"no feature columns: the only column is the target {target!r}")
     idx = [column(name, "feature") for name in features]
@@ -346,7 +353,7 @@ def load_records(paths: Sequence[Path], fmt: str, config: DataConfig, task: str)
     for r, (where, row) in enumerate(rows):
         for j, (c, name) in enumerate(zip(idx, features, strict=True)):
             x[r, j] = _parse_number(row[c], name, where)
-    return Table(x=x, labels=labels, feature_names=list(features))
+    return Table(x=x, labels=labels, feature_names=list(features), groups=groups)
 
 
 def load_npz(path: Path, config: DataConfig, task: str) -> Table:

@@ -292,6 +292,12 @@ def default_registry_url() -> str:
     return os.environ.get("SHIPYARD_REGISTRY_URL") or f"sqlite:///{shipyard_home() / 'registry.db'}"
 
 
+def registry_database_url(url: str | None = None) -> str:
+    """The SQLAlchemy URL the registry uses for `url` (default: `default_registry_url()`), with
+    `postgresql://` mapped to the psycopg (v3) driver; other tools (tuning studies) share it."""
+    return _normalise_url(url or default_registry_url())
+
+
 # ----------------------------------------------------------------------------------- registry
 
 

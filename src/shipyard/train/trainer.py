@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from shipyard.config import GDConfig, RunConfig, dump_config
+from shipyard.data.augmentation import Augmenter
 from shipyard.data.datasets import gather
 from shipyard.errors import CheckpointError, ShipyardError, TrainError
 from shipyard.evaluate.metrics import primary_metric
@@ -88,6 +89,7 @@ class StepInfo:
     epoch: int
     loss: float | None
     run_dir: Path
+    val: dict[str, float] | None = None  # validation metrics, when this step validated
 
 
 @dataclass
@@ -248,6 +250,8 @@ class Trainer:
             self.distill = distill or DistillParams()
         elif distill is not None:
             raise TrainError("distill parameters were given without a teacher")
+        aug = config.data.augmentation
+        self.augmenter = Augmenter(aug, info.input_shape, config.task) if aug is not None else None
         self.is_lm = config.task == "language-modeling"
         block_size = (
             self.data.info.input_shape[0]
@@ -499,8 +503,14 @@ class Trainer:
                         or last
                     )
                     saved = False
+                    val_now: dict[str, float] | None = None
                     if validate:
                         improved = self._validate(log)
+                        val_now = {
+                            k: float(v)
+                            for k, v in self.last_val.items()
+                            if isinstance(v, int | float)
+                        } or None
                         if improved or ckpt_every is None:
                             self._save()
                             saved = True
@@ -509,7 +519,7 @@ class Trainer:
                     ):
                         self._save()
                     for callback in self.callbacks:
-                        callback(StepInfo(self.step, self.epoch, loss_value, self.run_dir))
+                        callback(StepInfo(self.step, self.epoch, loss_value, self.run_dir, val_now))
                     if last or self.stopped_early:
                         done = True
                         break
@@ -543,6 +553,11 @@ class Trainer:
         loss_sum_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, idx in enumerate(micro):
             x, y = self._batch(self.data.train, idx)
+            y_mix, lam = None, 1.0
+            if self.augmenter is not None:
+                # keyed by step, micro-batch and rank: the same batches again on resume
+                batch = self.augmenter(x, y, (cfg.seed, self.step, i, self.env.rank))
+                x, y, y_mix, lam = batch.x, batch.y, batch.y_mix, batch.lam
             final = i == len(micro) - 1
             sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if self.fsdp:
@@ -554,6 +569,8 @@ class Trainer:
                 with self._autocast():
                     out = model(x)
                     loss_sum, _ = self.loss_fn(out, y)
+                    if y_mix is not None:  # mixup for classification: blend the two losses
+                        loss_sum = lam * loss_sum + (1.0 - lam) * self.loss_fn(out, y_mix)[0]
                     if self.teacher is not None and self.distill is not None:
                         with torch.no_grad():
                             target = self.teacher(x)
