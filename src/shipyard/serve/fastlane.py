@@ -13,8 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shipyard.serve.errors import RequestError
@@ -37,14 +38,28 @@ def _template_regex(path: str) -> re.Pattern[str]:
 
 @dataclass
 class FastRoute:
-    """A `POST` route template and its endpoint, called as `endpoint(request, **params)`."""
+    """A `POST` route template and its endpoint, called as `endpoint(request, **params)`.
+
+    `openapi` holds what FastAPI's `add_api_route` takes to document it (`summary`,
+    `responses`, `openapi_extra`, ...): the lane itself never looks at it.
+    """
 
     path: str  # the template; also what metrics and the access log report as the route
     endpoint: Endpoint
+    openapi: dict[str, Any] = field(default_factory=dict)
     regex: re.Pattern[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.regex = _template_regex(self.path)
+
+
+def document(router: APIRouter, routes: Sequence[FastRoute]) -> None:
+    """Declare `routes` on `router` too: FastAPI then documents them and answers 405 for other
+    methods, while the lane serves their `POST`s."""
+    for route in routes:
+        router.add_api_route(
+            route.path, route.endpoint, methods=["POST"], response_model=None, **route.openapi
+        )
 
 
 class InferenceFastLane:

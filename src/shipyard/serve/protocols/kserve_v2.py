@@ -15,17 +15,19 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
 
 from shipyard import __version__
 from shipyard.serve.auth import ApiKey
 from shipyard.serve.core import V2_TO_NUMPY, ServedModel, v2_datatype
 from shipyard.serve.errors import BadRequest
-from shipyard.serve.fastlane import FastRoute
+from shipyard.serve.fastlane import FastRoute, document
+from shipyard.serve.openapi import json_body, ok, responses
 from shipyard.serve.http import (
     ServerState,
     authorize,
@@ -69,6 +71,145 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None
     binary_output: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ schemas
+# What the published OpenAPI document says about the bodies (`decode_request` is the parser).
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+
+class TensorParameters(BaseModel):
+    """Per-tensor parameters (binary tensor data extension)."""
+
+    binary_data_size: int | None = Field(
+        None, ge=0, description="Bytes of this tensor in the binary part of the body."
+    )
+
+
+class InferInputTensor(BaseModel):
+    """One input tensor: row-major `data` (nested or flat), or its bytes in the binary part."""
+
+    name: str = Field(min_length=1)
+    datatype: Datatype
+    shape: list[int] = Field(max_length=MAX_DIMS, json_schema_extra={"items": {"minimum": 0}})
+    data: list[Any] | None = Field(
+        None, description="Required unless parameters.binary_data_size is given."
+    )
+    parameters: TensorParameters | None = None
+
+
+class OutputParameters(BaseModel):
+    """Per-output parameters."""
+
+    binary_data: bool | None = Field(None, description="Send this output in the binary part.")
+    classification: int | None = Field(
+        None, ge=0, description="Answer the top N classes as 'value:index:label' instead."
+    )
+
+
+class RequestedOutputSpec(BaseModel):
+    """An output the request asks for (by default: all of them)."""
+
+    name: str
+    parameters: OutputParameters | None = None
+
+
+class InferParameters(BaseModel):
+    """Request parameters."""
+
+    binary_data_output: bool | None = Field(None, description="Send every output binary.")
+
+
+class InferRequestBody(BaseModel):
+    """A KServe V2 inference request (JSON; with the binary extension, the JSON header)."""
+
+    id: str | None = Field(None, description="Echoed in the response.")
+    parameters: InferParameters | None = None
+    inputs: list[InferInputTensor] = Field(min_length=1)
+    outputs: list[RequestedOutputSpec] | None = None
+
+
+class OutputTensor(BaseModel):
+    """One output tensor: `data`, or its byte length in the binary part."""
+
+    name: str
+    datatype: Datatype
+    shape: list[int]
+    data: list[Any] | None = None
+    parameters: TensorParameters | None = None
+
+
+class InferResponseBody(BaseModel):
+    """A KServe V2 inference response (with binary outputs: the JSON header)."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
+
+class TensorMeta(BaseModel):
+    """A tensor in the model's signature (-1: any size)."""
+
+    name: str
+    datatype: Datatype
+    shape: list[int]
+
+
+class Ready(BaseModel):
+    """Server readiness."""
+
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    """A model (version) that answers is ready."""
+
+    name: str
+    version: str | None = None
+    ready: bool
+
+
+class ModelMetadata(BaseModel):
+    """The V2 model metadata object."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+
+
+_INFER_DOC = (
+    "Run the model on one input tensor. The body is JSON, or with the binary tensor data "
+    "extension a JSON header followed by raw tensors (send `Inference-Header-Content-Length`). "
+    "The answer is JSON, or `application/octet-stream` with `Inference-Header-Content-Length` "
+    "when binary outputs were asked for."
+)
+_INFER_OPENAPI = {
+    **json_body(InferRequestBody),
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "description": "Length of the JSON header when binary tensors follow it.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    ],
+}
+_INFER_RESPONSES = responses(
+    400, 401, 403, 404, 413, 429, 500, 503, 504,
+    ok=ok(
+        InferResponseBody,
+        media={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    ),
+)  # fmt: skip
+_MODEL_ERRORS = (401, 403, 404, 429)
 
 
 # ------------------------------------------------------------------------------ BYTES
@@ -446,18 +587,26 @@ def build_router() -> APIRouter:
     """The /v2 routes."""
     router = APIRouter(tags=["kserve-v2"])
 
-    @router.get("/v2/health/live")
+    @router.get("/v2/health/live", summary="Liveness")
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/v2/health/ready")
+    @router.get(
+        "/v2/health/ready",
+        summary="Readiness: every configured model is loaded",
+        response_model=None,
+        responses={
+            200: ok(Ready, description="Ready."),
+            503: {"description": "Not ready (starting or shutting down).", "model": Ready},
+        },
+    )
     async def ready(state: ServerState = Depends(server_state)) -> Response:
         ok = state.repo.ready and not state.shutting_down
         return Response(
             json.dumps({"ready": ok}), status_code=200 if ok else 503, media_type="application/json"
         )
 
-    @router.get("/v2")
+    @router.get("/v2", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
         return {
             "name": "shipyard",
@@ -465,7 +614,16 @@ def build_router() -> APIRouter:
             "extensions": ["binary_tensor_data", "classification"],
         }
 
-    @router.get("/v2/models/{model_name}")
+    meta: dict[str, Any] = {
+        "response_model": None,
+        "responses": responses(*_MODEL_ERRORS, ok=ok(ModelMetadata)),
+    }
+    ready_doc: dict[str, Any] = {
+        "response_model": None,
+        "responses": responses(*_MODEL_ERRORS, ok=ok(ModelReady)),
+    }
+
+    @router.get("/v2/models/{model_name}", summary="Model metadata", **meta)
     async def metadata(
         model_name: str,
         state: ServerState = Depends(server_state),
@@ -473,7 +631,7 @@ def build_router() -> APIRouter:
     ) -> dict[str, Any]:
         return model_metadata(state, state.repo.get(model_name))
 
-    @router.get("/v2/models/{model_name}/versions/{version}")
+    @router.get("/v2/models/{model_name}/versions/{version}", summary="Version metadata", **meta)
     async def version_metadata(
         model_name: str,
         version: str,
@@ -482,7 +640,7 @@ def build_router() -> APIRouter:
     ) -> dict[str, Any]:
         return model_metadata(state, state.repo.get(model_name, version))
 
-    @router.get("/v2/models/{model_name}/ready")
+    @router.get("/v2/models/{model_name}/ready", summary="Model readiness", **ready_doc)
     async def model_ready(
         model_name: str,
         state: ServerState = Depends(server_state),
@@ -491,7 +649,9 @@ def build_router() -> APIRouter:
         served = state.repo.get(model_name)
         return {"name": served.name, "ready": True}
 
-    @router.get("/v2/models/{model_name}/versions/{version}/ready")
+    @router.get(
+        "/v2/models/{model_name}/versions/{version}/ready", summary="Version readiness", **ready_doc
+    )
     async def version_ready(
         model_name: str,
         version: str,
@@ -501,8 +661,7 @@ def build_router() -> APIRouter:
         served = state.repo.get(model_name, version)
         return {"name": served.name, "version": served.version, "ready": True}
 
-    for route in FAST_ROUTES:
-        router.add_api_route(route.path, route.endpoint, methods=["POST"], response_model=None)
+    document(router, FAST_ROUTES)
 
     return router
 
@@ -533,9 +692,22 @@ def _class_labels(served: ServedModel) -> dict[str, list[str]]:
 
 
 # The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
+_INFER_DOC_ARGS: dict[str, Any] = {
+    "description": _INFER_DOC,
+    "openapi_extra": _INFER_OPENAPI,
+    "responses": _INFER_RESPONSES,
+}
 FAST_ROUTES = [
-    FastRoute("/v2/models/{model_name}/infer", infer),
-    FastRoute("/v2/models/{model_name}/versions/{version}/infer", infer_version),
+    FastRoute(
+        "/v2/models/{model_name}/infer",
+        infer,
+        {"summary": "Inference (default version)", **_INFER_DOC_ARGS},
+    ),
+    FastRoute(
+        "/v2/models/{model_name}/versions/{version}/infer",
+        infer_version,
+        {"summary": "Inference (one version)", **_INFER_DOC_ARGS},
+    ),
 ]
 
 

@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field
 
 from shipyard.package import InvalidInputError
 from shipyard.serve.batching import Outputs
 from shipyard.serve.core import V2_TO_NUMPY, ServedModel
 from shipyard.serve.errors import BadRequest
-from shipyard.serve.fastlane import FastRoute
+from shipyard.serve.fastlane import FastRoute, document
+from shipyard.serve.openapi import json_body, ok, responses
 from shipyard.serve.http import ServerState, authorize, disconnected, read_body, state_of
 
 
@@ -88,18 +90,50 @@ async def predict_version(request: Request, model_name: str, version: str) -> Re
     return await _predict(request, state_of(request), model_name, version)
 
 
+class PredictRequestBody(BaseModel):
+    """`instances`: rows of numbers shaped like the model's input (one row per example), or
+    texts for a model with a tokenizer."""
+
+    instances: list[Any] = Field(min_length=1)
+
+
+class PredictResponseBody(BaseModel):
+    """One prediction per instance, in `LoadedModel.predict`'s format: `label` and
+    `probabilities` (classification), `value` or `values` (regression), `next_token_id` and
+    `next_token` (language models)."""
+
+    model_name: str
+    model_version: str
+    predictions: list[dict[str, Any]]
+
+
+_PREDICT_DOC: dict[str, Any] = {
+    "description": "Predict from JSON instances, through the same batcher as the V2 route.",
+    "openapi_extra": json_body(PredictRequestBody),
+    "responses": responses(
+        400, 401, 403, 404, 413, 429, 500, 503, 504, ok=ok(PredictResponseBody)
+    ),
+}
+
 # The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
 FAST_ROUTES = [
-    FastRoute("/v1/models/{model_name}:predict", predict),
-    FastRoute("/v1/models/{model_name}/versions/{version}:predict", predict_version),
+    FastRoute(
+        "/v1/models/{model_name}:predict",
+        predict,
+        {"summary": "Predict (default version)", **_PREDICT_DOC},
+    ),
+    FastRoute(
+        "/v1/models/{model_name}/versions/{version}:predict",
+        predict_version,
+        {"summary": "Predict (one version)", **_PREDICT_DOC},
+    ),
 ]
 
 
 def build_router() -> APIRouter:
     """The /v1 simple routes (also served by the fast lane; FastAPI documents them)."""
     router = APIRouter(tags=["simple"])
-    for route in FAST_ROUTES:
-        router.add_api_route(route.path, route.endpoint, methods=["POST"], response_model=None)
+    document(router, FAST_ROUTES)
     return router
 
 
