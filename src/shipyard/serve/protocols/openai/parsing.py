@@ -138,10 +138,17 @@ class _Body:
             raise bad(f"'{key}' must be true or false, got {value!r}", key)
         return value
 
+    def string(self, key: str) -> str | None:
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise bad(f"'{key}' must be a string, got {json.dumps(value)[:64]}", key)
+        return value
+
     def no_op(self, key: str, *allowed: object) -> None:
         """Accept `key` only at a value that changes nothing (e.g. best_of=1, echo=false)."""
         value = self.raw.get(key)
-        if value is not None and value not in allowed:
+        # by type too: best_of=true or echo=0 is not the no-op value
+        if value is not None and not any(type(value) is type(a) and value == a for a in allowed):
             raise bad(
                 f"parameter '{key}' is not supported (got {json.dumps(value)[:64]}); leave it out",
                 key,
@@ -241,6 +248,7 @@ def _sampling(
     seed = body.integer("seed", None, -(2**63), 2**63 - 1 - MAX_CHOICES)
     top_k = body.integer("top_k", None, -1, 1 << 30)
     block_size = req.engine.model.config.block_size
+    body.string("user")  # accepted (OpenAI's end-user id) and not used
     req.stream = body.boolean("stream")
     req.include_usage = _stream_options(body, req.stream)
     common = {
@@ -326,6 +334,8 @@ def chat_prompt(messages: Any) -> str:
                 "name)",
                 f"{where}.{sorted(extra)[0]}",
             )
+        if not isinstance(message.get("name", ""), str):
+            raise bad(f"'{where}.name' must be a string", f"{where}.name")
         role = message.get("role")
         role = "system" if role == "developer" else role
         if role not in CHAT_ROLES:

@@ -16,6 +16,7 @@ from shipyard.serve.core import ServedModel
 from shipyard.serve.errors import InferenceFailed, RequestError
 from shipyard.serve.http import ServerState, disconnected, read_body, require, server_state
 from shipyard.serve.lm import EngineMetrics
+from shipyard.serve.openapi import OpenAIErrorBody, json_body, ok, responses
 from shipyard.serve.protocols.openai.answers import (
     chat_logprobs,
     completion_logprobs,
@@ -29,6 +30,15 @@ from shipyard.serve.protocols.openai.parsing import (
     load_json,
     parse_chat,
     parse_completion,
+)
+from shipyard.serve.protocols.openai.schemas import (
+    SSE,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
 )
 from shipyard.serve.protocols.openai.streaming import streaming_response
 
@@ -133,7 +143,14 @@ def build_router() -> APIRouter:
     router = APIRouter(tags=[TAG])
     infer = Depends(require("infer"))
 
-    @router.get("/v1/models")
+    auth_errors = (401, 403, 429)
+
+    @router.get(
+        "/v1/models",
+        summary="List the served language models",
+        response_model=None,
+        responses=responses(*auth_errors, error=OpenAIErrorBody, ok=ok(ModelList)),
+    )
     async def list_models(
         state: ServerState = Depends(server_state), key: ApiKey | None = infer
     ) -> dict[str, Any]:
@@ -148,7 +165,12 @@ def build_router() -> APIRouter:
                 data.append(_model_card(f"{name}:{version}", served))
         return {"object": "list", "data": data}
 
-    @router.get("/v1/models/{model}")
+    @router.get(
+        "/v1/models/{model}",
+        summary="One served language model",
+        response_model=None,
+        responses=responses(*auth_errors, 404, error=OpenAIErrorBody, ok=ok(ModelCard)),
+    )
     async def retrieve_model(
         model: str, state: ServerState = Depends(server_state), key: ApiKey | None = infer
     ) -> dict[str, Any]:
@@ -158,13 +180,31 @@ def build_router() -> APIRouter:
             raise OpenAIError(f"model {name!r} is not a language model", status=404, param="model")
         return _model_card(model, served)
 
-    @router.post("/v1/completions")
+    generation_errors = (400, 401, 403, 404, 413, 429, 500, 503)
+
+    @router.post(
+        "/v1/completions",
+        summary="Complete a prompt",
+        response_model=None,
+        openapi_extra=json_body(CompletionRequest),
+        responses=responses(
+            *generation_errors, error=OpenAIErrorBody, ok=ok(Completion, media=SSE)
+        ),
+    )
     async def completions(
         request: Request, state: ServerState = Depends(server_state), key: ApiKey | None = infer
     ) -> Any:
         return await _complete(request, state, chat=False)
 
-    @router.post("/v1/chat/completions")
+    @router.post(
+        "/v1/chat/completions",
+        summary="Answer a conversation",
+        response_model=None,
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses=responses(
+            *generation_errors, error=OpenAIErrorBody, ok=ok(ChatCompletion, media=SSE)
+        ),
+    )
     async def chat_completions(
         request: Request, state: ServerState = Depends(server_state), key: ApiKey | None = infer
     ) -> Any:
