@@ -48,7 +48,7 @@ def before_add_examples(context: Any, examples: list[Any]) -> None:
 
 @schemathesis.hook
 def map_body(context: Any, body: Any) -> Any:
-    if _label(context) in ("POST /v1/completions", "POST /v1/chat/completions"):
-        if isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"]:
-            return {**body, "model": DATA["lm"]}
+    openai = _label(context) in ("POST /v1/completions", "POST /v1/chat/completions")
+    if openai and isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"]:
+        return {**body, "model": DATA["lm"]}
     return body

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,8 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.conftest import ROOT
 from tests.lm_support import lm_package
-from tests.serve_support import digits_package, running_server
+from tests.serve_support import digits_inputs, digits_package, running_server
 
 from shipyard.serve import ServeSettings, create_app
 
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.integration
 # body may still be a 400 (which names the field). Every other check keeps its defaults.
 _CONFIG = """
 [[operations]]
-include-path-regex = "^/v[12]/models/\\\\{{model_name\\\\}}(/versions/\\\\{{version\\\\}})?(/infer|:predict|/ready)?$"
+include-path-regex = "^/v[12]/models/.model_name.(/versions/.version.)?(/infer|:predict|/ready)?$"
 parameters = {{ "path.model_name" = "{classifier}", "path.version" = "{classifier_version}" }}
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404"]
 
@@ -43,7 +45,7 @@ include-path-regex = "^/v2/admin/models/"
 parameters = {{ "path.model_name" = "{classifier}", "path.version" = "not-loaded" }}
 
 [[operations]]
-include-path-regex = "^/v1/models/\\\\{{model\\\\}}$"
+include-path-regex = "^/v1/models/.model.$"
 parameters = {{ "path.model" = "{lm}" }}
 
 [[operations]]
@@ -80,6 +82,20 @@ def _interactions(report_dir: Path) -> dict[str, collections.Counter[int]]:
 def test_schemathesis_finds_nothing(url: str, tmp_path: Path) -> None:
     models = httpx.get(f"{url}/v2/admin/models").json()["models"]
     versions = {m["name"]: m["default_version"] for m in models}
+    signature = httpx.get(f"{url}/v2/models/digits").json()
+    data = {
+        "classifier": "digits",
+        "classifier_version": versions["digits"],
+        "lm": "tiny-lm",
+        "input": signature["inputs"][0]["name"],
+        "row": digits_inputs(1).reshape(-1).tolist(),
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks",
+        "SHIPYARD_CONTRACT_DATA": json.dumps(data),
+    }
     config = tmp_path / "schemathesis.toml"
     config.write_text(
         _CONFIG.format(classifier="digits", classifier_version=versions["digits"], lm="tiny-lm")
@@ -112,15 +128,17 @@ def test_schemathesis_finds_nothing(url: str, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=tmp_path,  # its cache of past failures stays out of the repository
+        env=env,
     )
     summary = out.stdout[out.stdout.rfind("SUMMARY") :]
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]
     for phase in ("Coverage", "Fuzzing", "Stateful"):
         assert f"✅ {phase}" in summary, summary
     statuses = _interactions(reports)
-    assert not [
-        (op, code) for op, counts in statuses.items() for code in counts if code >= 500
-    ], statuses
+    assert not [(op, code) for op, counts in statuses.items() for code in counts if code >= 500], (
+        statuses
+    )
     # the generated requests reached both models, not only their error paths
     reached: dict[str, Any] = {op: counts[200] for op, counts in statuses.items()}
     for op in (

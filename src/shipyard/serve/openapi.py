@@ -135,9 +135,7 @@ def _document(app: FastAPI) -> dict[str, Any]:
         tags=app.openapi_tags,
     )
     components = doc.setdefault("components", {}).setdefault("schemas", {})
-    _, defs = models_json_schema(
-        [(m, "validation") for m in _BODIES.values()], ref_template=REF
-    )
+    _, defs = models_json_schema([(m, "validation") for m in _BODIES.values()], ref_template=REF)
     components.update(defs.get("$defs", {}))
     # Routes take path parameters as plain strings, so FastAPI's request validation never fails:
     # the 422 it documents by default cannot happen.

@@ -27,7 +27,6 @@ from shipyard.serve.auth import ApiKey
 from shipyard.serve.core import V2_TO_NUMPY, ServedModel, v2_datatype
 from shipyard.serve.errors import BadRequest
 from shipyard.serve.fastlane import FastRoute, document
-from shipyard.serve.openapi import json_body, ok, responses
 from shipyard.serve.http import (
     ServerState,
     authorize,
@@ -37,6 +36,7 @@ from shipyard.serve.http import (
     server_state,
     state_of,
 )
+from shipyard.serve.openapi import json_body, ok, responses
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 16

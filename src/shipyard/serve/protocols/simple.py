@@ -19,8 +19,8 @@ from shipyard.serve.batching import Outputs
 from shipyard.serve.core import V2_TO_NUMPY, ServedModel
 from shipyard.serve.errors import BadRequest
 from shipyard.serve.fastlane import FastRoute, document
-from shipyard.serve.openapi import json_body, ok, responses
 from shipyard.serve.http import ServerState, authorize, disconnected, read_body, state_of
+from shipyard.serve.openapi import json_body, ok, responses
 
 
 def instances_to_array(served: ServedModel, instances: Any) -> np.ndarray:
@@ -110,9 +110,7 @@ class PredictResponseBody(BaseModel):
 _PREDICT_DOC: dict[str, Any] = {
     "description": "Predict from JSON instances, through the same batcher as the V2 route.",
     "openapi_extra": json_body(PredictRequestBody),
-    "responses": responses(
-        400, 401, 403, 404, 413, 429, 500, 503, 504, ok=ok(PredictResponseBody)
-    ),
+    "responses": responses(400, 401, 403, 404, 413, 429, 500, 503, 504, ok=ok(PredictResponseBody)),
 }
 
 # The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
