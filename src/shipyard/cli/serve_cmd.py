@@ -1,4 +1,4 @@
-"""`shipyard serve`, `shipyard predict` and the API-key verbs `shipyard keys add|list|revoke`."""
+"""`shipyard serve` and `shipyard predict` (API keys: `cli/api_keys_cmd.py`)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,11 @@ from typing import Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
+from shipyard.cli.api_keys_cmd import KEYS_FILE_HELP
 from shipyard.serve.settings import ServeError, ServeSettings
 
 console = Console()
-
-KEYS_FILE_HELP = "API keys file (default $SHIPYARD_HOME/serve/keys.json)."
 
 
 def serve(
@@ -128,7 +126,9 @@ def _preflight(settings: ServeSettings) -> None:
         from shipyard.serve.auth import read_keys
 
         if not [k for k in read_keys(settings.keys_file) if not k.revoked]:
-            raise ServeError(f"{settings.keys_file}: no active keys (add one: shipyard keys add)")
+            raise ServeError(
+                f"{settings.keys_file}: no active keys (add one: shipyard api-keys add)"
+            )
 
 
 def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
@@ -241,63 +241,3 @@ def predict(
         message = body.get("error", body) if isinstance(body, dict) else body
         raise ServeError(f"server answered {response.status_code}: {message}")
     typer.echo(json.dumps(body, indent=2))
-
-
-# ------------------------------------------------------------------------------ keys
-
-
-def keys_add(
-    scope: str = typer.Option(..., "--scope", help="infer (predict) or admin (manage + infer)."),
-    name: str | None = typer.Option(None, "--name", help="A name to recognise the key by."),
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-) -> None:
-    """Create an API key for `shipyard serve`; the key is printed once, only its hash is stored.
-
-    Example: shipyard keys add --scope infer --name billing-service --keys-file keys.json
-    """
-    from shipyard.serve.auth import add_key
-
-    path = keys_file or _default_keys_file()
-    key, record = add_key(path, scope, name)
-    typer.echo(key)
-    Console(stderr=True).print(
-        f"added {record.scope} key {record.id} ({record.name}) to {path}; it is shown only "
-        "once, store it now",
-        highlight=False,
-    )
-
-
-def keys_list(
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """List API keys (ids, names, scopes; never secrets).
-
-    Example: shipyard keys list --keys-file keys.json
-    """
-    from shipyard.serve.auth import read_keys
-
-    keys = read_keys(keys_file or _default_keys_file())
-    if as_json:
-        typer.echo(json.dumps([k.public() for k in keys], indent=2))
-        return
-    table = Table()
-    for col in ("id", "name", "scope", "created", "status"):
-        table.add_column(col)
-    for k in keys:
-        table.add_row(k.id, k.name, k.scope, k.created, "revoked" if k.revoked else "active")
-    console.print(table)
-
-
-def keys_revoke(
-    key: str = typer.Argument(..., help="Key id or name."),
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-) -> None:
-    """Revoke an API key; a running server refuses it within a second.
-
-    Example: shipyard keys revoke billing-service --keys-file keys.json
-    """
-    from shipyard.serve.auth import revoke_key
-
-    record = revoke_key(keys_file or _default_keys_file(), key)
-    console.print(f"revoked key {record.id} ({record.name})", highlight=False)
