@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from shipyard.cli.tables import print_rows
 from shipyard.serve.auth import add_key, default_keys_file, read_keys, revoke_key
 
 console = Console()
@@ -64,12 +64,8 @@ def list_keys(
     if as_json:
         typer.echo(json.dumps([k.public() for k in keys], indent=2))
         return
-    table = Table()
-    for col in ("id", "name", "scope", "created", "status"):
-        table.add_column(col)
-    for k in keys:
-        table.add_row(k.id, k.name, k.scope, k.created, "revoked" if k.revoked else "active")
-    console.print(table)
+    rows = [[k.id, k.name, k.scope, k.created, "revoked" if k.revoked else "active"] for k in keys]
+    print_rows(console, ["id", "name", "scope", "created", "status"], rows)
 
 
 @api_keys_app.command("revoke")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from shipyard.cli.tables import print_rows, transpose
 
 console = Console()
 
@@ -69,13 +70,18 @@ def compress(
         finetune_lr=finetune_lr,
         bench=BenchParams(threads=threads),
     )
-    rows = report_rows(result.report)
-    table = Table(title=f"{result.report['derivation']['method']}: {package} → {result.package}")
-    for i, name in enumerate(rows[0]):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows[1:]:
-        table.add_row(*row)
-    console.print(table)
+    # turned: a row per measure, a column per model (parent, child, change), so it fits 80 columns
+    header, *rows = transpose(report_rows(result.report))
+    names = [h.split(": ", 1) for h in header[1:]]  # "parent: VERSION" → a column and a row
+    header = ["", *(n[0] for n in names)]
+    rows.insert(0, ["version", *(n[1] if len(n) > 1 else "" for n in names)])
+    print_rows(
+        console,
+        header,
+        rows,
+        title=f"{result.report['derivation']['method']}: {package} → {result.package}",
+        right=header[1:],
+    )
     console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
 
 
