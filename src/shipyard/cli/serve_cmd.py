@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from shipyard.cli.api_keys_cmd import KEYS_FILE_HELP
-from shipyard.serve.settings import ServeError, ServeSettings
+from shipyard.serve.settings import ServeError, ServeSettings, default
 
 console = Console()
 
@@ -26,9 +26,9 @@ def serve(
     registry: list[str] = typer.Option(
         [], "--registry", "-r", help="Registry ref to serve: NAME, NAME:VERSION or NAME@ALIAS."
     ),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
-    port: int = typer.Option(8000, "--port", "-p", help="Port (0: pick a free one)."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Server processes."),
+    host: str = typer.Option(default("host"), "--host", help="Address to bind."),
+    port: int = typer.Option(default("port"), "--port", "-p", help="Port (0: pick a free one)."),
+    workers: int = typer.Option(default("workers"), "--workers", min=1, help="Server processes."),
     keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Serve without API keys even off loopback."
@@ -36,16 +36,30 @@ def serve(
     public_key: Path | None = typer.Option(
         None, "--public-key", help="Only serve packages signed by this Ed25519 key."
     ),
-    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Rows per forward."),
+    max_batch_size: int = typer.Option(
+        default("max_batch_size"), "--max-batch-size", min=1, help="Rows per forward."
+    ),
     max_wait_ms: float = typer.Option(
-        0.0, "--max-wait-ms", min=0, help="Extra wait for a batch to fill (0: batch what queued)."
+        default("max_wait_ms"),
+        "--max-wait-ms",
+        min=0,
+        help="Extra wait for a batch to fill (0: batch what queued).",
     ),
-    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Queued requests → 503."),
+    max_queue: int = typer.Option(
+        default("max_queue"), "--max-queue", min=1, help="Queued requests → 503."
+    ),
     max_running_seqs: int = typer.Option(
-        16, "--max-running-seqs", min=1, help="Language models: sequences decoded together."
+        default("max_running_seqs"),
+        "--max-running-seqs",
+        min=1,
+        help="Language models: sequences decoded together.",
     ),
-    timeout_s: float = typer.Option(30.0, "--timeout-s", help="Per-request deadline → 504."),
-    max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", help="Body limit → 413."),
+    timeout_s: float = typer.Option(
+        default("timeout_s"), "--timeout-s", help="Per-request deadline → 504."
+    ),
+    max_body_bytes: int = typer.Option(
+        default("max_body_bytes"), "--max-body-bytes", help="Body limit → 413."
+    ),
     rate_limit: float | None = typer.Option(
         None, "--rate-limit", help="Requests/s per API key (token bucket) → 429."
     ),

@@ -17,7 +17,6 @@ Changes apply to the process that handles the call; with `--workers N > 1` they 
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -27,7 +26,7 @@ from shipyard.errors import PackageError, RegistryError
 from shipyard.serve.auth import ApiKey
 from shipyard.serve.core import ServedModel, check_model_name
 from shipyard.serve.errors import BadRequest, Conflict, NotFound
-from shipyard.serve.http import ServerState, read_body, require, server_state
+from shipyard.serve.http import ServerState, parse_json, read_body, require, server_state
 from shipyard.serve.openapi import json_body, responses
 
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -70,11 +69,7 @@ def _version(served: ServedModel) -> dict[str, Any]:
 
 
 async def _parse(request: Request, model: type[_Body]) -> _Body:
-    body = await read_body(request, 64 << 10)
-    try:
-        raw = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
+    raw = parse_json(await read_body(request, 64 << 10) or b"{}")
     try:
         # strict: "make_default": "yes" is a mistake to name, not a true to guess
         return model.model_validate(raw, strict=True)

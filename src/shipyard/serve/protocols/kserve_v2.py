@@ -30,9 +30,9 @@ from shipyard.serve.fastlane import FastRoute, document
 from shipyard.serve.http import (
     ServerState,
     authorize,
-    disconnected,
-    read_body,
+    model_request_body,
     require,
+    run_model,
     server_state,
     state_of,
 )
@@ -714,8 +714,7 @@ FAST_ROUTES = [
 async def _infer(
     request: Request, state: ServerState, model_name: str, version: str | None
 ) -> Response:
-    state.repo.get(model_name, version)  # 404 before reading a body for nothing
-    request.state.model = model_name
+    body = await model_request_body(request, state, model_name, version)
     raw_length = request.headers.get(HEADER_LENGTH)
     header_length: int | None = None
     if raw_length is not None:
@@ -723,7 +722,6 @@ async def _infer(
             header_length = int(raw_length)
         except ValueError:
             raise BadRequest(f"{HEADER_LENGTH} must be an integer") from None
-    body = await read_body(request, state.settings.max_body_bytes)
     req = decode_request(body, header_length)
     if len(req.inputs) != 1:
         raise BadRequest(f"this model takes exactly one input; got {len(req.inputs)}")
@@ -735,9 +733,7 @@ async def _infer(
     for want in req.outputs or []:
         if want.name not in names:
             raise BadRequest(f"unknown output {want.name[:64]!r}; outputs: {', '.join(names)}")
-    outputs = await served.infer(
-        x, timeout_s=state.settings.timeout_s, disconnected=lambda: disconnected(request)
-    )
+    outputs = await run_model(request, state, served, x)
     payload, head_len = encode_response(
         outputs,
         model_name=served.name,

@@ -10,14 +10,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import orjson
 from fastapi import Request
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import EngineOverloaded, GenerationError
 from shipyard.generate import Engine, SamplingParams
 from shipyard.serve.core import ServedModel
-from shipyard.serve.http import ServerState
+from shipyard.serve.http import ServerState, parse_json
 from shipyard.serve.protocols.openai.errors import OpenAIError, bad
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -169,10 +168,8 @@ class ParsedRequest:
 
 
 def load_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise bad("request body is not valid JSON", None) from None
+    """The body as a JSON object (400 otherwise, in OpenAI's error body: see errors.py)."""
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise bad("request body must be a JSON object", None)
     return body
