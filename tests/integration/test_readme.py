@@ -97,7 +97,7 @@ def test_readme_lifecycle(tmp_path: Path) -> None:
                 server, url = start_server([*argv, "--port", "0"], cwd=tmp_path, env=env)
                 continue
             out = run(argv)
-            if argv[3:5] == ["keys", "add"]:
+            if argv[3:5] == ["api-keys", "add"]:
                 key = re.search(r"sy_[0-9a-f]{8}_\S+", out.stdout + out.stderr).group(0)  # type: ignore[union-attr]
             if argv[3] == "generate":
                 assert out.stdout.strip(), "generate printed no text"

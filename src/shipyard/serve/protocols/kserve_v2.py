@@ -304,6 +304,22 @@ def _json_tensor(data: Any, datatype: str, shape: list[int], where: str) -> np.n
         raise BadRequest(f"{where}: 'data' cannot be read as {datatype}") from None
 
 
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """An optional JSON object (absent or null: empty); BadRequest for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be an object")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool | None:
+    """An optional boolean; BadRequest for anything else ("yes" or 1 is not taken as true)."""
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{where} must be true or false, got {json.dumps(value)[:32]}")
+    return value
+
+
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """Parse an inference request body (JSON, or JSON header + binary tensors)."""
     if header_length is not None:
@@ -322,9 +338,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         ) from None
     if not isinstance(header, dict):
         raise BadRequest("request body must be a JSON object with 'inputs'")
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object")
+    params = _object(header.get("parameters"), "'parameters'")
+    binary_output = _flag(params.get("binary_data_output"), "parameters.binary_data_output")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
@@ -348,9 +363,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             )
         shape = _shape(raw.get("shape"), where)
         count = math.prod(shape)
-        iparams = raw.get("parameters") or {}
-        if not isinstance(iparams, dict):
-            raise BadRequest(f"{where}: 'parameters' must be an object")
+        iparams = _object(raw.get("parameters"), f"{where}: 'parameters'")
         size = iparams.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -396,9 +409,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         for i, raw in enumerate(raw_outputs):
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise BadRequest(f"outputs[{i}] must be an object with a 'name'")
-            oparams = raw.get("parameters") or {}
-            if not isinstance(oparams, dict):
-                raise BadRequest(f"outputs[{i}]: 'parameters' must be an object")
+            oparams = _object(raw.get("parameters"), f"outputs[{i}]: 'parameters'")
             class_count = oparams.get("classification")
             if class_count is not None and (
                 not isinstance(class_count, int) or isinstance(class_count, bool) or class_count < 0
@@ -407,7 +418,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
                     f"outputs[{i}]: parameters.classification must be an integer >= 0 (the "
                     f"number of top classes), got {json.dumps(class_count)[:32]}"
                 )
-            binary_flag = oparams.get("binary_data")
+            binary_flag = _flag(oparams.get("binary_data"), f"outputs[{i}]: binary_data")
             outputs.append(
                 RequestedOutput(
                     raw["name"],
@@ -419,7 +430,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         inputs=inputs,
         id=request_id,
         outputs=outputs,
-        binary_output=bool(params.get("binary_data_output", False)),
+        binary_output=bool(binary_output),
         parameters=params,
     )
 
