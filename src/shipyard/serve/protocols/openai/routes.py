@@ -138,6 +138,9 @@ def _model_card(model_id: str, served: ServedModel) -> dict[str, Any]:
     }
 
 
+_GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 500, 503)
+
+
 def build_router() -> APIRouter:
     """The OpenAI-compatible routes."""
     router = APIRouter(tags=[TAG])
@@ -180,34 +183,39 @@ def build_router() -> APIRouter:
             raise OpenAIError(f"model {name!r} is not a language model", status=404, param="model")
         return _model_card(model, served)
 
-    generation_errors = (400, 401, 403, 404, 413, 429, 500, 503)
+    def generation_route(path: str, summary: str, body: Any, answer: Any, chat: bool) -> None:
+        async def endpoint(
+            request: Request,
+            state: ServerState = Depends(server_state),
+            key: ApiKey | None = infer,
+        ) -> Any:
+            return await _complete(request, state, chat=chat)
 
-    @router.post(
-        "/v1/completions",
-        summary="Complete a prompt",
-        response_model=None,
-        openapi_extra=json_body(CompletionRequest),
-        responses=responses(
-            *generation_errors, error=OpenAIErrorBody, ok=ok(Completion, media=SSE)
-        ),
-    )
-    async def completions(
-        request: Request, state: ServerState = Depends(server_state), key: ApiKey | None = infer
-    ) -> Any:
-        return await _complete(request, state, chat=False)
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            name="chat_completions" if chat else "completions",
+            summary=summary,
+            response_model=None,
+            openapi_extra=json_body(body),
+            responses=responses(
+                400,
+                401,
+                403,
+                404,
+                413,
+                429,
+                500,
+                503,
+                error=OpenAIErrorBody,
+                ok=ok(answer, media=SSE),
+            ),
+        )
 
-    @router.post(
-        "/v1/chat/completions",
-        summary="Answer a conversation",
-        response_model=None,
-        openapi_extra=json_body(ChatCompletionRequest),
-        responses=responses(
-            *generation_errors, error=OpenAIErrorBody, ok=ok(ChatCompletion, media=SSE)
-        ),
+    generation_route("/v1/completions", "Complete a prompt", CompletionRequest, Completion, False)
+    generation_route(
+        "/v1/chat/completions", "Answer a conversation", ChatCompletionRequest, ChatCompletion, True
     )
-    async def chat_completions(
-        request: Request, state: ServerState = Depends(server_state), key: ApiKey | None = infer
-    ) -> Any:
-        return await _complete(request, state, chat=True)
 
     return router

@@ -99,24 +99,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
-    """One completion."""
-
+class _Choice(BaseModel):
     index: int
-    text: str
     logprobs: dict[str, Any] | None
     finish_reason: Literal["stop", "length"] | None
 
 
-class Completion(BaseModel):
-    """The answer of POST /v1/completions without streaming."""
-
+class _Answer(BaseModel):
     id: str
-    object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
+
+
+class CompletionChoice(_Choice):
+    """One completion."""
+
+    text: str
+
+
+class Completion(_Answer):
+    """The answer of POST /v1/completions without streaming."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -126,24 +132,17 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_Choice):
     """One chat completion."""
 
-    index: int
     message: AssistantMessage
-    logprobs: dict[str, Any] | None
-    finish_reason: Literal["stop", "length"] | None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(_Answer):
     """The answer of POST /v1/chat/completions without streaming."""
 
-    id: str
     object: Literal["chat.completion"]
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
 
 
 class ModelCard(BaseModel):
