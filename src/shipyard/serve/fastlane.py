@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shipyard.serve.errors import RequestError
+from shipyard.serve.http import ServerState, authorize, state_of
 
 Endpoint = Callable[..., Awaitable[Response]]
 ErrorRenderer = Callable[[RequestError], Response]
@@ -51,6 +52,30 @@ class FastRoute:
 
     def __post_init__(self) -> None:
         self.regex = _template_regex(self.path)
+
+
+ModelHandler = Callable[[Request, ServerState, str, str | None], Awaitable[Response]]
+
+
+def model_routes(
+    default: str, versioned: str, handler: ModelHandler, summary: str, openapi: dict[str, Any]
+) -> list[FastRoute]:
+    """The two routes of one inference operation: `default` (the model's default version) and
+    `versioned` (with `{version}`). Both check the `infer` scope, then call
+    `handler(request, state, model_name, version or None)`."""
+
+    async def default_version(request: Request, model_name: str) -> Response:
+        await authorize(request, "infer")
+        return await handler(request, state_of(request), model_name, None)
+
+    async def one_version(request: Request, model_name: str, version: str) -> Response:
+        await authorize(request, "infer")
+        return await handler(request, state_of(request), model_name, version)
+
+    return [
+        FastRoute(default, default_version, {"summary": f"{summary} (default version)", **openapi}),
+        FastRoute(versioned, one_version, {"summary": f"{summary} (one version)", **openapi}),
+    ]
 
 
 def document(router: APIRouter, routes: Sequence[FastRoute]) -> None:

@@ -26,15 +26,13 @@ from shipyard import __version__
 from shipyard.serve.auth import ApiKey
 from shipyard.serve.core import V2_TO_NUMPY, ServedModel, v2_datatype
 from shipyard.serve.errors import BadRequest
-from shipyard.serve.fastlane import FastRoute, document
+from shipyard.serve.fastlane import document, model_routes
 from shipyard.serve.http import (
     ServerState,
-    authorize,
     model_request_body,
     require,
     run_model,
     server_state,
-    state_of,
 )
 from shipyard.serve.openapi import json_body, ok, responses
 
@@ -677,18 +675,6 @@ def build_router() -> APIRouter:
     return router
 
 
-async def infer(request: Request, model_name: str) -> Response:
-    """`POST /v2/models/{model_name}/infer` (default version)."""
-    await authorize(request, "infer")
-    return await _infer(request, state_of(request), model_name, None)
-
-
-async def infer_version(request: Request, model_name: str, version: str) -> Response:
-    """`POST /v2/models/{model_name}/versions/{version}/infer`."""
-    await authorize(request, "infer")
-    return await _infer(request, state_of(request), model_name, version)
-
-
 def _class_labels(served: ServedModel) -> dict[str, list[str]]:
     """A classifier's class names, for its probabilities (classification extension)."""
     loaded = served.loaded
@@ -703,25 +689,6 @@ def _class_labels(served: ServedModel) -> dict[str, list[str]]:
 
 
 # The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
-_INFER_DOC_ARGS: dict[str, Any] = {
-    "description": _INFER_DOC,
-    "openapi_extra": _INFER_OPENAPI,
-    "responses": _INFER_RESPONSES,
-}
-FAST_ROUTES = [
-    FastRoute(
-        "/v2/models/{model_name}/infer",
-        infer,
-        {"summary": "Inference (default version)", **_INFER_DOC_ARGS},
-    ),
-    FastRoute(
-        "/v2/models/{model_name}/versions/{version}/infer",
-        infer_version,
-        {"summary": "Inference (one version)", **_INFER_DOC_ARGS},
-    ),
-]
-
-
 async def _infer(
     request: Request, state: ServerState, model_name: str, version: str | None
 ) -> Response:
@@ -761,3 +728,13 @@ async def _infer(
     return Response(
         payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_len)}
     )
+
+
+# The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
+FAST_ROUTES = model_routes(
+    "/v2/models/{model_name}/infer",
+    "/v2/models/{model_name}/versions/{version}/infer",
+    _infer,
+    "Inference",
+    {"description": _INFER_DOC, "openapi_extra": _INFER_OPENAPI, "responses": _INFER_RESPONSES},
+)

@@ -16,14 +16,12 @@ from pydantic import BaseModel, Field
 from shipyard.package import InvalidInputError
 from shipyard.serve.core import V2_TO_NUMPY, ServedModel
 from shipyard.serve.errors import BadRequest
-from shipyard.serve.fastlane import FastRoute, document
+from shipyard.serve.fastlane import document, model_routes
 from shipyard.serve.http import (
     ServerState,
-    authorize,
     model_request_body,
     parse_json,
     run_model,
-    state_of,
 )
 from shipyard.serve.openapi import json_body, ok, responses
 
@@ -58,18 +56,6 @@ def instances_to_array(served: ServedModel, instances: Any) -> np.ndarray:
     return served.check_input(None, spec.datatype, arr)
 
 
-async def predict(request: Request, model_name: str) -> Response:
-    """`POST /v1/models/{model_name}:predict` (default version)."""
-    await authorize(request, "infer")
-    return await _predict(request, state_of(request), model_name, None)
-
-
-async def predict_version(request: Request, model_name: str, version: str) -> Response:
-    """`POST /v1/models/{model_name}/versions/{version}:predict`."""
-    await authorize(request, "infer")
-    return await _predict(request, state_of(request), model_name, version)
-
-
 class PredictRequestBody(BaseModel):
     """`instances`: rows of numbers shaped like the model's input (one row per example), or
     texts for a model with a tokenizer."""
@@ -92,20 +78,6 @@ _PREDICT_DOC: dict[str, Any] = {
     "openapi_extra": json_body(PredictRequestBody),
     "responses": responses(400, 401, 403, 404, 413, 429, 500, 503, 504, ok=ok(PredictResponseBody)),
 }
-
-# The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
-FAST_ROUTES = [
-    FastRoute(
-        "/v1/models/{model_name}:predict",
-        predict,
-        {"summary": "Predict (default version)", **_PREDICT_DOC},
-    ),
-    FastRoute(
-        "/v1/models/{model_name}/versions/{version}:predict",
-        predict_version,
-        {"summary": "Predict (one version)", **_PREDICT_DOC},
-    ),
-]
 
 
 def build_router() -> APIRouter:
@@ -130,3 +102,13 @@ async def _predict(
         "predictions": served.loaded.format_predictions(out),
     }
     return Response(orjson.dumps(answer), media_type="application/json")
+
+
+# The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
+FAST_ROUTES = model_routes(
+    "/v1/models/{model_name}:predict",
+    "/v1/models/{model_name}/versions/{version}:predict",
+    _predict,
+    "Predict",
+    _PREDICT_DOC,
+)
