@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from shipyard.package.security import generate_signing_key
+from shipyard.package.signing import generate_signing_key
 
 console = Console()
 
