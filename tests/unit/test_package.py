@@ -189,6 +189,18 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "task": "language-modeling",
         "data": {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}},
     },
+    "llama": {
+        "model": {
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 6,
+        },
+        "task": "language-modeling",
+        "data": {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}},
+    },
     "encoder": {
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6},
         "task": "classification",
