@@ -115,7 +115,7 @@ def test_schemathesis_finds_nothing(url: str, tmp_path: Path) -> None:
             "--phases",
             "examples,coverage,fuzzing,stateful",
             "--max-examples",
-            "10",
+            "5",
             "--workers",
             "1",
             "--seed",

@@ -31,7 +31,9 @@ def _deprecated(verb: str, new: str, command: Callable[..., Any]) -> None:
     @functools.wraps(command)
     def alias(*args: Any, **kwargs: Any) -> Any:
         err_console.print(
-            f"note: `shipyard keys {verb}` is deprecated; use `{new}`", highlight=False
+            f"note: `shipyard keys {verb}` is deprecated; use `{new}`",
+            highlight=False,
+            soft_wrap=True,
         )
         return command(*args, **kwargs)
 
