@@ -3,7 +3,8 @@
     GET  /v1/models                 the language models served ({"object": "list", "data": [...]})
     GET  /v1/models/{model}         one of them
     POST /v1/completions            prompt → text (streaming: server-sent events)
-    POST /v1/chat/completions       messages → assistant message, through `CHAT_TEMPLATE`
+    POST /v1/chat/completions       messages → assistant message, through the model's own chat
+                                    template (imported checkpoints), else `CHAT_TEMPLATE`
 
 One module per job: `parsing` (a body into engine requests, strictly checked), `answers`
 (finish reasons, usage, logprobs), `streaming` (server-sent events), `routes` (submit and
@@ -21,7 +22,9 @@ from shipyard.serve.protocols.openai.parsing import (
     CHAT_STOPS,
     CHAT_TEMPLATE,
     UNSUPPORTED,
+    chat_messages,
     chat_prompt,
+    chat_prompt_ids,
 )
 from shipyard.serve.protocols.openai.routes import build_router
 
@@ -31,7 +34,9 @@ __all__ = [
     "UNSUPPORTED",
     "OpenAIError",
     "build_router",
+    "chat_messages",
     "chat_prompt",
+    "chat_prompt_ids",
     "error_response",
     "is_openai_route",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
+from shipyard.data.chat import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplateError
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import EngineOverloaded, GenerationError
 from shipyard.generate import Engine, SamplingParams
@@ -20,15 +21,8 @@ from shipyard.serve.http import ServerState, parse_json
 from shipyard.serve.protocols.openai.errors import OpenAIError, bad
 
 CHAT_ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATE = "<|{role}|>\n{content}\n"  # one per message, then "<|assistant|>\n"
-CHAT_STOPS = (
-    "\n<|system|>",
-    "\n<|user|>",
-    "\n<|assistant|>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-)
+CHAT_TEMPLATE = FALLBACK_TEMPLATE  # one per message, then "<|assistant|>\n"
+CHAT_STOPS = FALLBACK_STOPS
 MAX_STOP = 4  # as OpenAI
 MAX_CHOICES = 16  # prompts x n per request
 MAX_LOGPROBS = 20
@@ -288,7 +282,7 @@ def _sampling(
 
 
 def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text) or [tokenizer.eos_id]
+    return tokenizer.encode_prompt(text) or [tokenizer.eos_id]
 
 
 def _completion_prompts(body: _Body, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
@@ -315,11 +309,12 @@ def _token_ids(ids: list[Any], vocab_size: int) -> list[int]:
     return list(ids)
 
 
-def chat_prompt(messages: Any) -> str:
-    """The prompt text for a list of chat messages (`CHAT_TEMPLATE`; "developer" = "system")."""
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """Validated chat messages as {role, content[, name]} with text content ("developer" =
+    "system"), what a chat template is rendered with."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-    parts = []
+    out = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -341,8 +336,28 @@ def chat_prompt(messages: Any) -> str:
                 f"{str(role)[:32]!r} (tool messages are not supported)",
                 f"{where}.role",
             )
-        parts.append(CHAT_TEMPLATE.format(role=role, content=_content(message, where)))
+        item = {"role": str(role), "content": _content(message, where)}
+        if isinstance(message.get("name"), str):
+            item["name"] = message["name"]
+        out.append(item)
+    return out
+
+
+def chat_prompt(messages: Any) -> str:
+    """The prompt text for a list of chat messages in shipyard's fallback format
+    (`CHAT_TEMPLATE`; "developer" = "system"), for models without a chat template."""
+    parts = [
+        CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in chat_messages(messages)
+    ]
     return "".join(parts) + "<|assistant|>\n"
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: Any) -> list[int]:
+    """Prompt ids for chat messages: the model's own template, else the fallback format."""
+    try:
+        return tokenizer.chat_prompt_ids(chat_messages(messages))
+    except ChatTemplateError as exc:  # e.g. "Conversation roles must alternate ..."
+        raise bad(f"the model's chat template refused these messages: {exc}", "messages") from None
 
 
 def _content(message: dict[str, Any], where: str) -> str:
@@ -395,7 +410,7 @@ def parse_chat(state: ServerState, raw: dict[str, Any], request: Request) -> Par
     want = body.boolean("logprobs")
     if top is not None and not want:
         raise bad("'top_logprobs' needs logprobs=true", "top_logprobs")
-    ids = _encode(engine.tokenizer, chat_prompt(body.get("messages")))
+    ids = chat_prompt_ids(engine.tokenizer, body.get("messages"))
     req = ParsedRequest(served, engine, model, [ids])
     _sampling(
         req,
@@ -403,7 +418,7 @@ def parse_chat(state: ServerState, raw: dict[str, Any], request: Request) -> Par
         max_tokens_key=key,
         default_max_tokens=None,
         logprobs=(top or 0) if want else None,
-        stops=_stops(body, CHAT_STOPS),
+        stops=_stops(body, engine.tokenizer.chat_stops),
         prompt_param="messages",
     )
     return req
