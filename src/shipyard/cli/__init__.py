@@ -19,6 +19,7 @@ from shipyard.cli.package_cmd import package_app
 from shipyard.cli.serve_cmd import predict, serve
 from shipyard.cli.signing_keys_cmd import signing_keys_app
 from shipyard.cli.train_cmd import evaluate, train
+from shipyard.cli.ui_cmd import ui
 from shipyard.errors import ShipyardError
 
 err_console = Console(stderr=True)
@@ -37,7 +38,8 @@ app = typer.Typer(
         "  shipyard generate runs/gpt-tiny/<run-id>/package --prompt 'def main(' --seed 0\n\n"
         "  shipyard config validate examples/*.yaml\n\n"
         "  shipyard config show examples/digits-mlp.yaml --set train.epochs=5\n\n"
-        "  shipyard config schema > shipyard.schema.json"
+        "  shipyard config schema > shipyard.schema.json\n\n"
+        "  shipyard ui --runs runs"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -58,6 +60,7 @@ app.command("compress")(compress)
 app.command("export")(export)
 app.command("import-hf")(import_hf)
 app.command("generate")(generate)
+app.command("ui")(ui)
 
 
 def _version(value: bool) -> None:
