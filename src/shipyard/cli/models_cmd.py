@@ -221,14 +221,17 @@ def history(
     if as_json:
         typer.echo(json.dumps([e.to_dict() for e in events], indent=2))
         return
-    table = Table()
-    for col in ("when", "alias", "action", "version", "who"):
-        table.add_column(col)
-    for e in events:
-        action = e.action + (" (rolled back)" if e.undone else "")
-        when = e.created.isoformat(timespec="seconds")
-        table.add_row(when, e.alias, action, str(e.version), e.actor or "unknown")
-    console.print(table)
+    rows = [
+        [
+            e.created.isoformat(timespec="seconds"),
+            e.alias,
+            e.action + (" (rolled back)" if e.undone else ""),
+            str(e.version),
+            e.actor or "unknown",
+        ]
+        for e in events
+    ]
+    print_rows(console, ["when", "alias", "action", "version", "who"], rows)
 
 
 @models_app.command("delete")
