@@ -14,12 +14,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from tests.conftest import ROOT
+
+from shipyard.serve.launch import start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -94,32 +95,16 @@ def test_readme_lifecycle(tmp_path: Path) -> None:
             if argv[3] in ("train", "cv", "tune"):
                 argv += SHORTER[argv[4]] + (["--no-progress"] if argv[3] != "tune" else [])
             if argv[3] == "serve":
-                server = subprocess.Popen(
-                    [*argv, "--port", "0"],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    cwd=tmp_path,
-                    env=env,
-                )
-                assert server.stdout is not None
-                match = re.search(r"http://127\.0\.0\.1:\d+", server.stdout.readline())
-                assert match, server.stderr.read() if server.stderr else ""
-                url = match.group(0)
-                deadline = time.monotonic() + 60
-                while httpx.get(f"{url}/v2/health/ready").status_code != 200:
-                    assert time.monotonic() < deadline, "server never became ready"
-                    time.sleep(0.1)
+                server, url = start_server([*argv, "--port", "0"], cwd=tmp_path, env=env)
                 continue
             out = run(argv)
-            if argv[3:5] == ["keys", "add"]:
+            if argv[3:5] == ["api-keys", "add"]:
                 key = re.search(r"sy_[0-9a-f]{8}_\S+", out.stdout + out.stderr).group(0)  # type: ignore[union-attr]
             if argv[3] == "generate":
                 assert out.stdout.strip(), "generate printed no text"
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
+            stop_server(server)
     report = json.loads((tmp_path / "digits-small" / "report.json").read_text())
     assert "child" in report and "parent" in report
     assert (tmp_path / "digits-onnx" / "manifest.json").is_file()

@@ -14,7 +14,7 @@ import torch
 from shipyard.config import RunConfig, load_config
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.errors import PackageError
-from shipyard.models import build_model
+from shipyard.models import MODEL_NAMES, TOKEN_MODELS, build_model
 from shipyard.package import (
     Manifest,
     load_package,
@@ -175,23 +175,56 @@ def test_classification_outputs_and_preprocessing(tmp_path: Path) -> None:
         loaded.predict(["text"])
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt", "encoder"])
+# One small case per architecture: its config extras, task and data. A new architecture in the
+# model registry fails the test below until it gets a case here.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "mlp": {"model": {}, "task": "regression", "data": {"source": "builtin:digits"}},
+    "cnn": {
+        "model": {"channels": [2], "hidden_size": 4},
+        "task": "classification",
+        "data": {"source": "builtin:digits"},
+    },
+    "gpt": {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6},
+        "task": "language-modeling",
+        "data": {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}},
+    },
+    "llama": {
+        "model": {
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 6,
+        },
+        "task": "language-modeling",
+        "data": {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}},
+    },
+    "encoder": {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6},
+        "task": "classification",
+        "data": {
+            "source": "x.csv",
+            "text_column": "t",
+            "target": "y",
+            "tokenizer": {"kind": "byte"},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_architecture_round_trips_exactly(tmp_path: Path, name: str) -> None:
     """Meta-device rebuild + safetensors load gives the same outputs (tied GPT weights too)."""
+    if name not in ARCHITECTURES:
+        pytest.fail(f"architecture {name!r} is registered but has no case in ARCHITECTURES")
     torch.manual_seed(0)
-    model_cfg: dict[str, Any] = {"name": name}
-    if name in ("gpt", "encoder"):
-        model_cfg |= {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6}
-    if name == "cnn":
-        model_cfg |= {"channels": [2], "hidden_size": 4}
-    task = {"gpt": "language-modeling", "mlp": "regression"}.get(name, "classification")
-    data: dict[str, Any] = {"source": "builtin:digits"}
-    if name == "gpt":
-        data = {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}}
-    if name == "encoder":
-        data = {"source": "x.csv", "text_column": "t", "target": "y", "tokenizer": {"kind": "byte"}}
+    case = ARCHITECTURES[name]
+    model_cfg: dict[str, Any] = {"name": name, **case["model"]}
+    task, data = case["task"], case["data"]
     config = load_config({"name": "t", "task": task, "data": data, "model": model_cfg})
-    tokenizer = Tokenizer.byte() if name in ("gpt", "encoder") else None
+    tokenizer = Tokenizer.byte() if name in TOKEN_MODELS else None
     vocab = tokenizer.vocab_size if tokenizer else None
     shape = (6,) if tokenizer else (1, 8, 8)
     info = DataInfo(task, shape, 3, ["a", "b", "c"], None, vocab, {"train": 1}, "0" * 64)

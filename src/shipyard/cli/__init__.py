@@ -9,13 +9,15 @@ import typer
 from rich.console import Console
 
 from shipyard import __version__
+from shipyard.cli.api_keys_cmd import api_keys_app
 from shipyard.cli.compress_cmd import compress, export, import_hf
 from shipyard.cli.config_cmd import config_app
 from shipyard.cli.generate_cmd import generate
 from shipyard.cli.keys_cmd import keys_app
 from shipyard.cli.models_cmd import models_app
 from shipyard.cli.package_cmd import package_app
-from shipyard.cli.serve_cmd import keys_add, keys_list, keys_revoke, predict, serve
+from shipyard.cli.serve_cmd import predict, serve
+from shipyard.cli.signing_keys_cmd import signing_keys_app
 from shipyard.cli.train_cmd import evaluate, train
 from shipyard.cli.tuning_cmd import cv, tune
 from shipyard.cli.ui_cmd import ui
@@ -49,7 +51,9 @@ app = typer.Typer(
 )
 app.add_typer(config_app, name="config")
 app.add_typer(package_app, name="package")
-app.add_typer(keys_app, name="keys")
+app.add_typer(api_keys_app, name="api-keys")
+app.add_typer(signing_keys_app, name="signing-keys")
+app.add_typer(keys_app, name="keys", hidden=True)  # deprecated spelling
 app.add_typer(models_app, name="models")
 app.command("train")(train)
 app.command("eval")(evaluate)
@@ -62,9 +66,6 @@ app.command("export")(export)
 app.command("import-hf")(import_hf)
 app.command("generate")(generate)
 app.command("ui")(ui)
-keys_app.command("add")(keys_add)
-keys_app.command("list")(keys_list)
-keys_app.command("revoke")(keys_revoke)
 
 
 def _version(value: bool) -> None:

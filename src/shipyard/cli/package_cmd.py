@@ -8,8 +8,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
+
+from shipyard.cli.tables import field_table
 
 console = Console()
 
@@ -185,9 +186,7 @@ def inspect(
     if as_json:
         typer.echo(manifest.to_json(), nl=False)
         return
-    table = Table(title=f"{manifest.name} {manifest.version}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    table = field_table(f"{manifest.name} {manifest.version}")
     rows: list[tuple[str, Any]] = [
         ("task", manifest.task),
         ("architecture", f"{manifest.architecture.name} {_compact(manifest.architecture.config)}"),

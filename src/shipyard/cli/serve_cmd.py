@@ -1,4 +1,4 @@
-"""`shipyard serve`, `shipyard predict` and the API-key verbs `shipyard keys add|list|revoke`."""
+"""`shipyard serve` and `shipyard predict` (API keys: `cli/api_keys_cmd.py`)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
-from shipyard.serve.settings import ServeError, ServeSettings
+from shipyard.cli.api_keys_cmd import KEYS_FILE_HELP
+from shipyard.serve.settings import ServeError, ServeSettings, default
 
 if TYPE_CHECKING:
     from shipyard.ui.app import UISettings
 
 console = Console()
-
-KEYS_FILE_HELP = "API keys file (default $SHIPYARD_HOME/serve/keys.json)."
 
 
 def serve(
@@ -31,9 +29,9 @@ def serve(
     registry: list[str] = typer.Option(
         [], "--registry", "-r", help="Registry ref to serve: NAME, NAME:VERSION or NAME@ALIAS."
     ),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
-    port: int = typer.Option(8000, "--port", "-p", help="Port (0: pick a free one)."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Server processes."),
+    host: str = typer.Option(default("host"), "--host", help="Address to bind."),
+    port: int = typer.Option(default("port"), "--port", "-p", help="Port (0: pick a free one)."),
+    workers: int = typer.Option(default("workers"), "--workers", min=1, help="Server processes."),
     keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Serve without API keys even off loopback."
@@ -41,16 +39,30 @@ def serve(
     public_key: Path | None = typer.Option(
         None, "--public-key", help="Only serve packages signed by this Ed25519 key."
     ),
-    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Rows per forward."),
+    max_batch_size: int = typer.Option(
+        default("max_batch_size"), "--max-batch-size", min=1, help="Rows per forward."
+    ),
     max_wait_ms: float = typer.Option(
-        0.0, "--max-wait-ms", min=0, help="Extra wait for a batch to fill (0: batch what queued)."
+        default("max_wait_ms"),
+        "--max-wait-ms",
+        min=0,
+        help="Extra wait for a batch to fill (0: batch what queued).",
     ),
-    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Queued requests → 503."),
+    max_queue: int = typer.Option(
+        default("max_queue"), "--max-queue", min=1, help="Queued requests → 503."
+    ),
     max_running_seqs: int = typer.Option(
-        16, "--max-running-seqs", min=1, help="Language models: sequences decoded together."
+        default("max_running_seqs"),
+        "--max-running-seqs",
+        min=1,
+        help="Language models: sequences decoded together.",
     ),
-    timeout_s: float = typer.Option(30.0, "--timeout-s", help="Per-request deadline → 504."),
-    max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", help="Body limit → 413."),
+    timeout_s: float = typer.Option(
+        default("timeout_s"), "--timeout-s", help="Per-request deadline → 504."
+    ),
+    max_body_bytes: int = typer.Option(
+        default("max_body_bytes"), "--max-body-bytes", help="Body limit → 413."
+    ),
     rate_limit: float | None = typer.Option(
         None, "--rate-limit", help="Requests/s per API key (token bucket) → 429."
     ),
@@ -141,7 +153,9 @@ def _preflight(settings: ServeSettings) -> None:
         from shipyard.serve.auth import read_keys
 
         if not [k for k in read_keys(settings.keys_file) if not k.revoked]:
-            raise ServeError(f"{settings.keys_file}: no active keys (add one: shipyard keys add)")
+            raise ServeError(
+                f"{settings.keys_file}: no active keys (add one: shipyard api-keys add)"
+            )
 
 
 def run_server(
@@ -264,63 +278,3 @@ def predict(
         message = body.get("error", body) if isinstance(body, dict) else body
         raise ServeError(f"server answered {response.status_code}: {message}")
     typer.echo(json.dumps(body, indent=2))
-
-
-# ------------------------------------------------------------------------------ keys
-
-
-def keys_add(
-    scope: str = typer.Option(..., "--scope", help="infer (predict) or admin (manage + infer)."),
-    name: str | None = typer.Option(None, "--name", help="A name to recognise the key by."),
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-) -> None:
-    """Create an API key for `shipyard serve`; the key is printed once, only its hash is stored.
-
-    Example: shipyard keys add --scope infer --name billing-service --keys-file keys.json
-    """
-    from shipyard.serve.auth import add_key
-
-    path = keys_file or _default_keys_file()
-    key, record = add_key(path, scope, name)
-    typer.echo(key)
-    Console(stderr=True).print(
-        f"added {record.scope} key {record.id} ({record.name}) to {path}; it is shown only "
-        "once, store it now",
-        highlight=False,
-    )
-
-
-def keys_list(
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """List API keys (ids, names, scopes; never secrets).
-
-    Example: shipyard keys list --keys-file keys.json
-    """
-    from shipyard.serve.auth import read_keys
-
-    keys = read_keys(keys_file or _default_keys_file())
-    if as_json:
-        typer.echo(json.dumps([k.public() for k in keys], indent=2))
-        return
-    table = Table()
-    for col in ("id", "name", "scope", "created", "status"):
-        table.add_column(col)
-    for k in keys:
-        table.add_row(k.id, k.name, k.scope, k.created, "revoked" if k.revoked else "active")
-    console.print(table)
-
-
-def keys_revoke(
-    key: str = typer.Argument(..., help="Key id or name."),
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-) -> None:
-    """Revoke an API key; a running server refuses it within a second.
-
-    Example: shipyard keys revoke billing-service --keys-file keys.json
-    """
-    from shipyard.serve.auth import revoke_key
-
-    record = revoke_key(keys_file or _default_keys_file(), key)
-    console.print(f"revoked key {record.id} ({record.name})", highlight=False)

@@ -111,14 +111,18 @@ class LoadedModel:
         for token models, tokenized with the package's tokenizer)."""
         if not isinstance(instances, list | tuple | np.ndarray) or len(instances) == 0:
             raise InvalidInputError("instances must be a non-empty list")
-        x = self._encode_texts(instances) if isinstance(instances[0], str) else instances
+        x = self.encode_texts(instances) if isinstance(instances[0], str) else instances
         try:
             arr = np.asarray(x, dtype=np.int64 if self._takes_tokens else np.float32)
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(
                 f"instances are not a rectangular array of numbers ({exc})"
             ) from None
-        out = self.predict_arrays(arr)
+        return self.format_predictions(self.predict_arrays(arr))
+
+    def format_predictions(self, out: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """`predict_arrays` outputs as `predict` answers them: one JSON object per row (the
+        server's :predict route answers in this format too)."""
         task = self.manifest.task
         if task == "classification":
             names = self.labels or [str(i) for i in range(out["probabilities"].shape[1])]
@@ -187,7 +191,9 @@ class LoadedModel:
             arr = self.preprocessor.transform(arr)
         return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
 
-    def _encode_texts(self, texts: Any) -> np.ndarray:
+    def encode_texts(self, texts: Any) -> np.ndarray:
+        """Token ids (N, T) for texts, tokenized as `predict` does; InvalidInputError for a
+        model that takes numbers."""
         if self.tokenizer is None or not self._takes_tokens:
             raise InvalidInputError("this model takes numbers, not text")
         if self.task == "language-modeling":
