@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from shipyard.config import GDConfig, RunConfig, dump_config
 from shipyard.data.augmentation import Augmenter
 from shipyard.data.datasets import gather
+from shipyard.data.instructions import IGNORE_INDEX
 from shipyard.errors import CheckpointError, ShipyardError, TrainError
 from shipyard.evaluate.metrics import primary_metric
 from shipyard.evaluate.report import read_history, write_report
@@ -477,7 +478,7 @@ class Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     window_loss += loss_sum
-                    window_count += len(rows) * self.tokens_per_row
+                    window_count += self._scored_count(rows)
                     window_rows += len(rows)
                     end_of_epoch = self.step_in_epoch == len(plan)
                     last = self.step >= self.total_steps
@@ -540,13 +541,21 @@ class Trainer:
         if self.data.tokenizer is not None:
             atomic_write(self.run_dir / TOKENIZER_FILE, self.data.tokenizer.to_json())
 
+    def _scored_count(self, rows: torch.Tensor) -> int:
+        """Targets the loss scores over one step's rows (all ranks): every token of a window,
+        but only the answer tokens of instruction data (the others are IGNORE_INDEX)."""
+        if self.data.instructions is None:
+            return len(rows) * self.tokens_per_row
+        targets = self.data.train.y[rows]  # type: ignore[attr-defined]  # ArrayDataset
+        return max(1, int((targets != IGNORE_INDEX).sum()))
+
     def _train_step(self, rows: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         """One optimizer step over `rows` (all ranks, all micro-batches)."""
         cfg = self.config
         model = self.forward_model
         model.train()
         micro = self._micro_batches(rows)
-        global_count = len(rows) * self.tokens_per_row
+        global_count = self._scored_count(rows)
         # DDP averages gradients over ranks, so each rank scales by world / global count
         scale = self.env.world_size / global_count
         reg = cfg.regularization
