@@ -42,7 +42,7 @@ def generate(
     time_to_first_token_s, tokens_per_s, total_s} instead.
     """
     from shipyard.generate import SamplingParams, stream
-    from shipyard.serve.lm import language_model
+    from shipyard.serve.lm import decoding_model
 
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -54,7 +54,7 @@ def generate(
         stop=tuple(stop),
         stop_on_eos=not ignore_eos,
     )
-    model, tokenizer = language_model(_load(package))
+    model, tokenizer = decoding_model(_load(package))
     result = None
     for event in stream(model, tokenizer, prompt, params):
         if not as_json and event.text:

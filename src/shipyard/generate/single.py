@@ -23,16 +23,21 @@ from shipyard.generate.sequence import (
     new_request_id,
 )
 from shipyard.models.gpt import GPT
+from shipyard.models.rnn import RNN, RNNState
+
+DecodingModel = GPT | RNN
+"""Models `generate`/`stream` decode from: a GPT (KV cache) or an rnn language model (its state)."""
 
 
 def encode_prompt(
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams,
-    block_size: int,
+    block_size: int | None,
     vocab_size: int,
 ) -> list[int]:
-    """Token ids of `prompt`, checked against the vocabulary and the model's context.
+    """Token ids of `prompt`, checked against the vocabulary and the model's context
+    (block_size None: no limit, e.g. a recurrent model).
 
     An empty prompt becomes [eos_id]: end-of-text separates documents in training corpora, so
     it is the context of "the start of a new document".
@@ -52,7 +57,7 @@ def encode_prompt(
             )
     if not ids:
         ids = [tokenizer.eos_id]
-    if len(ids) + params.max_tokens > block_size:
+    if block_size is not None and len(ids) + params.max_tokens > block_size:
         raise GenerationError(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
             f"context of {block_size} tokens; shorten the prompt or lower max_tokens"
@@ -75,7 +80,7 @@ def autocast_context(
 
 
 def stream(
-    model: GPT,
+    model: DecodingModel,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,
@@ -90,7 +95,8 @@ def stream(
     """
     params = params or SamplingParams()
     V, device = model.vocab_size, model_device(model)
-    ids = encode_prompt(tokenizer, prompt, params, model.config.block_size, V)
+    context = model.config.block_size if isinstance(model, GPT) else None
+    ids = encode_prompt(tokenizer, prompt, params, context, V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
     model.eval()
     pack_linears(model)
@@ -98,7 +104,7 @@ def stream(
 
 
 def _decode(
-    model: GPT, state: SequenceState, device: torch.device, autocast_dtype: torch.dtype | None
+    model: DecodingModel, state: SequenceState, device: torch.device, autocast_dtype: torch.dtype | None
 ) -> Iterator[TokenEvent]:
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
@@ -108,12 +114,14 @@ def _decode(
             if params.uses_penalties
             else None
         )
-        cache = BatchKVCache(model.config.n_layer)
+        cache: BatchKVCache | RNNState = (
+            BatchKVCache(model.config.n_layer) if isinstance(model, GPT) else model.new_state()
+        )
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
     while True:
         # inference_mode only around the work: a generator must not leak it into its caller.
         with torch.inference_mode(), autocast_context(device, autocast_dtype):
-            logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
+            logits = model(x, kv_cache=cache)[:, -1].float()  # type: ignore[arg-type]  # (1, V)
             tokens, logprobs = choose_tokens(
                 logits, batch, history, [state.generator], [params.top_logprobs]
             )
@@ -125,7 +133,7 @@ def _decode(
 
 
 def generate(
-    model: GPT,
+    model: DecodingModel,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,

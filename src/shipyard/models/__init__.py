@@ -18,13 +18,15 @@ from shipyard.models.cnn import CNN, CNNConfig
 from shipyard.models.encoder import Encoder, EncoderConfig
 from shipyard.models.gpt import GPT, GPTConfig, KVCache
 from shipyard.models.mlp import MLP, MLPConfig
+from shipyard.models.rnn import RNN, RNNConfig, RNNState
 
 ModelConfig = Annotated[
-    MLPConfig | CNNConfig | GPTConfig | EncoderConfig, Field(discriminator="name")
+    MLPConfig | CNNConfig | GPTConfig | EncoderConfig | RNNConfig, Field(discriminator="name")
 ]
 
-CAUSAL_MODELS = frozenset({"gpt"})  # next-token language models
-TOKEN_MODELS = frozenset({"gpt", "encoder"})  # take token ids, need a tokenizer
+CAUSAL_MODELS = frozenset({"gpt"})  # next-token language models only
+LANGUAGE_MODELS = frozenset({"gpt", "rnn"})  # can be trained as next-token language models
+TOKEN_MODELS = frozenset({"gpt", "encoder", "rnn"})  # take token ids, need a tokenizer
 
 ModelBuilder = Callable[..., nn.Module]
 """Called as builder(config, input_shape=..., num_outputs=..., vocab_size=...)."""
@@ -129,6 +131,20 @@ def _build_encoder(
     return Encoder(config, vocab, _require_outputs("encoder", num_outputs))
 
 
+@register_model("rnn")
+def _build_rnn(
+    config: RNNConfig,
+    *,
+    input_shape: tuple[int, ...] | None,
+    num_outputs: int | None,
+    vocab_size: int | None,
+) -> nn.Module:
+    vocab = _require_vocab("rnn", config.vocab_size, vocab_size)
+    if config.head == "lm":  # a language model's outputs are its vocabulary
+        return RNN(config, vocab, None)
+    return RNN(config, vocab, _require_outputs("rnn", num_outputs))
+
+
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
@@ -161,8 +177,10 @@ __all__ = [
     "CAUSAL_MODELS",
     "CNN",
     "GPT",
+    "LANGUAGE_MODELS",
     "MLP",
     "MODEL_NAMES",
+    "RNN",
     "TOKEN_MODELS",
     "CNNConfig",
     "Encoder",
@@ -172,6 +190,8 @@ __all__ = [
     "MLPConfig",
     "ModelBuilder",
     "ModelConfig",
+    "RNNConfig",
+    "RNNState",
     "build_model",
     "count_parameters",
     "register_model",
