@@ -45,6 +45,7 @@ from shipyard.train.distributed import (
 )
 from shipyard.train.losses import build_loss
 from shipyard.train.optim import build_optimizer
+from shipyard.train.privacy import PrivateTraining, make_private_model
 from shipyard.train.progress import TrainProgress
 from shipyard.train.regularization import penalty
 from shipyard.train.schedules import build_schedule
@@ -178,6 +179,14 @@ class Trainer:
                     f"init_weights do not fit the model of this config: {exc}"
                 ) from None
         self.model = model.to(self.device)
+        privacy = config.train.privacy
+        if privacy is not None:
+            if self.env.enabled:
+                raise TrainError(
+                    "train.privacy runs in one process; drop --nproc (DP-SGD across processes "
+                    "is not supported yet)"
+                )
+            self.model = make_private_model(self.model)  # before the optimizer sees it
         self.masks = self._resolve_masks(weight_masks)
         self.apply_masks()
         self.teacher: nn.Module | None = None
@@ -213,6 +222,18 @@ class Trainer:
         self.schedule = build_schedule(config.schedule, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.forward_model: nn.Module = self.model
+        self.private: PrivateTraining | None = None
+        if privacy is not None:
+            self.private = PrivateTraining(
+                privacy,
+                self.model,
+                self.optimizer,
+                n_train=self.n_train,
+                batch_size=self.global_batch,
+                total_steps=self.total_steps,
+            )
+            self.forward_model = self.private.module
+            self.optimizer = self.private.optimizer  # the schedule shares its param groups
         if config.train.compile:
             self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
         if self.env.enabled:
@@ -334,6 +355,10 @@ class Trainer:
             order = torch.arange(n)
         if self.full_batch:
             return [order]
+        if self.private is not None:
+            # Poisson sampling, as the privacy accountant assumes; seeded, so resume is exact
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            return [self.private.poisson_rows(n, gen) for _ in range(self.steps_per_epoch)]
         g = self.global_batch
         return [order[i * g : (i + 1) * g] for i in range(self.steps_per_epoch)]
 
@@ -451,7 +476,11 @@ class Trainer:
         model = self.forward_model
         model.train()
         micro = self._micro_batches(rows)
-        global_count = len(rows) * self.tokens_per_row
+        # DP-SGD averages over the expected batch size, whatever the Poisson draw gave
+        expected = self.global_batch if self.private is not None else len(rows)
+        global_count = expected * self.tokens_per_row
+        if self.private is not None and not micro:
+            self.private.empty_step()
         # DDP averages gradients over ranks, so each rank scales by world / global count
         scale = self.env.world_size / global_count
         reg = cfg.regularization
@@ -488,6 +517,8 @@ class Trainer:
         if reg.grad_clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), reg.grad_clip_norm)
             grad_norm = float(norm)
+        elif self.private is not None:
+            pass  # the un-noised gradient's norm is not private: not logged
         elif self.step % cfg.train.log_every == cfg.train.log_every - 1:
             grad_norm = _grad_norm(self.model)
         if self.scaler is not None:
@@ -495,6 +526,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.private is not None:
+            self.private.after_step()
         self.apply_masks()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
@@ -607,6 +640,8 @@ class Trainer:
                 "bad_evals": self.bad_evals,
                 "stopped_early": self.stopped_early,
             }
+            if self.private is not None:
+                state["privacy"] = self.private.state_dict()
             val = {k: v for k, v in self.last_val.items() if isinstance(v, int | float)}
             ckpt.save_checkpoint(
                 self.ckpt_dir,
@@ -654,6 +689,8 @@ class Trainer:
         self.best_step = state["best_step"]
         self.bad_evals = int(state["bad_evals"])
         self.stopped_early = bool(state["stopped_early"])
+        if self.private is not None:
+            self.private.load_state_dict(state.get("privacy") or {})
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
@@ -709,6 +746,9 @@ class Trainer:
                 summary[key] = last_train[key]
         if self.is_lm:
             summary["unigram_loss"] = _unigram_loss(self.data)
+        if self.private is not None:
+            # over every step taken (the packaged best checkpoint may come earlier: it spent less)
+            summary["privacy"] = self.private.spent().to_dict()
         if self.env.is_main:
             log.write({"kind": "final", "step": self.step, **_scalars(results)})
             write_report(
