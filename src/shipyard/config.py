@@ -244,8 +244,7 @@ class PrivacyConfig(StrictModel):
     def _one_noise_setting(self) -> PrivacyConfig:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
-                "give exactly one of train.privacy.noise_multiplier or "
-                "train.privacy.target_epsilon"
+                "give exactly one of train.privacy.noise_multiplier or train.privacy.target_epsilon"
             )
         return self
 

@@ -47,9 +47,10 @@ def test_hash_is_hmac_sha256_under_the_salt(salt: str) -> None:
     want = hmac.new(salt.encode(), b"alice@example.org", hashlib.sha256).hexdigest()
     a = anon(rule(column="email", method="hash"))
     assert a.apply_value("email", "alice@example.org", "") == want[:16]
-    assert hash_value(42, salt.encode(), 8) == hmac.new(
-        salt.encode(), b"42", hashlib.sha256
-    ).hexdigest()[:8]
+    assert (
+        hash_value(42, salt.encode(), 8)
+        == hmac.new(salt.encode(), b"42", hashlib.sha256).hexdigest()[:8]
+    )
     assert anon(rule(column="e", method="hash", hash_chars=64)).apply_value("e", "x", "") == (
         hmac.new(salt.encode(), b"x", hashlib.sha256).hexdigest()
     )
@@ -85,9 +86,7 @@ def test_generalize_numbers_by_step_or_edges_and_text_by_prefix() -> None:
         by_step.apply_value("age", "old", "row 3")
 
 
-def test_rows_drop_and_transform_before_anything_reads_them(
-    salt: str, tmp_path: Path
-) -> None:
+def test_rows_drop_and_transform_before_anything_reads_them(salt: str, tmp_path: Path) -> None:
     csv = tmp_path / "people.csv"
     csv.write_text("name,email,age,income,label\nAda,ada@x.org,37,1.5,a\nBo,bo@y.org,62,2.5,b\n")
     config = DataConfig(
@@ -248,8 +247,7 @@ def test_anonymised_columns_stay_out_of_the_run_and_requests_get_the_same_transf
 
 def test_served_text_is_masked_like_training_text(tmp_path: Path, salt: str) -> None:
     lines = ["text,label"] + [
-        f"call {i:03d}-{i * 7 % 1000:03d} {'now' if i % 2 else 'later'},{i % 2}"
-        for i in range(60)
+        f"call {i:03d}-{i * 7 % 1000:03d} {'now' if i % 2 else 'later'},{i % 2}" for i in range(60)
     ]
     (tmp_path / "msgs.csv").write_text("\n".join(lines) + "\n")
     raw = {

@@ -1,4 +1,4 @@
-"""train.privacy: DP-SGD against a hand computation, the accountant's ε, config errors, real runs."""
+"""train.privacy: DP-SGD against a hand computation, the accountant's ε, errors, real runs."""
 
 from __future__ import annotations
 
@@ -99,7 +99,9 @@ def test_noise_has_std_multiplier_times_clip_over_batch() -> None:
     x, y = torch.randn(8, 100), torch.randn(8, 50)
     clean = hand_clipped_mean(model, x, y, clip=0.5)
     private_step(model, x, y, clip=0.5, noise=2.0)
-    noise = torch.cat([(p.grad - c).flatten() for p, c in zip(model.parameters(), clean)])  # type: ignore[operator]
+    noise = torch.cat(
+        [(p.grad - c).flatten() for p, c in zip(model.parameters(), clean, strict=True)]
+    )  # type: ignore[operator]
     assert float(noise.mean()) == pytest.approx(0.0, abs=0.01)
     assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 8, rel=0.05)
 

@@ -1,4 +1,4 @@
-"""The rnn model: shapes, padding, parity with plain torch LSTM/GRU, training, packaging, generation."""
+"""The rnn model: shapes, padding, parity with torch LSTM/GRU, training, packaging, generation."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def rnn(**overrides: Any) -> RNN:
     return model.eval()
 
 
-# --- shapes, padding, parity ----------------------------------------------------------------------
+# --- shapes, padding, parity ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -124,7 +124,7 @@ def test_model_errors() -> None:
         build_model(RNNConfig(head="lm", vocab_size=7), vocab_size=VOCAB)
 
 
-# --- config ----------------------------------------------------------------------------------------
+# --- config --------------------------------------------------------------------------------------
 
 
 def text_config(tmp_path: Path, **model: Any) -> dict[str, Any]:
@@ -165,15 +165,15 @@ def lm_config(tmp_path: Path, **model: Any) -> dict[str, Any]:
 def test_head_follows_the_task_and_mismatches_are_errors(tmp_path: Path) -> None:
     assert load_config(text_config(tmp_path)).model.head == "sequence"  # type: ignore[union-attr]
     assert load_config(lm_config(tmp_path)).model.head == "lm"  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match="model.head 'lm' does not fit task 'classification'"):
+    with pytest.raises(ConfigError, match=r"model\.head 'lm' does not fit task 'classification'"):
         load_config(text_config(tmp_path, head="lm"))
     with pytest.raises(ConfigError, match="reads left to right only"):
         load_config(lm_config(tmp_path, bidirectional=True))
-    with pytest.raises(ConfigError, match="model.cell"):
+    with pytest.raises(ConfigError, match=r"model\.cell"):
         load_config(text_config(tmp_path, cell="rnn"))
 
 
-# --- real runs ---------------------------------------------------------------------------------
+# --- real runs -----------------------------------------------------------------------------------
 
 
 def write_reviews(path: Path) -> None:
@@ -229,7 +229,8 @@ def test_char_lstm_language_model_trains_packages_and_generates(tmp_path: Path) 
     out = generate(loaded.model, loaded.tokenizer, "hello ", params)  # type: ignore[arg-type]
     assert out.text == "world. hello world. hell"
     # longer than block_size: a recurrent model has no context limit
-    long = generate(loaded.model, loaded.tokenizer, "hello", SamplingParams(max_tokens=40))  # type: ignore[arg-type]
+    params = SamplingParams(max_tokens=40)
+    long = generate(loaded.model, loaded.tokenizer, "hello", params)  # type: ignore[arg-type]
     assert long.completion_tokens == 40
 
     cli = subprocess.run(

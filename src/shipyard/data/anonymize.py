@@ -111,7 +111,9 @@ class Anonymizer:
     hashed columns are not needed, work without one.
     """
 
-    def __init__(self, rules: Sequence[AnonymizeRule], expected_salt_ids: Mapping[str, str]) -> None:
+    def __init__(
+        self, rules: Sequence[AnonymizeRule], expected_salt_ids: Mapping[str, str]
+    ) -> None:
         self.rules = list(rules)
         self._expected = dict(expected_salt_ids)  # column -> salt id (when loaded from a package)
         self._compiled: dict[str, _Compiled] = {}
@@ -187,9 +189,7 @@ class Anonymizer:
                 f"data.anonymize names column(s) {missing} that {source} does not have; "
                 f"available columns: {', '.join(header)}"
             )
-        transformed = [
-            (i, r.column) for i, r in enumerate(self.rules) if r.method != "drop"
-        ]
+        transformed = [(i, r.column) for i, r in enumerate(self.rules) if r.method != "drop"]
         index = {name: i for i, name in enumerate(header)}
         keep = [i for i, name in enumerate(header) if name not in self.dropped]
         out_rows = []

@@ -195,7 +195,8 @@ class DataConfig(StrictModel):
         if twice:
             raise ValueError(f"data.anonymize has more than one rule for column(s) {twice}")
         dropped = {r.column for r in self.anonymize if r.method == "drop"}
-        used = {self.target, self.text_column, *(self.features or [])} & dropped
+        read = {self.target, self.text_column, *(self.features or [])} - {None}
+        used = {str(c) for c in read} & dropped
         if used:
             raise ValueError(
                 f"data.anonymize drops {sorted(used)}, which the run reads (target, "

@@ -104,7 +104,10 @@ def stream(
 
 
 def _decode(
-    model: DecodingModel, state: SequenceState, device: torch.device, autocast_dtype: torch.dtype | None
+    model: DecodingModel,
+    state: SequenceState,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
 ) -> Iterator[TokenEvent]:
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
@@ -121,7 +124,7 @@ def _decode(
     while True:
         # inference_mode only around the work: a generator must not leak it into its caller.
         with torch.inference_mode(), autocast_context(device, autocast_dtype):
-            logits = model(x, kv_cache=cache)[:, -1].float()  # type: ignore[arg-type]  # (1, V)
+            logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
             tokens, logprobs = choose_tokens(
                 logits, batch, history, [state.generator], [params.top_logprobs]
             )

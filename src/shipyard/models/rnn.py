@@ -37,9 +37,7 @@ class RNNConfig(StrictModel):
     n_layer: int = Field(1, gt=0, description="stacked recurrent layers")
     n_embd: int = Field(64, gt=0, description="token embedding width")
     hidden_size: int = Field(128, gt=0, description="hidden state width (per direction)")
-    bidirectional: bool = Field(
-        False, description="read sequences both ways (head sequence only)"
-    )
+    bidirectional: bool = Field(False, description="read sequences both ways (head sequence only)")
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="dropout on embeddings, between layers and before the head"
     )
@@ -140,10 +138,8 @@ class RNN(nn.Module):
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         _, hidden = self.rnn(packed)
         h_n = hidden[0] if isinstance(hidden, tuple) else hidden  # (layers * dirs, B, H)
-        if self.config.bidirectional:
-            last = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H): forward, backward
-        else:
-            last = h_n[-1]  # (B, H)
+        # the last layer's final states: (B, 2H) forward + backward, or (B, H)
+        last = torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.config.bidirectional else h_n[-1]
         return self.head(self.drop(last))  # (B, out_features)
 
 

@@ -38,9 +38,7 @@ def _opacus() -> Any:
         import opacus.optimizers
         import opacus.validators
     except ImportError:
-        raise TrainError(
-            "train.privacy needs Opacus: pip install 'shipyard[privacy]'"
-        ) from None
+        raise TrainError("train.privacy needs Opacus: pip install 'shipyard[privacy]'") from None
     return opacus
 
 
