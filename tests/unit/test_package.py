@@ -175,7 +175,7 @@ def test_classification_outputs_and_preprocessing(tmp_path: Path) -> None:
         loaded.predict(["text"])
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt", "encoder"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt", "encoder", "rnn"])
 def test_every_architecture_round_trips_exactly(tmp_path: Path, name: str) -> None:
     """Meta-device rebuild + safetensors load gives the same outputs (tied GPT weights too)."""
     torch.manual_seed(0)
@@ -184,14 +184,19 @@ def test_every_architecture_round_trips_exactly(tmp_path: Path, name: str) -> No
         model_cfg |= {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6}
     if name == "cnn":
         model_cfg |= {"channels": [2], "hidden_size": 4}
+    if (
+        name == "rnn"
+    ):  # LSTM weights live in a list nn.LSTM keeps: a meta-device rebuild must refresh it
+        model_cfg |= {"n_layer": 2, "n_embd": 4, "hidden_size": 6, "block_size": 6}
+        model_cfg |= {"bidirectional": True}
     task = {"gpt": "language-modeling", "mlp": "regression"}.get(name, "classification")
     data: dict[str, Any] = {"source": "builtin:digits"}
     if name == "gpt":
         data = {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}}
-    if name == "encoder":
+    if name in ("encoder", "rnn"):
         data = {"source": "x.csv", "text_column": "t", "target": "y", "tokenizer": {"kind": "byte"}}
     config = load_config({"name": "t", "task": task, "data": data, "model": model_cfg})
-    tokenizer = Tokenizer.byte() if name in ("gpt", "encoder") else None
+    tokenizer = Tokenizer.byte() if name in ("gpt", "encoder", "rnn") else None
     vocab = tokenizer.vocab_size if tokenizer else None
     shape = (6,) if tokenizer else (1, 8, 8)
     info = DataInfo(task, shape, 3, ["a", "b", "c"], None, vocab, {"train": 1}, "0" * 64)
@@ -215,7 +220,7 @@ def test_every_architecture_round_trips_exactly(tmp_path: Path, name: str) -> No
         assert loaded.model.transformer.wte.weight is loaded.model.lm_head.weight  # type: ignore[union-attr]
         assert loaded.predict(["def f"])[0]["next_token_id"] >= 0
         assert loaded.predict_arrays(x.numpy())["logits"].shape == (2, 6, vocab)
-    if name == "encoder":
+    if name in ("encoder", "rnn"):
         assert loaded.predict(["hello"])[0]["label"] in {"a", "b", "c"}
 
 

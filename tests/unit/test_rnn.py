@@ -13,11 +13,13 @@ import torch
 from tests.conftest import ROOT
 
 from shipyard.config import load_config
+from shipyard.data import DataInfo
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import ConfigError, ModelError
 from shipyard.generate import SamplingParams, generate
 from shipyard.models import RNN, RNNConfig, build_model
 from shipyard.package import load_package
+from shipyard.package.loading import build_empty_model
 from shipyard.train import fit
 
 VOCAB = 12
@@ -111,6 +113,18 @@ def test_lm_matches_torch_and_state_continues_the_sequence(cell: str) -> None:
         parts += [model(x[:, t : t + 1], kv_cache=state) for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full)
     assert state.seq_len == 9
+
+
+def test_meta_device_rebuild_then_load_runs_with_the_loaded_weights() -> None:
+    """Packages rebuild models on the meta device and swap in fresh storage; nn.LSTM keeps its
+    own list of weight tensors, which loading the state must refresh."""
+    model = rnn(bidirectional=True, n_layer=2)
+    info = DataInfo("classification", (8,), 3, None, None, VOCAB, {"train": 1}, "0" * 64)
+    empty = build_empty_model(model.config, info)
+    empty.load_state_dict(model.state_dict())
+    x = torch.randint(1, VOCAB, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(empty.eval()(x), model(x))
 
 
 def test_model_errors() -> None:

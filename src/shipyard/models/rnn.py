@@ -108,9 +108,6 @@ class RNN(nn.Module):
         out = vocab_size if self.is_lm else out_features
         assert out is not None
         self.head = nn.Linear(config.hidden_size * directions, out)
-        # nn.LSTM/GRU keep a list of their weight tensors; loading a package swaps the
-        # parameters themselves (meta-device build, then fresh storage), so rebuild the list.
-        self.register_load_state_dict_post_hook(_refresh_flat_weights)
 
     def new_state(self) -> RNNState:
         """An empty recurrent state to pass as `kv_cache` (head lm)."""
@@ -142,8 +139,3 @@ class RNN(nn.Module):
         last = torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.config.bidirectional else h_n[-1]
         return self.head(self.drop(last))  # (B, out_features)
 
-
-def _refresh_flat_weights(module: nn.Module, incompatible_keys: object) -> None:
-    rnn = getattr(module, "rnn", None)
-    if isinstance(rnn, nn.RNNBase):
-        rnn._init_flat_weights()
