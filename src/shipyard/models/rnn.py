@@ -138,4 +138,3 @@ class RNN(nn.Module):
         # the last layer's final states: (B, 2H) forward + backward, or (B, H)
         last = torch.cat([h_n[-2], h_n[-1]], dim=-1) if self.config.bidirectional else h_n[-1]
         return self.head(self.drop(last))  # (B, out_features)
-
