@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from tests.conftest import ROOT
 
 from shipyard.config import load_config
@@ -20,6 +21,7 @@ from shipyard.generate import SamplingParams, generate
 from shipyard.models import RNN, RNNConfig, build_model
 from shipyard.package import load_package
 from shipyard.package.loading import build_empty_model
+from shipyard.serve import ServeSettings, create_app
 from shipyard.train import fit
 
 VOCAB = 12
@@ -225,6 +227,10 @@ def test_lstm_classifier_trains_packages_and_predicts(tmp_path: Path) -> None:
         probs = torch.softmax(model.eval()(ids), dim=-1)
     for row, pred in zip(probs, preds, strict=True):
         assert [pred["probabilities"][n] for n in ("neg", "pos")] == pytest.approx(row.tolist())
+    with TestClient(create_app(ServeSettings(max_wait_ms=0), preloaded=[loaded])) as client:
+        r = client.post("/v1/models/rnn-cls:predict", json={"instances": texts})
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == preds
 
 
 def test_char_lstm_language_model_trains_packages_and_generates(tmp_path: Path) -> None:
@@ -239,6 +245,22 @@ def test_char_lstm_language_model_trains_packages_and_generates(tmp_path: Path) 
         5,
         loaded.tokenizer.vocab_size,  # type: ignore[union-attr]
     )
+    ids = loaded._encode_texts(["hello"])
+    with TestClient(create_app(ServeSettings(max_wait_ms=0), preloaded=[loaded])) as client:
+        tensor = {
+            "name": "input_ids",
+            "datatype": "INT64",
+            "shape": [1, 5],
+            "data": ids[0].tolist(),
+        }
+        r = client.post("/v2/models/rnn-lm/infer", json={"inputs": [tensor]})
+        assert r.status_code == 200, r.text
+        logits = r.json()["outputs"][0]
+        assert logits["shape"] == [1, 5, loaded.tokenizer.vocab_size]  # type: ignore[union-attr]
+        want = loaded.predict_arrays(ids)["logits"].reshape(-1)
+        assert logits["data"] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
+        r = client.post("/v1/completions", json={"model": "rnn-lm", "prompt": "he"})
+        assert r.status_code == 400 and "batching engine does not run yet" in r.text
     params = SamplingParams(max_tokens=24, temperature=0.0)
     out = generate(loaded.model, loaded.tokenizer, "hello ", params)  # type: ignore[arg-type]
     assert out.text == "world. hello world. hell"
