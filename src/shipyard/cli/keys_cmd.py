@@ -32,7 +32,7 @@ def generate(
 
     Example: shipyard keys generate -o release && shipyard package sign pkg --key release.key
     """
-    from shipyard.package.security import generate_signing_key
+    from shipyard.package.signing import generate_signing_key
 
     private_path, public_path = generate_signing_key(out)
     console.print(f"private key: {private_path} (keep secret)", highlight=False)

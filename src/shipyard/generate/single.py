@@ -22,11 +22,12 @@ from shipyard.generate.sequence import (
     TokenEvent,
     new_request_id,
 )
-from shipyard.models.gpt import GPT
+from shipyard.models.protocol import LanguageModel, language_module
 from shipyard.models.rnn import RNN, RNNState
 
-DecodingModel = GPT | RNN
-"""Models `generate`/`stream` decode from: a GPT (KV cache) or an rnn language model (its state)."""
+DecodingModel = LanguageModel | RNN
+"""What `generate`/`stream` decode from: a `LanguageModel` (KV cache), or an rnn language model,
+which carries its recurrent state instead (the batching `Engine` runs LanguageModels only)."""
 
 
 def encode_prompt(
@@ -94,12 +95,13 @@ def stream(
     Raises GenerationError for a prompt that does not fit.
     """
     params = params or SamplingParams()
-    V, device = model.vocab_size, model_device(model)
-    context = model.config.block_size if isinstance(model, GPT) else None
+    module = model if isinstance(model, RNN) else language_module(model)
+    V, device = model.vocab_size, model_device(module)
+    context = None if isinstance(model, RNN) else model.max_context  # an rnn has no limit
     ids = encode_prompt(tokenizer, prompt, params, context, V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
-    model.eval()
-    pack_linears(model)
+    module.eval()
+    pack_linears(module)
     return _decode(model, state, device, autocast_dtype)
 
 
@@ -118,13 +120,13 @@ def _decode(
             else None
         )
         cache: BatchKVCache | RNNState = (
-            BatchKVCache(model.config.n_layer) if isinstance(model, GPT) else model.new_state()
+            model.new_state() if isinstance(model, RNN) else BatchKVCache(model.n_layer)
         )
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
     while True:
         # inference_mode only around the work: a generator must not leak it into its caller.
         with torch.inference_mode(), autocast_context(device, autocast_dtype):
-            logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
+            logits = model(x, kv_cache=cache)[:, -1].float()  # type: ignore[arg-type]  # (1, V)
             tokens, logprobs = choose_tokens(
                 logits, batch, history, [state.generator], [params.top_logprobs]
             )

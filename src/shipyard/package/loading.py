@@ -25,19 +25,25 @@ from torch import nn
 
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.data.anonymize import Anonymizer
-from shipyard.errors import PackageError, ShipyardError
+from shipyard.errors import ModelError, PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
+from shipyard.models.lora import LoRAConfig, apply_lora
+from shipyard.models.quantized import LAYER_TYPES, replace_module
 from shipyard.package.manifest import (
     ONNX_MODEL,
     TOKENIZER,
     WEIGHTS,
     FileEntry,
+    LoRASpec,
     Manifest,
+    Quantization,
     Signature,
     check_file,
+    read_manifest,
     sha256_bytes,
     verify_package,
 )
+from shipyard.package.onnx_runtime import OnnxRuntimeModule
 from shipyard.package.security import decrypt_file, resolve_key
 
 _MODEL_CONFIG: TypeAdapter[Any] = TypeAdapter(ModelConfig)
@@ -234,7 +240,13 @@ class LoadedModel:
             ids = [self.tokenizer.encode_array(t) for t in texts]
             if len({len(i) for i in ids}) != 1 or len(ids[0]) == 0:
                 raise InvalidInputError("texts for a language model must encode to equal lengths")
-            block = int(self.manifest.architecture.config.get("block_size") or len(ids[0]))
+            arch = self.manifest.architecture.config
+            block = int(
+                getattr(self.model, "max_context", 0)  # a LanguageModel; else an ONNX export
+                or arch.get("block_size")
+                or arch.get("max_position_embeddings")
+                or len(ids[0])
+            )
             return np.stack(ids)[:, -block:]
         block_size = self.input_shape[0]
         out = np.full((len(texts), block_size), self.tokenizer.pad_id, dtype=np.int64)
@@ -330,9 +342,9 @@ def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes |
     verifier = None if encrypted_weights else _Verifier(root, WEIGHTS, manifest.files[WEIGHTS])
     model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
     if manifest.quantization is not None:
-        from shipyard.compress.layers import swap_quantized_layers
-
         swap_quantized_layers(model, manifest.quantization, where=f"{root}/manifest.json")
+    if manifest.lora is not None:
+        swap_lora_layers(model, manifest.lora, where=f"{root}/manifest.json")
     if encryption is not None and encrypted_weights:
         check_file(root, WEIGHTS, manifest.files[WEIGHTS])
         data = decrypt_file(root, WEIGHTS, encryption, raw_key)
@@ -351,8 +363,6 @@ def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes |
 def _load_onnx(root: Path, manifest: Manifest, raw_key: bytes | None) -> nn.Module:
     """Read model.onnx into memory, check its hash, and give it to ONNX Runtime from there (so
     what runs is exactly what was hashed)."""
-    from shipyard.compress.runtime import OnnxRuntimeModule
-
     encryption = manifest.encryption
     entry = manifest.files[ONNX_MODEL]
     if encryption is not None and ONNX_MODEL in encryption.files:
@@ -368,6 +378,44 @@ def _load_onnx(root: Path, manifest: Manifest, raw_key: bytes | None) -> nn.Modu
     return OnnxRuntimeModule(data, manifest.signature, where=str(root / ONNX_MODEL))
 
 
+def swap_quantized_layers(model: nn.Module, spec: Quantization, *, where: str) -> None:
+    """Swap the Linear layers `spec` lists for empty int8 layers (for loading a package)."""
+    kind = LAYER_TYPES[spec.scheme]
+    for name in spec.layers:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise PackageError(
+                f"{where}: quantization lists {name!r}, not a layer of the model"
+            ) from None
+        if not isinstance(linear, nn.Linear):
+            raise PackageError(
+                f"{where}: quantization lists {name!r}, a {type(linear).__name__}, not a Linear"
+            )
+        replace_module(
+            model, name, kind(linear.in_features, linear.out_features, linear.bias is not None)
+        )
+
+
+def swap_lora_layers(model: nn.Module, spec: LoRASpec, *, where: str) -> None:
+    """Put empty LoRA layers where `spec` lists them (for loading an unmerged adapter package)."""
+    try:
+        apply_lora(model, LoRAConfig(rank=spec.rank, alpha=spec.alpha, targets=spec.layers))
+    except (ModelError, ValueError) as exc:
+        raise PackageError(f"{where}: lora does not fit the model ({exc})") from None
+
+
+def pretrained_architecture(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """(architecture name, config dict) of the package a `model: {name: pretrained}` points at."""
+    manifest, _ = read_manifest(path)
+    if manifest.lora is not None:
+        raise PackageError(
+            f"{path}: holds an unmerged LoRA adapter; start from its base package, or merge it "
+            "first (finetune.merge: true)"
+        )
+    return manifest.architecture.name, manifest.architecture.config
+
+
 def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> nn.Module:
     """Build a model to load weights into, skipping random initialisation where that is safe.
 
@@ -376,6 +424,8 @@ def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> n
     stay shared); a model with non-persistent buffers, which no weights file restores, is built
     normally instead.
     """
+    if getattr(config, "name", None) == "pretrained":
+        name, config = pretrained_architecture(config.path)
     if isinstance(config, dict):
         if name is not None and config.get("name") != name:
             raise PackageError(

@@ -36,19 +36,21 @@ from pydantic import (
     model_validator,
 )
 
+from shipyard.config_base import Task
 from shipyard.errors import PackageError
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-WEIGHTS = "model.safetensors"
-ONNX_MODEL = "model.onnx"
-TOKENIZER = "tokenizer.json"
-RESERVED = frozenset({MANIFEST, SIGNATURE})
-MAX_MANIFEST_BYTES = 64 << 20  # a manifest is metadata; anything larger is not one of ours
-_HASH_CHUNK = 8 << 20
+# The file names are files.py's; re-exported here because every reader of a manifest needs them.
+from shipyard.package.files import MANIFEST as MANIFEST
+from shipyard.package.files import ONNX_MODEL as ONNX_MODEL
+from shipyard.package.files import RESERVED as RESERVED
+from shipyard.package.files import SIGNATURE as SIGNATURE
+from shipyard.package.files import TOKENIZER as TOKENIZER
+from shipyard.package.files import WEIGHTS as WEIGHTS
+from shipyard.package.signing import verify_signature
 
-Task = Literal["classification", "regression", "language-modeling"]
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is metadata; anything larger is not one of ours
+
 Backend = Literal["torch", "onnxruntime"]
 
 
@@ -106,6 +108,31 @@ class Derivation(_Model):
 
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BaseRef(_Model):
+    """The exact base model an adapter was trained on (its package's digests)."""
+
+    name: str
+    version: str
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(
+        description="hash of the base's weights file, as its manifest lists"
+    )
+
+
+class LoRASpec(_Model):
+    """LoRA adapters stored unmerged beside their frozen base weights.
+
+    Loading rebuilds the architecture, swaps `layers` (module paths) for LoRA layers of this rank
+    and alpha, then loads the tensors (`<path>.lora_A` (rank, in), `<path>.lora_B` (out, rank)).
+    An adapter is only valid on `base`: anything else refuses it.
+    """
+
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    layers: list[str] = Field(min_length=1)
+    base: BaseRef
 
 
 class Quantization(_Model):
@@ -204,6 +231,7 @@ class Manifest(_Model):
     derivation: Derivation | None = None
     backend: Backend = "torch"
     quantization: Quantization | None = None
+    lora: LoRASpec | None = None
     encryption: Encryption | None = None
     files: dict[str, FileEntry]
 
@@ -216,6 +244,8 @@ class Manifest(_Model):
         omit = {"backend"} if self.backend == "torch" else set()
         if self.quantization is None:
             omit.add("quantization")
+        if self.lora is None:
+            omit.add("lora")
         return self.model_dump_json(indent=2, exclude=omit) + "\n"
 
 
@@ -404,8 +434,6 @@ def verify_package(
     root = Path(path)
     manifest, raw = read_manifest(root)
     if public_key is not None:
-        from shipyard.package.security import verify_signature
-
         verify_signature(root, public_key, manifest_bytes=raw)
     for name, entry in manifest.files.items():
         if name not in skip:
