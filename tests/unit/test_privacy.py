@@ -106,6 +106,23 @@ def test_noise_has_std_multiplier_times_clip_over_batch() -> None:
     assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 8, rel=0.05)
 
 
+def test_an_empty_poisson_batch_still_adds_the_noise() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(100, 50)
+    private = PrivateTraining(
+        PrivacyConfig(noise_multiplier=2.0, max_grad_norm=0.5, delta=1e-5),
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        n_train=1000,
+        batch_size=8,
+        total_steps=1,
+    )
+    private.empty_step()
+    private.optimizer.pre_step()
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()])  # type: ignore[union-attr]
+    assert float(noise.std()) == pytest.approx(2.0 * 0.5 / 8, rel=0.05)
+
+
 def test_batchnorm_is_refused_and_recurrent_layers_are_swapped() -> None:
     with pytest.raises(TrainError, match="BatchNorm"):
         make_private_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
