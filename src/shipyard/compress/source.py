@@ -53,9 +53,16 @@ class Parent:
     def data(self) -> PreparedData:
         """The parent's train/val/test splits, rebuilt from its config (same seed, same split)."""
         if self._data is None:
+            fingerprint = self.loaded.manifest.data.get("fingerprint")
+            if isinstance(fingerprint, str) and fingerprint.startswith("hf:"):
+                raise CompressError(
+                    f"{self.path} was imported from a Hugging Face checkpoint and has no data "
+                    "splits to measure quality on; this step needs a package trained by shipyard "
+                    "(export --format hf works on imported packages)"
+                )
             self._data = rebuild_data(
                 self.config,
-                self.loaded.manifest.data.get("fingerprint"),
+                fingerprint,
                 architecture=self.loaded.manifest.architecture.config,
                 tokenizer=self.loaded.tokenizer,
             )

@@ -40,11 +40,12 @@ def encode_prompt(
     """Token ids of `prompt`, checked against the vocabulary and the model's context
     (block_size None: no limit, e.g. a recurrent model).
 
-    An empty prompt becomes [eos_id]: end-of-text separates documents in training corpora, so
-    it is the context of "the start of a new document".
+    A text prompt gets the BOS token an imported checkpoint's tokenizer adds. An empty prompt
+    becomes [eos_id]: end-of-text separates documents in training corpora, so it is the context
+    of "the start of a new document".
     """
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode_prompt(prompt)
     else:
         ids = list(prompt)
         bad = [

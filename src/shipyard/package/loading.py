@@ -9,6 +9,7 @@ ONNX Runtime runs behind the same `LoadedModel` interface.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -25,6 +26,7 @@ from torch import nn
 
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.data.anonymize import Anonymizer
+from shipyard.data.tokenization import HFTokenizerConfig
 from shipyard.errors import ModelError, PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
 from shipyard.models.lora import LoRAConfig, apply_lora
@@ -32,6 +34,7 @@ from shipyard.models.quantized import LAYER_TYPES, replace_module
 from shipyard.package.manifest import (
     ONNX_MODEL,
     TOKENIZER,
+    TOKENIZER_CONFIG,
     WEIGHTS,
     FileEntry,
     LoRASpec,
@@ -290,7 +293,7 @@ def load_package(
         else:
             text = (root / TOKENIZER).read_text(encoding="utf-8")
         try:
-            tokenizer = Tokenizer.from_json(text)
+            tokenizer = Tokenizer.from_json(text, _hf_tokenizer_config(root, manifest))
         except ShipyardError as exc:
             raise PackageError(f"{root / TOKENIZER}: {exc}") from None
     preprocessor = None
@@ -331,6 +334,19 @@ def _anonymizer(manifest: Manifest, root: Path) -> Anonymizer | None:
         return Anonymizer.from_description(described)
     except (ValidationError, TypeError, ValueError) as exc:
         raise PackageError(f"{root}/manifest.json: bad data.anonymize section ({exc})") from None
+
+
+def _hf_tokenizer_config(root: Path, manifest: Manifest) -> HFTokenizerConfig | None:
+    """An imported Hugging Face tokenizer's config (tokenizer_config.json), if any."""
+    if TOKENIZER_CONFIG not in manifest.files:
+        return None
+    try:
+        data = json.loads((root / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return HFTokenizerConfig.from_dict(data)
+    except (OSError, json.JSONDecodeError, TypeError, ShipyardError) as exc:
+        raise PackageError(f"{root / TOKENIZER_CONFIG}: cannot read ({exc})") from None
 
 
 def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes | None) -> nn.Module:

@@ -24,6 +24,7 @@ from shipyard.package.manifest import (
     MANIFEST,
     ONNX_MODEL,
     TOKENIZER,
+    TOKENIZER_CONFIG,
     WEIGHTS,
     Architecture,
     Derivation,
@@ -131,6 +132,10 @@ def write_package(
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
             files[TOKENIZER] = _entry(tmp / TOKENIZER)
+            tok_config = tokenizer.config_json()
+            if tok_config is not None:
+                (tmp / TOKENIZER_CONFIG).write_text(tok_config, encoding="utf-8")
+                files[TOKENIZER_CONFIG] = _entry(tmp / TOKENIZER_CONFIG)
         manifest = Manifest(
             name=name or config.name,
             version=version,
