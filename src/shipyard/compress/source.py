@@ -83,7 +83,9 @@ def rebuild_data(
     whose architecture and tokenizer came from that model instead of the config.
     """
     if isinstance(config.model, PretrainedConfig):
-        size = (architecture or {}).get("block_size")
+        size = config.data.block_size or (architecture or {}).get("block_size")
+        if size is None:
+            size = (architecture or {}).get("max_position_embeddings")
         data = prepare_data(
             config.data,
             config.task,
