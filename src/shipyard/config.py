@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from shipyard.config_base import StrictModel, Task
 from shipyard.data.config import DataConfig
 from shipyard.errors import ConfigError
-from shipyard.models import CAUSAL_MODELS, TOKEN_MODELS, ArchitectureConfig
+from shipyard.models import CAUSAL_MODELS, LANGUAGE_MODELS, TOKEN_MODELS, ArchitectureConfig
 from shipyard.models.lora import LoRAConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +232,33 @@ class FSDPConfig(StrictModel):
     )
 
 
+class PrivacyConfig(StrictModel):
+    """Differentially private training (DP-SGD with Opacus: pip install shipyard[privacy]).
+
+    Each example's gradient is clipped to `max_grad_norm`, Gaussian noise of standard deviation
+    noise_multiplier x max_grad_norm is added to their sum, and batches are Poisson-sampled with
+    rate batch_size / train rows. Opacus' accountant turns that into the spent (ε, δ).
+    """
+
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="noise std / max_grad_norm (give this or target_epsilon)"
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="pick the noise so the whole run spends at most this ε"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example gradient clipping bound")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of (ε, δ); keep it below 1/train rows")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus privacy accountant")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> PrivacyConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "give exactly one of train.privacy.noise_multiplier or train.privacy.target_epsilon"
+            )
+        return self
+
+
 class TrainConfig(StrictModel):
     """The training loop."""
 
@@ -273,6 +300,9 @@ class TrainConfig(StrictModel):
     )
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    privacy: PrivacyConfig | None = Field(
+        None, description="differentially private training (DP-SGD); see docs/privacy.md"
+    )
 
     @model_validator(mode="after")
     def _has_a_length(self) -> TrainConfig:
@@ -443,6 +473,11 @@ class RunConfig(StrictModel):
                 value = data.get(section)
                 if isinstance(value, dict) and "name" not in value:
                     data = {**data, section: {"name": default, **value}}
+            model = data.get("model")
+            # an rnn is a sequence model or a language model: its head follows the task
+            if isinstance(model, dict) and model.get("name") == "rnn" and "head" not in model:
+                head = "lm" if data.get("task") == "language-modeling" else "sequence"
+                data = {**data, "model": {**model, "head": head}}
         return data
 
     @model_validator(mode="after")
@@ -458,10 +493,10 @@ class RunConfig(StrictModel):
             )
         model = self.model.name
         if self.task == "language-modeling":
-            if model not in CAUSAL_MODELS:
+            if model not in LANGUAGE_MODELS:
                 raise ValueError(
                     "task language-modeling needs a causal model "
-                    f"({', '.join(sorted(CAUSAL_MODELS))}), got model.name={model!r}"
+                    f"({', '.join(sorted(LANGUAGE_MODELS))}), got model.name={model!r}"
                 )
             if self.data.tokenizer is None:
                 raise ValueError(
@@ -488,6 +523,13 @@ class RunConfig(StrictModel):
                 raise ValueError(
                     f"a text corpus source needs task language-modeling, not {self.task!r}"
                 )
+        head = getattr(self.model, "head", None)
+        if head is not None and (head == "lm") != (self.task == "language-modeling"):
+            want = "lm" if self.task == "language-modeling" else "sequence"
+            raise ValueError(
+                f"model.head {head!r} does not fit task {self.task!r}: use head {want!r} "
+                "(or leave head out)"
+            )
         needs_text = model in TOKEN_MODELS and self.task != "language-modeling"
         if needs_text and (self.data.text_column is None or self.data.tokenizer is None):
             raise ValueError(
@@ -497,11 +539,33 @@ class RunConfig(StrictModel):
             raise ValueError(f"train.loss {self.train.loss!r} does not fit task regression")
         if self.task != "regression" and self.train.loss in ("mse", "mae", "huber"):
             raise ValueError(f"train.loss {self.train.loss!r} needs task regression")
+        if self.train.privacy is not None:
+            _check_private_training(self)
         if isinstance(self.optim, GDConfig) and self.train.grad_accum != 1:
             raise ValueError(
                 "optim gd already uses the whole train split per step: set grad_accum 1"
             )
         return self
+
+
+def _check_private_training(config: RunConfig) -> None:
+    """What DP-SGD cannot combine with: anything that mixes examples before clipping."""
+    reg, train = config.regularization, config.train
+    clashes = []
+    if reg.grad_clip_norm is not None:
+        clashes.append("regularization.grad_clip_norm (DP clips each example's gradient itself)")
+    if reg.l1 or reg.l2:
+        clashes.append("regularization.l1/l2 (use optim.weight_decay instead)")
+    if isinstance(config.optim, GDConfig):
+        clashes.append("optim gd (DP-SGD samples mini-batches)")
+    if train.compile:
+        clashes.append("train.compile")
+    if train.precision == "fp16":
+        clashes.append("train.precision fp16")
+    if train.strategy == "fsdp":
+        clashes.append("train.strategy fsdp (DP-SGD runs in one process)")
+    if clashes:
+        raise ValueError("train.privacy cannot be combined with " + "; ".join(clashes))
 
 
 # ----------------------------------------------------------------------------------------------

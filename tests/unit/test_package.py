@@ -201,6 +201,23 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "task": "language-modeling",
         "data": {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}},
     },
+    "rnn": {
+        # LSTM weights live in a list nn.LSTM keeps: a meta-device rebuild must refresh it
+        "model": {
+            "n_layer": 2,
+            "n_embd": 4,
+            "hidden_size": 6,
+            "block_size": 6,
+            "bidirectional": True,
+        },
+        "task": "classification",
+        "data": {
+            "source": "x.csv",
+            "text_column": "t",
+            "target": "y",
+            "tokenizer": {"kind": "byte"},
+        },
+    },
     "encoder": {
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6},
         "task": "classification",
@@ -248,7 +265,7 @@ def test_every_architecture_round_trips_exactly(tmp_path: Path, name: str) -> No
         assert loaded.model.transformer.wte.weight is loaded.model.lm_head.weight  # type: ignore[union-attr]
         assert loaded.predict(["def f"])[0]["next_token_id"] >= 0
         assert loaded.predict_arrays(x.numpy())["logits"].shape == (2, 6, vocab)
-    if name == "encoder":
+    if name in ("encoder", "rnn"):
         assert loaded.predict(["hello"])[0]["label"] in {"a", "b", "c"}
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from shipyard.config_base import TASKS, Task
+from shipyard.data.anonymize import Anonymizer
 from shipyard.data.config import DataConfig
 from shipyard.data.corpus import TokenWindows, default_cache_dir, tokenize_to_file
 from shipyard.data.datasets import ArrayDataset
@@ -32,6 +33,8 @@ class DataInfo:
     (block_size,) for token sequences. num_outputs: classes, regression target columns, or vocab.
     split_sizes counts rows per split, or tokens per split for language modeling.
     fingerprint: SHA-256 over the loaded source content, the data config, task, seed and block size.
+    anonymize: the `data.anonymize` rules applied to the rows, hash rules with their salt's id
+    (never the salt), so serving can apply them to requests.
     """
 
     task: str
@@ -42,11 +45,14 @@ class DataInfo:
     vocab_size: int | None
     split_sizes: dict[str, int]
     fingerprint: str
+    anonymize: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (input_shape becomes a list)."""
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
+        if self.anonymize is None:
+            del d["anonymize"]  # data without anonymisation keeps the section it always had
         return d
 
     @classmethod
@@ -350,6 +356,7 @@ def _prepare_rows(
         vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
         split_sizes={n: len(ds) for n, ds in datasets.items()},
         fingerprint=fingerprint.hexdigest(),
+        anonymize=_describe_anonymize(config),
     )
     return PreparedData(
         train=datasets["train"],
@@ -359,6 +366,10 @@ def _prepare_rows(
         preprocessor=preprocessor,
         tokenizer=tokenizer,
     )
+
+
+def _describe_anonymize(config: DataConfig) -> list[dict[str, Any]] | None:
+    return Anonymizer(config.anonymize, {}).describe() if config.anonymize else None
 
 
 def _encode_padded(texts: list[str], tokenizer: Tokenizer, block_size: int) -> np.ndarray:
@@ -428,6 +439,7 @@ def _prepare_corpus(
         vocab_size=tokenizer.vocab_size,
         split_sizes={name: len(toks) for name, toks in tokens.items()},
         fingerprint=fingerprint.hexdigest(),
+        anonymize=_describe_anonymize(config),
     )
     return PreparedData(
         train=datasets["train"],

@@ -25,6 +25,7 @@ from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
+from shipyard.data.anonymize import Anonymizer
 from shipyard.data.tokenization import HFTokenizerConfig
 from shipyard.errors import ModelError, PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
@@ -65,6 +66,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     path: Path
     device: torch.device
+    anonymizer: Anonymizer | None = None
 
     @property
     def task(self) -> str:
@@ -108,10 +110,16 @@ class LoadedModel:
 
     def predict(self, instances: Any) -> list[dict[str, Any]]:
         """JSON-friendly predictions for a list of instances (nested lists of numbers; strings
-        for token models, tokenized with the package's tokenizer)."""
+        for token models, tokenized with the package's tokenizer; records, i.e. dicts of
+        column -> value, anonymised as the training rows were)."""
         if not isinstance(instances, list | tuple | np.ndarray) or len(instances) == 0:
             raise InvalidInputError("instances must be a non-empty list")
-        x = self.encode_texts(instances) if isinstance(instances[0], str) else instances
+        if isinstance(instances[0], dict):
+            x: Any = self.records_to_array(instances)
+        elif isinstance(instances[0], str):
+            x = self.encode_texts(instances)
+        else:
+            x = instances
         try:
             arr = np.asarray(x, dtype=np.int64 if self._takes_tokens else np.float32)
         except (TypeError, ValueError) as exc:
@@ -149,6 +157,47 @@ class LoadedModel:
         return result
 
     # ------------------------------------------------------------------ input handling
+
+    @property
+    def input_columns(self) -> list[str] | None:
+        """The record columns the model reads: its text column, or its feature columns."""
+        text_column = (self.manifest.config.get("data") or {}).get("text_column")
+        if text_column is not None and self.task != "language-modeling":
+            return [str(text_column)]
+        names = self.manifest.data.get("feature_names")
+        return [str(n) for n in names] if names else None
+
+    def records_to_array(self, records: Any) -> np.ndarray:
+        """Raw model inputs for records (dicts of column -> value, like the training CSV/JSONL
+        rows), after the package's anonymisation: token ids for a text column, else features.
+        """
+        columns = self.input_columns
+        if columns is None:
+            raise InvalidInputError(
+                "this model's inputs have no column names (e.g. images); send arrays of numbers"
+            )
+        if not all(isinstance(r, dict) for r in records):
+            raise InvalidInputError("instances mix records (objects) and other values")
+        anonymizer = self.anonymizer or Anonymizer([], {})
+        try:
+            rows = [anonymizer.apply_record(r, columns) for r in records]
+        except ShipyardError as exc:
+            raise InvalidInputError(str(exc)) from None
+        if self._takes_tokens:
+            return self.encode_texts([str(row[columns[0]]) for row in rows])
+        out = np.empty((len(rows), len(columns)), dtype=np.float32)
+        for i, row in enumerate(rows):
+            for j, name in enumerate(columns):
+                value = row[name]
+                try:
+                    if isinstance(value, bool):
+                        raise ValueError
+                    out[i, j] = float(value)
+                except (TypeError, ValueError):
+                    raise InvalidInputError(
+                        f"record {i}: column {name!r} must be a number, got {value!r}"
+                    ) from None
+        return out
 
     @property
     def _takes_tokens(self) -> bool:
@@ -261,14 +310,36 @@ def load_package(
             raise PackageError(f"{root}/manifest.json: bad preprocessing section ({exc})") from None
     dev = torch.device(device)
     model = model.to(dev).eval()
-    return LoadedModel(
+    loaded = LoadedModel(
         manifest=manifest,
         model=model,
         preprocessor=preprocessor,
         tokenizer=tokenizer,
         path=root,
         device=dev,
+        anonymizer=_anonymizer(manifest, root),
     )
+    if loaded.anonymizer is not None:
+        # a salt the model's inputs need must be present and right before any request comes
+        for column in loaded.input_columns or []:
+            if column in loaded.anonymizer.text_columns and any(
+                r.column == column and r.method == "hash" for r in loaded.anonymizer.rules
+            ):
+                try:
+                    loaded.anonymizer.apply_value(column, "", "salt check")
+                except ShipyardError as exc:
+                    raise PackageError(f"{root}: {exc}") from None
+    return loaded
+
+
+def _anonymizer(manifest: Manifest, root: Path) -> Anonymizer | None:
+    described = manifest.data.get("anonymize")
+    if not described:
+        return None
+    try:
+        return Anonymizer.from_description(described)
+    except (ValidationError, TypeError, ValueError) as exc:
+        raise PackageError(f"{root}/manifest.json: bad data.anonymize section ({exc})") from None
 
 
 def _hf_tokenizer_config(root: Path, manifest: Manifest) -> HFTokenizerConfig | None:

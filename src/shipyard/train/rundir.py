@@ -175,6 +175,10 @@ def package_run(
     metrics = {
         split: report[split] for split in ("val", "test") if isinstance(report.get(split), dict)
     }
+    lineage_extra: dict[str, Any] = {"run_dir": str(run.resolve()), "checkpoint_step": step}
+    run_summary = report.get("run")
+    if isinstance(run_summary, dict) and isinstance(run_summary.get("privacy"), dict):
+        lineage_extra["privacy"] = run_summary["privacy"]  # the (ε, δ) the training spent
     return write_package(
         Path(out_dir) if out_dir is not None else run / PACKAGE_DIR,
         model=model,
@@ -184,7 +188,7 @@ def package_run(
         tokenizer=tokenizer,
         metrics=metrics,
         version=run.resolve().name,
-        lineage_extra={"run_dir": str(run.resolve()), "checkpoint_step": step},
+        lineage_extra=lineage_extra,
         lora=lora,
         parent=config.model.path if isinstance(config.model, PretrainedConfig) else None,
     )

@@ -56,6 +56,7 @@ from shipyard.train.evaluation import (
 from shipyard.train.losses import build_loss
 from shipyard.train.memory import state_bytes, summarize_ranks
 from shipyard.train.optim import build_optimizer
+from shipyard.train.privacy import PrivateTraining, make_private_model
 from shipyard.train.progress import TrainProgress
 from shipyard.train.regularization import penalty
 from shipyard.train.rundir import (
@@ -239,6 +240,14 @@ class Trainer:
             if config.train.activation_checkpointing:
                 apply_activation_checkpointing(model)
             self.model = model.to(self.device)
+        privacy = config.train.privacy
+        if privacy is not None:
+            if self.env.enabled:
+                raise TrainError(
+                    "train.privacy runs in one process; drop --nproc (DP-SGD across processes "
+                    "is not supported yet)"
+                )
+            self.model = make_private_model(self.model)  # before the optimizer sees it
         self.masks = self._resolve_masks(weight_masks)
         self.apply_masks()
         self.teacher: nn.Module | None = None
@@ -275,6 +284,18 @@ class Trainer:
         self.schedule = build_schedule(config.schedule, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.forward_model: nn.Module = self.model
+        self.private: PrivateTraining | None = None
+        if privacy is not None:
+            self.private = PrivateTraining(
+                privacy,
+                self.model,
+                self.optimizer,
+                n_train=self.n_train,
+                batch_size=self.global_batch,
+                total_steps=self.total_steps,
+            )
+            self.forward_model = self.private.module
+            self.optimizer = self.private.optimizer  # the schedule shares its param groups
         if config.train.compile:
             self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
         if self.env.enabled and not self.fsdp:
@@ -413,6 +434,10 @@ class Trainer:
             order = torch.arange(n)
         if self.full_batch:
             return [order]
+        if self.private is not None:
+            # Poisson sampling, as the privacy accountant assumes; seeded, so resume is exact
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            return [self.private.poisson_rows(n, gen) for _ in range(self.steps_per_epoch)]
         g = self.global_batch
         return [order[i * g : (i + 1) * g] for i in range(self.steps_per_epoch)]
 
@@ -555,7 +580,13 @@ class Trainer:
         model = self.forward_model
         model.train()
         micro = self._micro_batches(rows)
-        global_count = self._scored_count(rows)
+        # DP-SGD averages over the expected batch size, whatever the Poisson draw gave
+        if self.private is not None:
+            global_count = self.global_batch * self.tokens_per_row
+            if not micro:
+                self.private.empty_step()
+        else:
+            global_count = self._scored_count(rows)
         # DDP averages gradients over ranks, so each rank scales by world / global count
         scale = self.env.world_size / global_count
         reg = cfg.regularization
@@ -602,6 +633,8 @@ class Trainer:
             if isinstance(norm, DTensor):
                 norm = norm.full_tensor()
             grad_norm = float(norm)
+        elif self.private is not None:
+            pass  # the un-noised gradient's norm is not private: not logged
         elif self.step % cfg.train.log_every == cfg.train.log_every - 1:
             grad_norm = (
                 float(sharded_grad_norm(self.model)) if self.fsdp else _grad_norm(self.model)
@@ -611,6 +644,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.private is not None:
+            self.private.after_step()
         if self.memory is None:
             self.memory = state_bytes(self.model, self.optimizer)
         self.apply_masks()
@@ -723,6 +758,7 @@ class Trainer:
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
             "stopped_early": self.stopped_early,
+            **({"privacy": self.private.state_dict()} if self.private is not None else {}),
         }
 
     def _checkpoint_meta(self) -> dict[str, Any]:
@@ -824,6 +860,8 @@ class Trainer:
         self.best_step = state["best_step"]
         self.bad_evals = int(state["bad_evals"])
         self.stopped_early = bool(state["stopped_early"])
+        if self.private is not None:
+            self.private.load_state_dict(state.get("privacy") or {})
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
@@ -910,6 +948,9 @@ class Trainer:
                 summary[key] = last_train[key]
         if self.is_lm:
             summary["unigram_loss"] = unigram_loss(self.data)
+        if self.private is not None:
+            # over every step taken (the packaged best checkpoint may come earlier: it spent less)
+            summary["privacy"] = self.private.spent().to_dict()
         if self.env.is_main:
             log.write({"kind": "final", "step": self.step, **_scalars(results)})
             write_report(

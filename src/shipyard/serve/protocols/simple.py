@@ -32,6 +32,13 @@ def instances_to_array(served: ServedModel, instances: Any) -> np.ndarray:
         raise BadRequest("'instances' must be a non-empty list")
     spec = served.input_spec
     loaded = served.loaded
+    if isinstance(instances[0], dict):
+        try:
+            # records (column -> value): the package's anonymisation, then its inputs
+            arr = loaded.records_to_array(instances)
+        except InvalidInputError as exc:
+            raise BadRequest(str(exc)) from None
+        return served.check_input(None, spec.datatype, arr)
     if isinstance(instances[0], str):
         if not all(isinstance(t, str) for t in instances):
             raise BadRequest("'instances' mixes texts and other values")

@@ -177,9 +177,15 @@ def _resolve(state: ServerState, body: _Body, request: Request) -> tuple[ServedM
     served = state.repo.get(name, version or None)
     request.state.model = served.name
     if served.engine is None:
+        what = (
+            f"is a {served.loaded.manifest.architecture.name} language model, which the "
+            "batching engine does not run yet (use `shipyard generate` or /v2/models/.../infer)"
+            if served.loaded.task == "language-modeling"
+            else f"is not a language model (task {served.loaded.task!r})"
+        )
         raise OpenAIError(
-            f"model {name!r} is not a language model (task {served.loaded.task!r}); the OpenAI "
-            "routes serve language-modeling packages (use /v2/models/.../infer for others)",
+            f"model {name!r} {what}; the OpenAI routes serve language-modeling packages (use "
+            "/v2/models/.../infer for others)",
             status=400,
             param="model",
             code="model_not_supported",
