@@ -20,13 +20,14 @@ from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.errors import PackageError, ShipyardError
 from shipyard.models import TOKEN_MODELS
 from shipyard.package.manifest import (
+    DEFAULT_HASH,
     MANIFEST,
     ONNX_MODEL,
     TOKENIZER,
     WEIGHTS,
     Architecture,
     Derivation,
-    FileEntry,
+    HashAlgorithm,
     Lineage,
     Manifest,
     ParentRef,
@@ -80,6 +81,7 @@ def write_package(
     parent: ParentRef | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     quantization: Quantization | Mapping[str, Any] | None = None,
     onnx_model: bytes | None = None,
+    hash_algorithm: HashAlgorithm = DEFAULT_HASH,
 ) -> Path:
     """Write a package directory for `model` and return its path.
 
@@ -95,6 +97,8 @@ def write_package(
         can swap them in before reading the tensors.
     onnx_model: an ONNX graph (bytes) to store as model.onnx instead of `model`'s weights; the
         package's backend is then "onnxruntime" (`model` must be None).
+    hash_algorithm: "blake3" (default; fast verification on every core) or "sha256" (the
+        format-1 manifest that shipyard versions before BLAKE3 can read).
     """
     if (model is None) == (onnx_model is None):
         raise PackageError("write_package needs exactly one of model or onnx_model")
@@ -119,14 +123,14 @@ def write_package(
     with staged_package(out, replace=True) as tmp:
         if onnx_model is not None:
             (tmp / ONNX_MODEL).write_bytes(onnx_model)
-            files = {ONNX_MODEL: _entry(tmp / ONNX_MODEL)}
+            files = {ONNX_MODEL: hash_file(tmp / ONNX_MODEL, algorithm=hash_algorithm)}
         else:
             assert model is not None
             save_model(model, str(tmp / WEIGHTS))
-            files = {WEIGHTS: _entry(tmp / WEIGHTS)}
+            files = {WEIGHTS: hash_file(tmp / WEIGHTS, algorithm=hash_algorithm)}
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
-            files[TOKENIZER] = _entry(tmp / TOKENIZER)
+            files[TOKENIZER] = hash_file(tmp / TOKENIZER, algorithm=hash_algorithm)
         manifest = Manifest(
             name=name or config.name,
             version=version,
@@ -200,10 +204,6 @@ def package_run(
         version=run.resolve().name,
         lineage_extra={"run_dir": str(run.resolve()), "checkpoint_step": step},
     )
-
-
-def _entry(path: Path) -> FileEntry:
-    return hash_file(path)
 
 
 def _scalar_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
