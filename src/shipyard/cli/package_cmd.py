@@ -69,7 +69,7 @@ def verify(
         None, "--public-key", help="Require a valid signature by this Ed25519 public key (PEM)."
     ),
 ) -> None:
-    """Check every file's size and SHA-256 (and the signature with --public-key).
+    """Check every file's size and hash (and the signature with --public-key).
 
     Example: shipyard package verify digits-pkg --public-key me.pub
     """

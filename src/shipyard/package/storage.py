@@ -2,8 +2,9 @@
 
 The root is a local folder (default `$SHIPYARD_HOME/artifacts`) or an object-store URL such as
 `s3://bucket/prefix` (needs the `registry-s3` extra). Every byte that goes up or comes down is
-checked against the package manifest: each file's SHA-256 and size, hashed while it is copied and
-hashed again where it landed, so a corrupt or tampered artifact is refused, never half-used.
+checked against the package manifest: each file's hash (BLAKE3 or SHA-256, as its entry names)
+and size, hashed while it is copied and hashed again where it landed, so a corrupt or tampered
+artifact is refused, never half-used.
 """
 
 from __future__ import annotations
