@@ -162,6 +162,17 @@ def test_read_once_gives_new_tensors_where_a_target_does_not_fit(tmp_path: Path)
     assert got["d"].dtype == torch.bool and torch.equal(got["d"], tensors["d"])
 
 
+def test_read_once_never_reads_twice_into_one_tensor(tmp_path: Path) -> None:
+    """Tied names both stored: the second gets its own tensor (the hash thread may still be
+    reading the first one's bytes)."""
+    file = tmp_path / "tied.safetensors"
+    save_file({"a": torch.ones(3), "b": torch.full((3,), 2.0)}, str(file))
+    shared = torch.empty(3)
+    got = read_verified_weights(file, hash_file(file), {"a": shared, "b": shared})
+    assert got["a"] is shared and got["b"] is not shared
+    assert got["a"].tolist() == [1.0] * 3 and got["b"].tolist() == [2.0] * 3
+
+
 def test_read_once_refuses_a_damaged_file_before_returning(tmp_path: Path) -> None:
     file, _ = _weights(tmp_path)
     entry = hash_file(file)
