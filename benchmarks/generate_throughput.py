@@ -45,8 +45,7 @@ def build_package(work: Path) -> Path:
     if (pkg / "manifest.json").is_file():
         return pkg
     from shipyard.config import load_config
-    from shipyard.package import package_run
-    from shipyard.train import fit
+    from shipyard.train import fit, package_run
 
     config = {
         "name": "gen-bench",

@@ -38,8 +38,7 @@ def lm_package(base: Path) -> Path:
     import torch
 
     from shipyard.config import load_config
-    from shipyard.package import package_run
-    from shipyard.train import fit
+    from shipyard.train import fit, package_run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is fastest (no thread wake-ups)

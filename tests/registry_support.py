@@ -23,8 +23,7 @@ def tiny_package(base: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     from shipyard.config import load_config
-    from shipyard.package import package_run
-    from shipyard.train import fit
+    from shipyard.train import fit, package_run
 
     result = fit(load_config(TINY_CONFIG), run_dir=base / "registry-tiny-run", progress=False)
     return Path(package_run(result.run_dir, out))

@@ -28,8 +28,7 @@ def digits_package(base: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     from shipyard.config import load_config
-    from shipyard.package import package_run
-    from shipyard.train import fit
+    from shipyard.train import fit, package_run
 
     result = fit(load_config(DIGITS_CONFIG), run_dir=out.parent, progress=False)
     if not (out / "manifest.json").is_file():

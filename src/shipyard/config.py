@@ -19,12 +19,11 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from shipyard.config_base import StrictModel
+from shipyard.config_base import StrictModel, Task
 from shipyard.data.config import DataConfig
 from shipyard.errors import ConfigError
-from shipyard.models import CAUSAL_MODELS, TOKEN_MODELS, ModelConfig
-
-Task = Literal["classification", "regression", "language-modeling"]
+from shipyard.models import CAUSAL_MODELS, TOKEN_MODELS, ArchitectureConfig
+from shipyard.models.lora import LoRAConfig
 
 # ----------------------------------------------------------------------------------------------
 # optimizers (torch.optim), chosen by name; each carries only its own hyper-parameters
@@ -266,6 +265,26 @@ class EvalConfig(StrictModel):
     top_k: int = Field(3, ge=1, description="classification: also report top-k accuracy")
 
 
+class PretrainedConfig(StrictModel):
+    """Start from a trained model: a shipyard package directory. Its architecture, weights and
+    tokenizer come with it (so `data.tokenizer` must not be set)."""
+
+    name: Literal["pretrained"] = "pretrained"
+    path: str = Field(..., min_length=1, description="a package directory (shipyard package)")
+
+
+RunModelConfig = Annotated[ArchitectureConfig | PretrainedConfig, Field(discriminator="name")]
+
+
+class FinetuneConfig(LoRAConfig):
+    """How a pretrained model is fine-tuned: every weight (full) or low-rank adapters (lora)."""
+
+    method: Literal["lora", "full"] = Field("lora", description="lora adapters or all weights")
+    merge: bool = Field(
+        False, description="lora: the package holds merged weights instead of base + adapter"
+    )
+
+
 class RunConfig(StrictModel):
     """A whole run: data → model → training → evaluation."""
 
@@ -278,7 +297,12 @@ class RunConfig(StrictModel):
     seed: int = Field(0, description="seeds splits, initialisation, shuffling and dropout")
     task: Task = Field(..., description="what the model learns")
     data: DataConfig = Field(..., description="where the data comes from; see `data`")
-    model: ModelConfig = Field(..., description="the architecture, chosen by `name`")
+    model: RunModelConfig = Field(
+        ..., description="the architecture, chosen by `name` (or `pretrained` and a package path)"
+    )
+    finetune: FinetuneConfig | None = Field(
+        None, description="fine-tuning of a pretrained model: LoRA adapters or full"
+    )
     optim: OptimConfig = Field(
         default_factory=AdamWConfig, description="the optimizer, chosen by `name`"
     )
@@ -304,6 +328,10 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if isinstance(self.model, PretrainedConfig):
+            if self.data.tokenizer is not None:
+                raise ValueError("model pretrained brings its own tokenizer: remove data.tokenizer")
+            return self  # the rest is checked against the package when the run starts
         model = self.model.name
         if self.task == "language-modeling":
             if model not in CAUSAL_MODELS:

@@ -32,8 +32,7 @@ from shipyard.compress import (
 from shipyard.compress.source import as_inputs, rebuild_data, split_tensors
 from shipyard.config import RunConfig, load_config, validate_config
 from shipyard.package import load_package, manifest_sha256, verify_package
-from shipyard.train import fit
-from shipyard.train.trainer import evaluate_model
+from shipyard.train import evaluate_model, fit
 
 pytestmark = pytest.mark.integration
 

@@ -135,7 +135,7 @@ def test_structured_pruning_of_a_cnn_shrinks_channels() -> None:
     small, new, _ = prune_structured(model, config, 0.5, (1, 8, 8), 3)
     assert new.channels == [2, 3] and new.hidden_size == 4
     assert small(torch.randn(2, 1, 8, 8)).shape == (2, 3)
-    with pytest.raises(CompressError, match="structured pruning supports mlp, cnn and gpt"):
+    with pytest.raises(CompressError, match="structured pruning supports mlp, cnn, gpt and llama"):
         enc = EncoderConfig(n_layer=1, n_head=1, n_embd=4, block_size=4)
         prune_structured(build_model(enc, vocab_size=5, num_outputs=2), enc, 0.5, (4,), 2)
 
@@ -234,9 +234,8 @@ def test_student_config_lays_the_student_over_the_parent() -> None:
 
 
 def test_trainer_hooks_keep_masks_and_take_a_teacher(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from shipyard.train import fit
+    from shipyard.train import best_checkpoint, fit
     from shipyard.train.checkpoint import load_weights
-    from shipyard.train.trainer import best_checkpoint
 
     config = load_config(
         {

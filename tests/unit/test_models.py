@@ -53,9 +53,9 @@ def tiny_gpt(**overrides: object) -> GPT:
 
 
 def test_registry_names() -> None:
-    assert set(MODEL_NAMES) == {"mlp", "cnn", "gpt", "encoder"}
-    assert set(CAUSAL_MODELS) == {"gpt"}
-    assert set(TOKEN_MODELS) == {"gpt", "encoder"}
+    assert set(MODEL_NAMES) == {"mlp", "cnn", "gpt", "encoder", "llama"}
+    assert set(CAUSAL_MODELS) == {"gpt", "llama"}
+    assert set(TOKEN_MODELS) == {"gpt", "encoder", "llama"}
 
 
 def test_config_dispatches_on_name() -> None:

@@ -81,7 +81,9 @@ def compress(
 
 def export(
     package: Path = typer.Argument(..., help="The package to export."),
-    format: str = typer.Option("onnx", "--format", "-f", help="onnx, torchscript or hf (gpt)."),
+    format: str = typer.Option(
+        "onnx", "--format", "-f", help="onnx, torchscript, hf (gpt) or peft (a LoRA adapter)."
+    ),
     out: Path | None = typer.Option(
         None, "-o", "--out", help="Output directory (default PACKAGE-FORMAT beside the package)."
     ),
@@ -98,6 +100,8 @@ def export(
     TorchScript artifact: shipyard export digits-pkg --format torchscript
 
     Hugging Face GPT-2 directory: shipyard export gpt-pkg --format hf -o gpt-hf
+
+    A LoRA run's adapter for peft: shipyard export lora-pkg --format peft -o adapter
     """
     from shipyard.compress import export as run_export
 

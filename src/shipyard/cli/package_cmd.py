@@ -55,7 +55,8 @@ def build(
 
     Example: shipyard package runs/digits-mlp/20261124-101500 -o digits-pkg
     """
-    from shipyard.package import package_run, verify_package
+    from shipyard.package import verify_package
+    from shipyard.train import package_run
 
     path = package_run(run_dir, out)
     manifest = verify_package(path)

@@ -74,6 +74,13 @@ def train(
             "unigram baseline loss", *(_fmt(result.summary["unigram_loss"]) for _ in splits)
         )
     console.print(table)
+    trainable = result.summary.get("trainable_parameters")
+    if trainable is not None and trainable != result.parameters:
+        share = 100.0 * trainable / max(result.parameters, 1)
+        console.print(
+            f"trained {trainable:,} of {result.parameters:,} parameters ({share:.2f}%)",
+            highlight=False,
+        )
     console.print(f"run directory: {result.run_dir}", highlight=False)
 
 

@@ -27,11 +27,14 @@ import torch
 from torch import nn
 
 from shipyard.compress.errors import ExportError
+from shipyard.compress.hf import export_hf
+from shipyard.compress.peft import export_peft
 from shipyard.compress.source import Parent, as_inputs, split_tensors
+from shipyard.models.lora import merge_lora
 from shipyard.package import LoadedModel, load_package, write_package
 
-ExportFormat = Literal["onnx", "torchscript", "hf"]
-FORMATS: tuple[str, ...] = ("onnx", "torchscript", "hf")
+ExportFormat = Literal["onnx", "torchscript", "hf", "peft"]
+FORMATS: tuple[str, ...] = ("onnx", "torchscript", "hf", "peft")
 ONNX_INPUT = "input"
 ONNX_OUTPUT = "output"
 TORCHSCRIPT_FILE = "model.pt"
@@ -66,7 +69,8 @@ def export(
 ) -> tuple[Path, dict[str, Any]]:
     """Export a package; return (output path, parity report).
 
-    out: default PACKAGE-onnx / PACKAGE-torchscript / PACKAGE-hf beside the package.
+    out: default PACKAGE-FORMAT beside the package. peft writes a LoRA package's adapter alone;
+        the other formats write the whole model, with any adapter merged into it.
     tolerance: largest allowed absolute difference of the outputs (probabilities, values or
         logits) on the test split; beyond it, or with any argmax disagreement for classifiers,
         the export is removed and ExportError raised.
@@ -79,9 +83,11 @@ def export(
             f"{parent.path} is already an exported ({parent.loaded.manifest.backend}) package"
         )
     target = Path(out) if out is not None else parent.path.with_name(f"{parent.path.name}-{format}")
+    if format == "peft":
+        return export_peft(parent, target)
+    if parent.loaded.manifest.lora is not None:
+        merge_lora(parent.loaded.model)  # every other format holds the whole, merged model
     if format == "hf":
-        from shipyard.compress.hf import export_hf
-
         return export_hf(parent, target, tolerance=tolerance)
     if format == "onnx":
         return _export_onnx(parent, target, tolerance, opset)

@@ -25,7 +25,7 @@ from shipyard.compress.layers import DynamicInt8Linear, Int8Linear
 from shipyard.config import RunConfig
 from shipyard.data import PreparedData
 from shipyard.package import LoadedModel
-from shipyard.train.trainer import evaluate_model
+from shipyard.train.evaluation import evaluate_model
 
 QUALITY_METRICS = {
     "classification": ("accuracy", "f1_macro"),

@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from shipyard.compress.errors import CompressError
+from shipyard.compress.export import ort_quantize_dynamic
 from shipyard.compress.layers import quantize_linears
 from shipyard.compress.measure import (
     BenchParams,
@@ -34,6 +35,8 @@ from shipyard.compress.source import Parent, as_inputs, split_tensors
 from shipyard.config import RunConfig, validate_config
 from shipyard.package import load_package, write_package
 from shipyard.package.loading import build_empty_model
+from shipyard.train import DistillParams, best_checkpoint, fit
+from shipyard.train.checkpoint import load_weights
 
 QuantizeMethod = Literal["int8", "int8-weight"]
 QUANTIZE_METHODS: tuple[str, ...] = ("int8", "int8-weight")
@@ -181,8 +184,6 @@ def _quantize(parent: Parent, child: _Child, method: str) -> None:
             raise CompressError(
                 f"an ONNX package can be quantized with int8 (ONNX Runtime), not {method}"
             )
-        from shipyard.compress.export import ort_quantize_dynamic
-
         child.onnx_model = ort_quantize_dynamic((parent.path / "model.onnx").read_bytes())
         child.steps["quantize"] = {
             "scheme": "onnxruntime-dynamic-int8",
@@ -219,8 +220,6 @@ def _prune(parent: Parent, child: _Child, sparsity: float, structured: bool) -> 
 
 
 def _finetune(parent: Parent, child: _Child, steps: int, lr: float | None, run_dir: Path) -> None:
-    from shipyard.train import fit
-
     raw = child.config.model_dump(mode="json")
     lr = lr if lr is not None else float(raw["optim"].get("lr", 1e-3)) / 10
     raw["optim"]["lr"] = lr
@@ -243,8 +242,6 @@ def _distill(
     temperature: float,
     run_dir: Path,
 ) -> None:
-    from shipyard.train import DistillParams, fit
-
     params = DistillParams(alpha=alpha, temperature=temperature)
     config = student_config(parent.config, student)
     result = fit(config, run_dir=run_dir, teacher=parent.loaded.model, distill=params)
@@ -293,9 +290,6 @@ def student_config(
 
 
 def _best_weights(config: RunConfig, parent: Parent, run_dir: Path) -> nn.Module:
-    from shipyard.train import best_checkpoint
-    from shipyard.train.checkpoint import load_weights
-
     model = build_empty_model(config.model, parent.info)
     load_weights(best_checkpoint(run_dir), model)
     return model.eval()

@@ -22,6 +22,7 @@ from shipyard.compress.measure import weight_layers
 from shipyard.models import CNN, MLP, build_model
 from shipyard.models.cnn import CNNConfig
 from shipyard.models.gpt import GPT, GPTConfig
+from shipyard.models.llama import Llama, LlamaConfig
 from shipyard.models.mlp import MLPConfig
 
 
@@ -62,8 +63,10 @@ def prune_structured(
         return _prune_cnn(model, config, sparsity, input_shape, outputs)
     if isinstance(model, GPT) and isinstance(config, GPTConfig):
         return _prune_gpt(model, config, sparsity)
+    if isinstance(model, Llama) and isinstance(config, LlamaConfig):
+        return _prune_llama(model, config, sparsity)
     raise CompressError(
-        f"structured pruning supports mlp, cnn and gpt models, not {config.name!r}; use "
+        f"structured pruning supports mlp, cnn, gpt and llama models, not {config.name!r}; use "
         "unstructured pruning (--prune without --structured) or --quantize int8-weight"
     )
 
@@ -145,6 +148,40 @@ def _prune_gpt(
     new = GPT(new_config, vocab_size=model.lm_head.out_features)
     new.load_state_dict(sd, strict=True)
     return new.eval(), new_config, {"mlp_hidden": [hidden, kept]}
+
+
+def _prune_llama(
+    model: Llama, config: LlamaConfig, sparsity: float
+) -> tuple[nn.Module, LlamaConfig, dict[str, Any]]:
+    """Drop the weakest SwiGLU units of every layer (the same number per layer, so the config
+    keeps one `intermediate_size`). A unit is a gate row, an up row and a down column; its
+    score multiplies the gate and up row norms by the down column norm."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    H = config.intermediate_size
+    kept = H
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp"
+        down = sd[f"{prefix}.down_proj.weight"]  # (C, H)
+        if config.model_type == "phi3":  # fused: rows [0, H) gate, [H, 2H) up
+            gate_up = sd[f"{prefix}.gate_up_proj.weight"]  # (2H, C)
+            gate, up = gate_up[:H], gate_up[H:]
+        else:
+            gate, up = sd[f"{prefix}.gate_proj.weight"], sd[f"{prefix}.up_proj.weight"]
+        scores = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)  # (H,)
+        keep = _keep(scores, sparsity)
+        if config.model_type == "phi3":
+            _rows(sd, f"{prefix}.gate_up_proj", torch.cat([keep, keep + H]))
+        else:
+            _rows(sd, f"{prefix}.gate_proj", keep)
+            _rows(sd, f"{prefix}.up_proj", keep)
+        _columns(sd, f"{prefix}.down_proj", keep)
+        kept = len(keep)
+    new_config = config.model_copy(update={"intermediate_size": kept})
+    with torch.device("meta"):
+        new = Llama(new_config, vocab_size=model.vocab_size)
+    new.load_state_dict(sd, strict=True, assign=True)
+    new.tie_weights()
+    return new.eval(), new_config, {"intermediate_size": [H, kept]}
 
 
 def _prune_cnn(

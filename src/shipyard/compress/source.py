@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from shipyard.compress.errors import CompressError
-from shipyard.config import RunConfig, validate_config
-from shipyard.data import DataInfo, PreparedData, prepare_data
+from shipyard.config import PretrainedConfig, RunConfig, validate_config
+from shipyard.data import DataInfo, PreparedData, Tokenizer, prepare_data
 from shipyard.data.datasets import gather
 from shipyard.errors import ShipyardError
 from shipyard.models import TOKEN_MODELS
@@ -53,16 +53,41 @@ class Parent:
     def data(self) -> PreparedData:
         """The parent's train/val/test splits, rebuilt from its config (same seed, same split)."""
         if self._data is None:
-            self._data = rebuild_data(self.config, self.loaded.manifest.data.get("fingerprint"))
+            self._data = rebuild_data(
+                self.config,
+                self.loaded.manifest.data.get("fingerprint"),
+                architecture=self.loaded.manifest.architecture.config,
+                tokenizer=self.loaded.tokenizer,
+            )
         return self._data
 
 
-def rebuild_data(config: RunConfig, fingerprint: str | None = None) -> PreparedData:
+def rebuild_data(
+    config: RunConfig,
+    fingerprint: str | None = None,
+    *,
+    architecture: dict[str, Any] | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> PreparedData:
     """Prepare the data a run config describes; refuse if its fingerprint differs from the
-    package's (the source changed, so the held-out split would not be the same rows)."""
-    token_model = config.model.name in TOKEN_MODELS
-    block_size = getattr(config.model, "block_size", None) if token_model else None
-    data = prepare_data(config.data, config.task, config.seed, block_size=block_size)
+    package's (the source changed, so the held-out split would not be the same rows).
+
+    architecture, tokenizer: the package's; used when the run started from a pretrained model,
+    whose architecture and tokenizer came from that model instead of the config.
+    """
+    if isinstance(config.model, PretrainedConfig):
+        size = (architecture or {}).get("block_size")
+        data = prepare_data(
+            config.data,
+            config.task,
+            config.seed,
+            block_size=int(size) if size is not None else None,
+            tokenizer=tokenizer,
+        )
+    else:
+        token_model = config.model.name in TOKEN_MODELS
+        block_size = getattr(config.model, "block_size", None) if token_model else None
+        data = prepare_data(config.data, config.task, config.seed, block_size=block_size)
     if fingerprint is not None and data.info.fingerprint != fingerprint:
         raise CompressError(
             "the data the package was trained on has changed (fingerprint "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import DataError
+from shipyard.fileio import atomic_write
 
 
 def default_cache_dir() -> Path:
@@ -49,17 +49,7 @@ def tokenize_to_file(docs: Sequence[str], tokenizer: Tokenizer, cache_dir: Path)
     path = Path(cache_dir) / f"{corpus_key(docs, tokenizer)}.{dtype.name}"
     if not path.exists():
         tokens = tokenizer.encode_documents(docs).astype(dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(tokens.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, tokens.tobytes())
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")

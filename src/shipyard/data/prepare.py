@@ -6,11 +6,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from shipyard.config_base import TASKS, Task
 from shipyard.data.config import DataConfig
 from shipyard.data.corpus import TokenWindows, default_cache_dir, tokenize_to_file
 from shipyard.data.datasets import ArrayDataset
@@ -19,9 +20,6 @@ from shipyard.data.sources import Table, load_table, load_texts
 from shipyard.data.splits import SPLITS, split_documents, split_indices
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import DataError
-
-Task = Literal["classification", "regression", "language-modeling"]
-TASKS: tuple[str, ...] = ("classification", "regression", "language-modeling")
 
 
 @dataclass
@@ -86,11 +84,13 @@ def prepare_data(
     *,
     block_size: int | None = None,
     cache_dir: Path | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> PreparedData:
     """Load, split (seeded), fit preprocessing on train, and build the datasets for `task`.
 
     block_size: tokens per example; required for language modeling and `data.text_column`.
     cache_dir: where language-model token files are cached (default `$SHIPYARD_HOME/cache/tokens`).
+    tokenizer: use this (a pretrained model's) tokenizer instead of building `data.tokenizer`.
     """
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -104,19 +104,20 @@ def prepare_data(
                 "task": task,
                 "seed": seed,
                 "block_size": block_size,
+                "tokenizer": None if tokenizer is None else tokenizer.to_json(),
             },
             sort_keys=True,
         ).encode()
     )
     if task == "language-modeling":
-        return _prepare_corpus(config, seed, block_size, cache_dir, fingerprint)
+        return _prepare_corpus(config, seed, block_size, cache_dir, fingerprint, tokenizer)
     if config.is_text_corpus:
         raise DataError(
             f"{config.source or 'text files'} is a text corpus, usable only for task "
             f"language-modeling, not {task}; for text classification use a CSV/JSONL with "
             "data.text_column"
         )
-    return _prepare_rows(config, task, seed, block_size, fingerprint)
+    return _prepare_rows(config, task, seed, block_size, fingerprint, tokenizer)
 
 
 def _split_tables(config: DataConfig, task: str, seed: int) -> dict[str, Table]:
@@ -134,7 +135,12 @@ def _split_tables(config: DataConfig, task: str, seed: int) -> dict[str, Table]:
 
 
 def _prepare_rows(
-    config: DataConfig, task: str, seed: int, block_size: int | None, fingerprint: Any
+    config: DataConfig,
+    task: str,
+    seed: int,
+    block_size: int | None,
+    fingerprint: Any,
+    tokenizer: Tokenizer | None = None,
 ) -> PreparedData:
     tables = _split_tables(config, task, seed)
     for name, table in tables.items():
@@ -169,15 +175,16 @@ def _prepare_rows(
             ys[name] = labels.reshape(len(labels), -1).astype(np.float32)  # (N, k)
 
     target_scaling = config.target_scaling if task == "regression" else "none"
-    tokenizer: Tokenizer | None = None
     if train.texts is not None:
-        if config.tokenizer is None:
+        if tokenizer is None and config.tokenizer is None:
             raise DataError(
                 "data.text_column needs data.tokenizer (e.g. `tokenizer: {kind: byte}`)"
             )
         if block_size is None:
             raise DataError("data.text_column needs block_size (tokens per example)")
-        tokenizer = Tokenizer.from_config(config.tokenizer, train.texts)
+        if tokenizer is None:
+            assert config.tokenizer is not None
+            tokenizer = Tokenizer.from_config(config.tokenizer, train.texts)
         preprocessor = Preprocessor("none", target_scaling, class_names, None)
         preprocessor.fit(np.zeros((len(train), 0), np.float32), ys["train"])
         xs = {n: _encode_padded(t.texts or [], tokenizer, block_size) for n, t in tables.items()}
@@ -236,10 +243,11 @@ def _prepare_corpus(
     block_size: int | None,
     cache_dir: Path | None,
     fingerprint: Any,
+    tokenizer: Tokenizer | None = None,
 ) -> PreparedData:
     if block_size is None:
         raise DataError("language-modeling needs block_size (tokens per training window)")
-    if config.tokenizer is None:
+    if tokenizer is None and config.tokenizer is None:
         raise DataError(
             "language-modeling needs data.tokenizer (e.g. `tokenizer: {kind: byte}` or "
             "`{kind: bpe, vocab_size: 1024}`)"
@@ -261,7 +269,9 @@ def _prepare_corpus(
         for doc in split_docs:
             fingerprint.update(hashlib.sha256(doc.encode("utf-8")).digest())
 
-    tokenizer = Tokenizer.from_config(config.tokenizer, docs["train"])
+    if tokenizer is None:
+        assert config.tokenizer is not None
+        tokenizer = Tokenizer.from_config(config.tokenizer, docs["train"])
     cache = cache_dir if cache_dir is not None else default_cache_dir()
     tokens = {name: tokenize_to_file(d, tokenizer, cache) for name, d in docs.items()}
     for name, toks in tokens.items():

@@ -25,10 +25,8 @@ from torchmetrics import Metric, R2Score
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
+from shipyard.config_base import TASKS, Task
 from shipyard.errors import EvaluateError
-
-Task = Literal["classification", "regression", "language-modeling"]
-TASKS: tuple[str, ...] = ("classification", "regression", "language-modeling")
 
 # Label value that marks padding / unscored tokens, as in F.cross_entropy.
 IGNORE_INDEX = -100

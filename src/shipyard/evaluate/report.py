@@ -10,12 +10,11 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from shipyard.evaluate.metrics import EvaluateError
+from shipyard.fileio import atomic_write
 
 # Which split's confusion matrix to draw, in order of preference.
 _CONFUSION_SPLITS = ("test", "val", "validation", "train")
@@ -64,13 +63,13 @@ def write_report(
             f"Confusion matrix ({confusion_split})",
         )
     for kind, png in plots.items():
-        written[kind] = _write_atomic(run_dir / f"{kind}.png", png)
+        written[kind] = atomic_write(run_dir / f"{kind}.png", png)
 
     document = _jsonable({**results, **extra})
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-    written["json"] = _write_atomic(run_dir / "report.json", text.encode())
+    written["json"] = atomic_write(run_dir / "report.json", text.encode())
     markdown = _markdown(results, extra, title, sorted(plots), confusion_split)
-    written["markdown"] = _write_atomic(run_dir / "report.md", markdown.encode())
+    written["markdown"] = atomic_write(run_dir / "report.md", markdown.encode())
     return written
 
 
@@ -104,20 +103,6 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- files
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _jsonable(value: Any) -> Any:

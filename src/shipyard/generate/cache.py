@@ -1,6 +1,6 @@
 """A KV cache for continuous batching: preallocated, left-padded, rows can leave and join.
 
-`GPT.forward` treats it like the plain `KVCache` (it only calls `seq_len` and `append`), but
+A language model treats it like the plain `KVCache` (it only calls `seq_len` and `append`), but
 appends write into spare capacity instead of concatenating, so a decode step copies nothing.
 Rows leave (`select`) and join (`concat`) between steps; both copy the cache once, which is
 cheap next to the decode steps in between.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from shipyard.errors import ModelError
-from shipyard.models.gpt import KVCache
+from shipyard.models.protocol import KVCache
 
 _ALIGN = 64  # capacity grows in multiples of this many slots
 

@@ -43,7 +43,7 @@ from shipyard.generate.sequence import (
     new_request_id,
 )
 from shipyard.generate.single import autocast_context, encode_prompt, model_device
-from shipyard.models.gpt import GPT
+from shipyard.models.protocol import LanguageModel, language_module
 
 LogitsHook = Callable[[str, int, torch.Tensor], None]
 """Called as hook(request_id, token_index, raw_logits (V,)) on the engine thread (debugging)."""
@@ -239,12 +239,12 @@ class _Request:
 
 
 class Engine:
-    """Continuous-batching text generation over one GPT, driven by a background thread.
+    """Continuous-batching text generation over one language model, driven by a background thread.
 
     max_batch_size: most sequences decoded together.
     max_cached_tokens: cap on KV cache slots of the decode batch; a request is admitted only if
         (running + 1) x (largest prompt + max_tokens among them) stays within it. Default
-        max_batch_size x block_size (no extra limit).
+        max_batch_size x the model's context (no extra limit).
     max_queue: accepted requests beyond the running ones; more raise `EngineOverloaded`.
     prefill_chunk: most prompt tokens prefilled per iteration (bounds the stall of the batch).
     device: move the model there (default: where it is). The model is put in eval mode and its
@@ -256,7 +256,7 @@ class Engine:
 
     def __init__(
         self,
-        model: GPT,
+        model: LanguageModel,
         tokenizer: Tokenizer,
         *,
         max_batch_size: int = 16,
@@ -269,7 +269,8 @@ class Engine:
         logits_hook: LogitsHook | None = None,
         start: bool = True,
     ) -> None:
-        block_size = model.config.block_size
+        block_size = model.max_context
+        module = language_module(model)
         if max_batch_size < 1:
             raise GenerationError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue < 0:
@@ -280,11 +281,12 @@ class Engine:
         if self.max_cached_tokens < 2:
             raise GenerationError(f"max_cached_tokens must be >= 2, got {max_cached_tokens}")
         if device is not None:
-            model.to(device)
-        self.model = model.eval()
-        pack_linears(model)
+            module.to(device)
+        module.eval()
+        pack_linears(module)
+        self.model = model
         self.tokenizer = tokenizer
-        self.device = model_device(model)
+        self.device = model_device(module)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -430,7 +432,7 @@ class Engine:
         make_stream: Callable[[str, int], _S],
     ) -> _S:
         params = params or SamplingParams()
-        block_size = self.model.config.block_size
+        block_size = self.model.max_context
         ids = encode_prompt(self.tokenizer, prompt, params, block_size, self.model.vocab_size)
         if len(ids) + params.max_tokens > self.max_cached_tokens:
             raise GenerationError(
@@ -531,7 +533,7 @@ class Engine:
                 if ongoing and (len(ongoing) + 1) * worst > self.max_cached_tokens:
                     break  # first in, first served: wait for room rather than skip ahead
                 self._waiting.popleft()
-                head.cache = BatchKVCache(self.model.config.n_layer)
+                head.cache = BatchKVCache(self.model.n_layer)
                 self._prefilling.append(head)
                 admitted.append(head)
         now = time.perf_counter()

@@ -22,7 +22,7 @@ from shipyard.generate.sequence import (
     TokenEvent,
     new_request_id,
 )
-from shipyard.models.gpt import GPT
+from shipyard.models.protocol import LanguageModel, language_module
 
 
 def encode_prompt(
@@ -75,7 +75,7 @@ def autocast_context(
 
 
 def stream(
-    model: GPT,
+    model: LanguageModel,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,
@@ -89,16 +89,20 @@ def stream(
     Raises GenerationError for a prompt that does not fit.
     """
     params = params or SamplingParams()
-    V, device = model.vocab_size, model_device(model)
-    ids = encode_prompt(tokenizer, prompt, params, model.config.block_size, V)
+    module = language_module(model)
+    V, device = model.vocab_size, model_device(module)
+    ids = encode_prompt(tokenizer, prompt, params, model.max_context, V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
-    model.eval()
-    pack_linears(model)
+    module.eval()
+    pack_linears(module)
     return _decode(model, state, device, autocast_dtype)
 
 
 def _decode(
-    model: GPT, state: SequenceState, device: torch.device, autocast_dtype: torch.dtype | None
+    model: LanguageModel,
+    state: SequenceState,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
 ) -> Iterator[TokenEvent]:
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
@@ -108,7 +112,7 @@ def _decode(
             if params.uses_penalties
             else None
         )
-        cache = BatchKVCache(model.config.n_layer)
+        cache = BatchKVCache(model.n_layer)
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
     while True:
         # inference_mode only around the work: a generator must not leak it into its caller.
@@ -125,7 +129,7 @@ def _decode(
 
 
 def generate(
-    model: GPT,
+    model: LanguageModel,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,

@@ -1,14 +1,19 @@
-"""Model zoo: one file per architecture, each config beside its model, and `build_model`.
+"""Model zoo: one file per architecture, each config beside its model, and one registry.
 
-`build_model` turns a model config (the `model:` section of a run config) plus what only the data
-knows (input shape, number of outputs, vocabulary size) into an `nn.Module`.
+A family is its file plus one `register_family` line below: its config class (discriminated by
+`name`), its builder, and what the rest of shipyard needs to know about it (a causal language
+model? does it take token ids?). `build_model` turns a model config (the `model:` section of a
+run config) plus what only the data knows (input shape, number of outputs, vocabulary size) into
+an `nn.Module`. Language models satisfy `LanguageModel` (see `protocol.py`), which is all the
+generation engine and the server rely on.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, Union
 
 from pydantic import Field
 from torch import nn
@@ -16,29 +21,53 @@ from torch import nn
 from shipyard.errors import ModelError
 from shipyard.models.cnn import CNN, CNNConfig
 from shipyard.models.encoder import Encoder, EncoderConfig
-from shipyard.models.gpt import GPT, GPTConfig, KVCache
+from shipyard.models.gpt import GPT, GPTConfig
+from shipyard.models.llama import Llama, LlamaConfig, build_llama, config_from_hf, hf_config_from
 from shipyard.models.mlp import MLP, MLPConfig
-
-ModelConfig = Annotated[
-    MLPConfig | CNNConfig | GPTConfig | EncoderConfig, Field(discriminator="name")
-]
-
-CAUSAL_MODELS = frozenset({"gpt"})  # next-token language models
-TOKEN_MODELS = frozenset({"gpt", "encoder"})  # take token ids, need a tokenizer
+from shipyard.models.protocol import KVCache, LanguageModel, is_language_model, language_module
 
 ModelBuilder = Callable[..., nn.Module]
 """Called as builder(config, input_shape=..., num_outputs=..., vocab_size=...)."""
 
-_BUILDERS: dict[str, ModelBuilder] = {}
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One architecture: its config class, its builder and how the rest of shipyard treats it.
+
+    causal_lm: a next-token language model (task language-modeling; satisfies LanguageModel).
+    takes_tokens: its input is token ids, so the data needs a tokenizer.
+    """
+
+    name: str
+    config: type[Any]
+    build: ModelBuilder
+    causal_lm: bool = False
+    takes_tokens: bool = False
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator registering a builder for model configs whose `name` is `name`."""
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add an architecture to the registry (its config's `name` must be `family.name`)."""
+    if family.name in FAMILIES:
+        raise ModelError(f"model {family.name!r} is already registered")
+    declared = family.config.model_fields.get("name")
+    if declared is None or declared.default != family.name:
+        raise ModelError(
+            f"model {family.name!r}: {family.config.__name__}.name must default to {family.name!r}"
+        )
+    FAMILIES[family.name] = family
+    return family
+
+
+def register_model(
+    name: str, *, causal_lm: bool = False, takes_tokens: bool = False, config: type[Any]
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator form of `register_family` for a builder defined here."""
 
     def decorate(builder: ModelBuilder) -> ModelBuilder:
-        if name in _BUILDERS:
-            raise ModelError(f"model {name!r} is already registered")
-        _BUILDERS[name] = builder
+        register_family(ModelFamily(name, config, builder, causal_lm, takes_tokens))
         return builder
 
     return decorate
@@ -82,7 +111,7 @@ def _require_vocab(name: str, config_vocab: int | None, vocab_size: int | None) 
     return vocab
 
 
-@register_model("mlp")
+@register_model("mlp", config=MLPConfig)
 def _build_mlp(
     config: MLPConfig,
     *,
@@ -94,7 +123,7 @@ def _build_mlp(
     return MLP(config, in_features, _require_outputs("mlp", num_outputs))
 
 
-@register_model("cnn")
+@register_model("cnn", config=CNNConfig)
 def _build_cnn(
     config: CNNConfig,
     *,
@@ -105,7 +134,7 @@ def _build_cnn(
     return CNN(config, _require_shape("cnn", input_shape), _require_outputs("cnn", num_outputs))
 
 
-@register_model("gpt")
+@register_model("gpt", config=GPTConfig, causal_lm=True, takes_tokens=True)
 def _build_gpt(
     config: GPTConfig,
     *,
@@ -117,7 +146,7 @@ def _build_gpt(
     return GPT(config, _require_vocab("gpt", config.vocab_size, vocab_size))
 
 
-@register_model("encoder")
+@register_model("encoder", config=EncoderConfig, takes_tokens=True)
 def _build_encoder(
     config: EncoderConfig,
     *,
@@ -129,7 +158,19 @@ def _build_encoder(
     return Encoder(config, vocab, _require_outputs("encoder", num_outputs))
 
 
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+register_family(ModelFamily("llama", LlamaConfig, build_llama, causal_lm=True, takes_tokens=True))
+
+MODEL_NAMES: tuple[str, ...] = tuple(FAMILIES)
+CAUSAL_MODELS = frozenset(f.name for f in FAMILIES.values() if f.causal_lm)  # next-token LMs
+TOKEN_MODELS = frozenset(f.name for f in FAMILIES.values() if f.takes_tokens)  # need a tokenizer
+
+if TYPE_CHECKING:
+    # The union below is built from the registry, which mypy cannot follow.
+    ArchitectureConfig: TypeAlias = Any
+    ModelConfig: TypeAlias = Any
+else:
+    ArchitectureConfig = Union[tuple(f.config for f in FAMILIES.values())]  # noqa: UP007
+    ModelConfig = Annotated[ArchitectureConfig, Field(discriminator="name")]
 
 
 def build_model(
@@ -142,12 +183,13 @@ def build_model(
     """Build the model a config describes.
 
     input_shape: shape of one example (mlp, cnn). num_outputs: classes or regression targets
-    (mlp, cnn, encoder). vocab_size: tokenizer vocabulary (gpt, encoder), unless in the config.
+    (mlp, cnn, encoder). vocab_size: tokenizer vocabulary (gpt, llama, encoder), unless in the
+    config.
     """
     name = getattr(config, "name", None)
-    if name not in _BUILDERS:
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[name](
+    if name not in FAMILIES:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name].build(
         config, input_shape=input_shape, num_outputs=num_outputs, vocab_size=vocab_size
     )
 
@@ -160,19 +202,30 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 __all__ = [
     "CAUSAL_MODELS",
     "CNN",
+    "FAMILIES",
     "GPT",
     "MLP",
     "MODEL_NAMES",
     "TOKEN_MODELS",
+    "ArchitectureConfig",
     "CNNConfig",
     "Encoder",
     "EncoderConfig",
     "GPTConfig",
     "KVCache",
+    "LanguageModel",
+    "Llama",
+    "LlamaConfig",
     "MLPConfig",
     "ModelBuilder",
     "ModelConfig",
+    "ModelFamily",
     "build_model",
+    "config_from_hf",
     "count_parameters",
+    "hf_config_from",
+    "is_language_model",
+    "language_module",
+    "register_family",
     "register_model",
 ]

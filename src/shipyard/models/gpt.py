@@ -25,6 +25,7 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
+from shipyard.models.protocol import KVCache
 
 LAYER_NORM_EPS = 1e-5
 
@@ -58,41 +59,6 @@ class GPTConfig(StrictModel):
     def _heads_divide_width(self) -> GPTConfig:
         check_heads(self.n_embd, self.n_head)
         return self
-
-
-class KVCache:
-    """Keys and values of the tokens already processed, one (k, v) pair per layer.
-
-    Each tensor has shape (B, nh, T_cached, hs) and grows along dim 2 as `GPT.forward` appends the
-    keys and values of new tokens. One cache serves one batch of sequences; slot t of every
-    sequence is the t-th token fed for it (padding included, see `GPT.forward`).
-    """
-
-    def __init__(self, n_layer: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * n_layer
-        self.values: list[torch.Tensor | None] = [None] * n_layer
-
-    @property
-    def n_layer(self) -> int:
-        """Number of layers the cache holds keys and values for."""
-        return len(self.keys)
-
-    @property
-    def seq_len(self) -> int:
-        """Number of cached token slots (T_cached)."""
-        k = self.keys[0]
-        return 0 if k is None else k.size(2)
-
-    def append(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new (B, nh, T, hs) keys/values to `layer`; return all of them (B, nh, S, hs)."""
-        past_k, past_v = self.keys[layer], self.values[layer]
-        if past_k is not None and past_v is not None:
-            k = torch.cat([past_k, k], dim=2)  # (B, nh, T_cached + T, hs)
-            v = torch.cat([past_v, v], dim=2)  # (B, nh, T_cached + T, hs)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
 
 
 class SelfAttention(nn.Module):
@@ -260,6 +226,16 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def max_context(self) -> int:
+        """Most tokens one sequence may hold (block_size: positions are learned)."""
+        return self.config.block_size
+
+    @property
+    def n_layer(self) -> int:
+        """Number of transformer blocks (KV cache layers)."""
+        return self.config.n_layer
 
     def new_kv_cache(self) -> KVCache:
         """An empty KV cache sized for this model."""

@@ -2,7 +2,8 @@
 
 Example::
 
-    from shipyard.package import package_run, load_package
+    from shipyard.train import package_run
+    from shipyard.package import load_package
     path = package_run("runs/digits-mlp/20261124-101500")      # → runs/.../package
     loaded = load_package(path)                                 # verifies every file's hash
     loaded.predict([[0.0] * 64])                                # [{"label": "0", ...}]
@@ -43,14 +44,13 @@ from shipyard.package.security import (
     sign_package,
 )
 from shipyard.package.signing import generate_signing_key, verify_signature
-from shipyard.package.writer import PACKAGE_DIR, build_signature, package_run, write_package
+from shipyard.package.writer import build_signature, write_package
 
 __all__ = [
     "FORMAT_VERSION",
     "KEY_ENV",
     "MANIFEST",
     "ONNX_MODEL",
-    "PACKAGE_DIR",
     "SIGNATURE",
     "TOKENIZER",
     "WEIGHTS",
@@ -75,7 +75,6 @@ __all__ = [
     "load_package",
     "manifest_sha256",
     "pack_package",
-    "package_run",
     "read_manifest",
     "sign_package",
     "unpack_package",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard.errors import PackageError
+from shipyard.fileio import atomic_output
 from shipyard.package.manifest import (
     MANIFEST,
     check_file_name,
@@ -38,21 +39,14 @@ def pack_package(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Pa
     if (root / "manifest.sig").is_file():
         names.append("manifest.sig")
     names += sorted(manifest.files)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for name in names:
-                info = tarfile.TarInfo(name)
-                info.size = (root / name).stat().st_size
-                info.mode = 0o644
-                info.mtime = 0  # deterministic: same package, same bytes
-                with (root / name).open("rb") as fh:
-                    tar.addfile(info, fh)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(target) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = (root / name).stat().st_size
+            info.mode = 0o644
+            info.mtime = 0  # deterministic: same package, same bytes
+            with (root / name).open("rb") as fh:
+                tar.addfile(info, fh)
     return target
 
 

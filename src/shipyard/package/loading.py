@@ -28,20 +28,23 @@ from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
-from shipyard.errors import PackageError, ShipyardError
+from shipyard.errors import ModelError, PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
+from shipyard.models.lora import LoRAConfig, apply_lora
 from shipyard.models.quantized import LAYER_TYPES, replace_module
 from shipyard.package.manifest import (
     ONNX_MODEL,
     TOKENIZER,
     WEIGHTS,
     FileEntry,
+    LoRASpec,
     Manifest,
     Quantization,
     Signature,
     check_file,
     hash_bytes,
     mismatch_error,
+    read_manifest,
     verify_package,
 )
 from shipyard.package.onnx_runtime import OnnxRuntimeModule
@@ -194,7 +197,13 @@ class LoadedModel:
             ids = [self.tokenizer.encode_array(t) for t in texts]
             if len({len(i) for i in ids}) != 1 or len(ids[0]) == 0:
                 raise InvalidInputError("texts for a language model must encode to equal lengths")
-            block = int(self.manifest.architecture.config.get("block_size") or len(ids[0]))
+            arch = self.manifest.architecture.config
+            block = int(
+                getattr(self.model, "max_context", 0)  # a LanguageModel; else an ONNX export
+                or arch.get("block_size")
+                or arch.get("max_position_embeddings")
+                or len(ids[0])
+            )
             return np.stack(ids)[:, -block:]
         block_size = self.input_shape[0]
         out = np.full((len(texts), block_size), self.tokenizer.pad_id, dtype=np.int64)
@@ -278,6 +287,8 @@ def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes |
     model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
     if manifest.quantization is not None:
         swap_quantized_layers(model, manifest.quantization, where=f"{root}/manifest.json")
+    if manifest.lora is not None:
+        swap_lora_layers(model, manifest.lora, where=f"{root}/manifest.json")
     if read_once:
         targets = model.state_dict(keep_vars=True)
         tensors = read_verified_weights(root / WEIGHTS, entry, targets)
@@ -331,6 +342,25 @@ def swap_quantized_layers(model: nn.Module, spec: Quantization, *, where: str) -
         )
 
 
+def swap_lora_layers(model: nn.Module, spec: LoRASpec, *, where: str) -> None:
+    """Put empty LoRA layers where `spec` lists them (for loading an unmerged adapter package)."""
+    try:
+        apply_lora(model, LoRAConfig(rank=spec.rank, alpha=spec.alpha, targets=spec.layers))
+    except (ModelError, ValueError) as exc:
+        raise PackageError(f"{where}: lora does not fit the model ({exc})") from None
+
+
+def pretrained_architecture(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """(architecture name, config dict) of the package a `model: {name: pretrained}` points at."""
+    manifest, _ = read_manifest(path)
+    if manifest.lora is not None:
+        raise PackageError(
+            f"{path}: holds an unmerged LoRA adapter; start from its base package, or merge it "
+            "first (finetune.merge: true)"
+        )
+    return manifest.architecture.name, manifest.architecture.config
+
+
 def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> nn.Module:
     """Build a model to load weights into, skipping random initialisation where that is safe.
 
@@ -339,6 +369,8 @@ def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> n
     stay shared); a model with non-persistent buffers, which no weights file restores, is built
     normally instead.
     """
+    if getattr(config, "name", None) == "pretrained":
+        name, config = pretrained_architecture(config.path)
     if isinstance(config, dict):
         if name is not None and config.get("name") != name:
             raise PackageError(

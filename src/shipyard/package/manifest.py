@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from shipyard.config_base import Task
 from shipyard.errors import PackageError
 
 # The file names are files.py's; re-exported here because every reader of a manifest needs them.
@@ -54,7 +55,6 @@ MAX_MANIFEST_BYTES = 64 << 20  # a manifest is metadata; anything larger is not 
 HashAlgorithm = Literal["blake3", "sha256"]
 HASH_ALGORITHMS: tuple[HashAlgorithm, ...] = ("blake3", "sha256")
 DEFAULT_HASH: HashAlgorithm = "blake3"
-Task = Literal["classification", "regression", "language-modeling"]
 Backend = Literal["torch", "onnxruntime"]
 
 
@@ -112,6 +112,31 @@ class Derivation(_Model):
 
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BaseRef(_Model):
+    """The exact base model an adapter was trained on (its package's digests)."""
+
+    name: str
+    version: str
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(
+        description="hash of the base's weights file, as its manifest lists"
+    )
+
+
+class LoRASpec(_Model):
+    """LoRA adapters stored unmerged beside their frozen base weights.
+
+    Loading rebuilds the architecture, swaps `layers` (module paths) for LoRA layers of this rank
+    and alpha, then loads the tensors (`<path>.lora_A` (rank, in), `<path>.lora_B` (out, rank)).
+    An adapter is only valid on `base`: anything else refuses it.
+    """
+
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    layers: list[str] = Field(min_length=1)
+    base: BaseRef
 
 
 class Quantization(_Model):
@@ -250,6 +275,7 @@ class Manifest(_Model):
     derivation: Derivation | None = None
     backend: Backend = "torch"
     quantization: Quantization | None = None
+    lora: LoRASpec | None = None
     encryption: Encryption | None = None
     files: dict[str, FileEntry]
 
@@ -264,6 +290,8 @@ class Manifest(_Model):
         omit = {"backend"} if self.backend == "torch" else set()
         if self.quantization is None:
             omit.add("quantization")
+        if self.lora is None:
+            omit.add("lora")
         records = self.encryption.files.values() if self.encryption is not None else []
         uses_blake3 = any(e.blake3 is not None for e in self.files.values()) or any(
             r.blake3 is not None for r in records

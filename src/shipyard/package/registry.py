@@ -55,6 +55,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from shipyard.errors import PackageError, RegistryError
+from shipyard.package.manifest import manifest_sha256, verify_package
 from shipyard.package.storage import (
     ArtifactStore,
     check_model_name,
@@ -367,8 +368,6 @@ class Registry:
         public_key: when given, manifest.sig must be a valid signature by it (see
         `verify_package`). If verification or the upload fails, nothing is recorded.
         """
-        from shipyard.package import manifest_sha256, verify_package
-
         src = Path(package_dir)
         if not src.is_dir():
             raise RegistryError(
@@ -868,8 +867,6 @@ def _snapshot(name: str, row: VersionRow, aliases: tuple[str, ...]) -> ModelVers
 
 def _verify_package(path: Path, mv: ModelVersion, public_key: Any = None) -> None:
     """Check a local copy: manifest digest as registered, then every file against the manifest."""
-    from shipyard.package import manifest_sha256, verify_package
-
     if not (path / "manifest.json").is_file():
         raise RegistryError(f"{mv.ref}: {path} has no manifest.json; the artifact is incomplete")
     got = manifest_sha256(path)

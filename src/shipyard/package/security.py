@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from shipyard.errors import PackageError
+from shipyard.fileio import atomic_write
 from shipyard.package.manifest import (
     MANIFEST,
     ONNX_MODEL,
@@ -68,10 +69,7 @@ def sign_package(path: str | os.PathLike[str], private_key: Any) -> Path:
     verify_package(root)
     raw = (root / MANIFEST).read_bytes()
     signature = base64.b64encode(key.sign(raw)) + b"\n"
-    tmp = root / f".{SIGNATURE}.tmp-{os.getpid()}"
-    tmp.write_bytes(signature)
-    os.replace(tmp, root / SIGNATURE)
-    return root / SIGNATURE
+    return atomic_write(root / SIGNATURE, signature)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Writing packages: `write_package` from objects in memory, `package_run` from a run directory."""
+"""Writing packages: `write_package` from objects in memory (a run directory is packaged by
+`shipyard.train.package_run`, which owns the run directory's layout)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from collections.abc import Mapping
@@ -17,8 +17,9 @@ from torch import nn
 from shipyard import __version__
 from shipyard.config import RunConfig, config_sha256
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
-from shipyard.errors import PackageError, ShipyardError
+from shipyard.errors import PackageError
 from shipyard.models import TOKEN_MODELS
+from shipyard.package.loading import pretrained_architecture
 from shipyard.package.manifest import (
     DEFAULT_HASH,
     MANIFEST,
@@ -29,6 +30,7 @@ from shipyard.package.manifest import (
     Derivation,
     HashAlgorithm,
     Lineage,
+    LoRASpec,
     Manifest,
     ParentRef,
     Quantization,
@@ -39,8 +41,6 @@ from shipyard.package.manifest import (
     staged_package,
     verify_package,
 )
-
-PACKAGE_DIR = "package"  # where `shipyard train` writes a run's package
 
 
 def build_signature(task: str, info: DataInfo, architecture: str) -> Signature:
@@ -80,6 +80,7 @@ def write_package(
     derivation: Derivation | Mapping[str, Any] | None = None,
     parent: ParentRef | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     quantization: Quantization | Mapping[str, Any] | None = None,
+    lora: LoRASpec | Mapping[str, Any] | None = None,
     onnx_model: bytes | None = None,
     hash_algorithm: HashAlgorithm = DEFAULT_HASH,
 ) -> Path:
@@ -109,7 +110,10 @@ def write_package(
     if version is None:
         run_dir = extra.get("run_dir")
         version = Path(run_dir).name if run_dir else datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    arch = config.model.name
+    arch: str = config.model.name
+    arch_config = config.model.model_dump(mode="json")
+    if arch == "pretrained":  # a fine-tuned model has its base's architecture
+        arch, arch_config = pretrained_architecture(arch_config["path"])
     lineage = Lineage(
         config_sha256=config_sha256(config),
         data_fingerprint=data_info.fingerprint,
@@ -136,7 +140,7 @@ def write_package(
             version=version,
             task=config.task,
             created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            architecture=Architecture(name=arch, config=config.model.model_dump(mode="json")),
+            architecture=Architecture(name=arch, config=arch_config),
             signature=build_signature(config.task, data_info, arch),
             data=data_info.to_dict(),
             preprocessing=preprocessor.to_dict() if preprocessor is not None else None,
@@ -146,6 +150,7 @@ def write_package(
             config=config.model_dump(mode="json"),
             derivation=Derivation.model_validate(derivation) if derivation is not None else None,
             backend="onnxruntime" if onnx_model is not None else "torch",
+            lora=LoRASpec.model_validate(lora) if lora is not None else None,
             quantization=(
                 Quantization.model_validate(quantization) if quantization is not None else None
             ),
@@ -155,55 +160,6 @@ def write_package(
         for file in tmp.iterdir():
             _fsync(file)
     return out
-
-
-def package_run(
-    run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """Package a training run's best checkpoint (default output: RUN_DIR/package)."""
-    from shipyard.package.loading import build_empty_model
-    from shipyard.train import best_checkpoint, load_run_config
-    from shipyard.train.checkpoint import load_weights, read_checkpoint
-
-    run = Path(run_dir)
-    try:
-        config = load_run_config(run)
-        data = json.loads((run / "data.json").read_text(encoding="utf-8"))
-        info = DataInfo.from_dict(data["info"])
-        pre = data.get("preprocessing")
-        preprocessor = Preprocessor.from_dict(pre) if pre is not None else None
-        tok_file = run / TOKENIZER
-        tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
-        checkpoint = best_checkpoint(run)
-        step = read_checkpoint(checkpoint, verify=False).step
-        model = build_empty_model(config.model, info)
-        load_weights(checkpoint, model)
-    except FileNotFoundError as exc:
-        raise PackageError(
-            f"{run}: not a complete run directory ({exc.filename} missing)"
-        ) from None
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise PackageError(f"{run}: cannot read the run ({exc})") from None
-    except PackageError:
-        raise
-    except ShipyardError as exc:
-        raise PackageError(f"{run}: cannot package this run: {exc}") from None
-    report_file = run / "report.json"
-    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
-    metrics = {
-        split: report[split] for split in ("val", "test") if isinstance(report.get(split), dict)
-    }
-    return write_package(
-        Path(out_dir) if out_dir is not None else run / PACKAGE_DIR,
-        model=model,
-        config=config,
-        data_info=info,
-        preprocessor=preprocessor,
-        tokenizer=tokenizer,
-        metrics=metrics,
-        version=run.resolve().name,
-        lineage_extra={"run_dir": str(run.resolve()), "checkpoint_step": step},
-    )
 
 
 def _scalar_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from shipyard.fileio import atomic_write
 from shipyard.serve.errors import Forbidden, RateLimited, Unauthorized
 from shipyard.serve.settings import ServeError
 
@@ -108,15 +109,7 @@ def write_keys(path: Path, keys: list[ApiKey]) -> None:
     """Write the keys file atomically with mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": _FORMAT, "keys": [k.__dict__ for k in keys]}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n", mode=0o600)
 
 
 def add_key(path: Path, scope: str, name: str | None = None) -> tuple[str, ApiKey]:

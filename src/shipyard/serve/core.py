@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from shipyard.package import InvalidInputError, LoadedModel, TensorSpec
+from shipyard.package import InvalidInputError, LoadedModel, TensorSpec, load_package
+from shipyard.package.registry import Registry
 from shipyard.serve import lm, metrics
 from shipyard.serve.batching import Batcher, Outputs
 from shipyard.serve.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, Unavailable
@@ -253,14 +254,10 @@ class ModelRepository:
         )
 
     def _load_sync(self, source: str | Path) -> tuple[LoadedModel, str, str]:
-        from shipyard.package import load_package
-
         public_key = self.settings.public_key
         if isinstance(source, Path):
             loaded = load_package(source, public_key=public_key)
             return loaded, loaded.manifest.name, str(loaded.manifest.version)
-        from shipyard.package.registry import Registry
-
         with Registry() as registry:
             mv = registry.get(source)
             path = registry.resolve_local(mv.ref, public_key=public_key)

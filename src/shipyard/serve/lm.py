@@ -1,44 +1,46 @@
 """Language models in the server: one continuous-batching `Engine` per loaded LM version.
 
 `ModelRepository.add` calls `start_engine` for a language-modeling package whose model is a
-`GPT` with a tokenizer; the OpenAI routes submit to `ServedModel.engine`. `EngineMetrics` feeds
-the Prometheus token metrics from the engine thread (cheap: a counter increment or a histogram
-observation per token).
+`shipyard.models.LanguageModel` with a tokenizer; the OpenAI routes submit to
+`ServedModel.engine`. `EngineMetrics` feeds the Prometheus token metrics from the engine thread
+(cheap: a counter increment or a histogram observation per token).
 """
 
 from __future__ import annotations
 
+from shipyard.config_base import LM_TASK
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
 from shipyard.generate import Engine, EngineObserver, GenerationResult
-from shipyard.models.gpt import GPT
+from shipyard.models.protocol import LanguageModel, is_language_model
 from shipyard.package import LoadedModel
 from shipyard.serve import metrics
 from shipyard.serve.settings import ServeSettings
 
-LM_TASK = "language-modeling"
 
-
-def language_model(loaded: LoadedModel) -> tuple[GPT, Tokenizer]:
-    """The GPT and tokenizer of a language-model package; GenerationError when it has none."""
+def language_model(loaded: LoadedModel) -> tuple[LanguageModel, Tokenizer]:
+    """The model and tokenizer of a language-model package; GenerationError when it has none."""
     name = loaded.manifest.name
     if loaded.task != LM_TASK:
         raise GenerationError(
             f"model {name!r} has task {loaded.task!r}; text generation needs a "
             f"{LM_TASK} package (e.g. one trained from examples/gpt-tiny.yaml)"
         )
-    if not isinstance(loaded.model, GPT) or loaded.tokenizer is None:
+    model = loaded.model
+    if not is_language_model(model) or loaded.tokenizer is None:
         kind = type(loaded.model).__name__
         raise GenerationError(
             f"model {name!r} is a {kind} without a KV cache (e.g. an ONNX export) or has no "
             "tokenizer; generate from the torch package it was exported from"
         )
-    return loaded.model, loaded.tokenizer
+    return model, loaded.tokenizer
 
 
 def supports_generation(loaded: LoadedModel) -> bool:
     """True when `language_model(loaded)` would succeed."""
-    return loaded.task == LM_TASK and isinstance(loaded.model, GPT) and loaded.tokenizer is not None
+    return (
+        loaded.task == LM_TASK and is_language_model(loaded.model) and loaded.tokenizer is not None
+    )
 
 
 class EngineMetrics(EngineObserver):
@@ -86,7 +88,7 @@ class EngineMetrics(EngineObserver):
 
 
 def start_engine(loaded: LoadedModel, name: str, version: str, settings: ServeSettings) -> Engine:
-    """A started engine over the package's GPT, sized by --max-running-seqs / --max-queue."""
+    """A started engine over the package's model, sized by --max-running-seqs / --max-queue."""
     model, tokenizer = language_model(loaded)
     observer = EngineMetrics(name, version)
     engine = Engine(

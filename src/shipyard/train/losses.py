@@ -16,11 +16,11 @@ from typing import Literal, get_args
 import torch.nn.functional as F
 from torch import Tensor
 
+from shipyard.config_base import TASKS
 from shipyard.errors import ConfigError, TrainError
 
 LossName = Literal["cross-entropy", "mse", "mae", "huber", "bce"]
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
-_TASKS = ("classification", "regression", "language-modeling")
 _FITS = {
     "classification": ("cross-entropy", "bce"),
     "language-modeling": ("cross-entropy",),
@@ -136,8 +136,8 @@ def build_loss(
     label_smoothing: cross-entropy only. num_classes: when given, the model's output width is
     checked against it (bce also accepts a single logit for 2 classes).
     """
-    if task not in _TASKS:
-        raise ConfigError(f"task {task!r} has no loss; choose one of {', '.join(_TASKS)}")
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r} has no loss; choose one of {', '.join(TASKS)}")
     if name == "auto":
         name = "mse" if task == "regression" else "cross-entropy"
     if name not in LOSS_NAMES:

@@ -12,7 +12,6 @@ import contextlib
 import gc
 import json
 import os
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,20 +19,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from shipyard.config import GDConfig, RunConfig, dump_config
-from shipyard.data import PreparedData, prepare_data
 from shipyard.data.datasets import gather
-from shipyard.errors import CheckpointError, TrainError
-from shipyard.evaluate.metrics import build_metrics, primary_metric
+from shipyard.errors import CheckpointError, ShipyardError, TrainError
+from shipyard.evaluate.metrics import primary_metric
 from shipyard.evaluate.report import read_history, write_report
-from shipyard.models import TOKEN_MODELS, build_model, count_parameters
+from shipyard.fileio import atomic_write
+from shipyard.models import count_parameters
 from shipyard.train import checkpoint as ckpt
+from shipyard.train.devices import device_peak_flops, pick_device, pick_precision, seed_everything
 from shipyard.train.distill import DistillParams, distillation_loss
 from shipyard.train.distributed import (
     DistEnv,
@@ -43,17 +41,27 @@ from shipyard.train.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from shipyard.train.evaluation import (
+    build_data_and_model,
+    evaluate_model,
+    unigram_loss,
+)
 from shipyard.train.losses import build_loss
 from shipyard.train.optim import build_optimizer
 from shipyard.train.progress import TrainProgress
 from shipyard.train.regularization import penalty
+from shipyard.train.rundir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    DATA_FILE,
+    METRICS_FILE,
+    TOKENIZER_FILE,
+    JsonlLog,
+    config_differences,
+    newest_run_with_checkpoints,
+    package_run,
+)
 from shipyard.train.schedules import build_schedule
-
-DATA_FILE = "data.json"  # DataInfo + fitted preprocessing, written at the start of a run
-TOKENIZER_FILE = "tokenizer.json"
-
-# Peak dense bf16 throughput (FLOP/s) of common accelerators, for the MFU estimate.
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 @dataclass
@@ -154,17 +162,17 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks)
         self.show_progress = progress
-        self.device = _pick_device(config.train.device)
+        self.device = pick_device(config.train.device)
         self.env: DistEnv = setup_distributed(self.device.type)
         if self.env.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.env.local_rank)
-        self.amp_dtype = _pick_precision(config.train.precision, self.device)
-        _seed_everything(config.seed + self.env.rank)
+        self.amp_dtype = pick_precision(config.train.precision, self.device)
+        seed_everything(config.seed + self.env.rank)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.run_dir, resume_from = self._resolve_run_dir(run_dir, resume, runs_root)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         self.resume_from = resume_from
 
         # data, model, optimisation
@@ -191,8 +199,9 @@ class Trainer:
         elif distill is not None:
             raise TrainError("distill parameters were given without a teacher")
         self.n_params = count_parameters(self.model)
+        self.n_trainable = count_parameters(self.model, trainable_only=True)
         self.is_lm = config.task == "language-modeling"
-        block_size = getattr(config.model, "block_size", None)
+        block_size = getattr(getattr(self.model, "config", None), "block_size", None)
         self.tokens_per_row = int(block_size) if self.is_lm and block_size else 1
         self.loss_fn = build_loss(
             config.task,
@@ -249,13 +258,13 @@ class Trainer:
             if (path / ckpt.META).exists() or path.name.startswith("step-"):
                 resume_from = path
                 run_dir = run_dir or path.parent.parent
-            elif (path / "checkpoints").is_dir():
+            elif (path / CHECKPOINTS_DIR).is_dir():
                 run_dir = run_dir or path
                 resume = "auto"
             else:
                 raise TrainError(f"--resume {path}: not a checkpoint or run directory")
         if run_dir is None and resume == "auto":
-            run_dir = _newest_run_with_checkpoints(runs_root / name)
+            run_dir = newest_run_with_checkpoints(runs_root / name)
         if run_dir is None:
             stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             candidate = runs_root / name / stamp
@@ -266,11 +275,11 @@ class Trainer:
             run_dir = candidate
         run_dir = Path(broadcast_text(str(run_dir), self.env, self.device))
         if resume == "auto" and resume_from is None:
-            latest, skipped = ckpt.find_latest(run_dir / "checkpoints")
+            latest, skipped = ckpt.find_latest(run_dir / CHECKPOINTS_DIR)
             for note in skipped:
                 _warn(f"skipping damaged checkpoint: {note}", self.env)
             resume_from = latest.path if latest else None
-        if resume is None and ckpt.list_checkpoints(run_dir / "checkpoints"):
+        if resume is None and ckpt.list_checkpoints(run_dir / CHECKPOINTS_DIR):
             raise TrainError(
                 f"{run_dir} already has checkpoints; continue it with --resume auto, or choose "
                 "another --run-dir"
@@ -352,12 +361,12 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
         elif self.env.is_main:
-            _atomic_write(self.run_dir / "config.yaml", dump_config(cfg))
+            atomic_write(self.run_dir / CONFIG_FILE, dump_config(cfg))
             self._write_data_artifacts()
-            (self.run_dir / "metrics.jsonl").touch()
+            (self.run_dir / METRICS_FILE).touch()
         barrier(self.env)
-        log = _JsonlLog(
-            self.run_dir / "metrics.jsonl",
+        log = JsonlLog(
+            self.run_dir / METRICS_FILE,
             enabled=self.env.is_main,
             tensorboard=cfg.train.tensorboard,
         )
@@ -441,9 +450,9 @@ class Trainer:
                 self.data.preprocessor.to_dict() if self.data.preprocessor is not None else None
             ),
         }
-        _atomic_write(self.run_dir / DATA_FILE, json.dumps(data, indent=2))
+        atomic_write(self.run_dir / DATA_FILE, json.dumps(data, indent=2))
         if self.data.tokenizer is not None:
-            _atomic_write(self.run_dir / TOKENIZER_FILE, self.data.tokenizer.to_json())
+            atomic_write(self.run_dir / TOKENIZER_FILE, self.data.tokenizer.to_json())
 
     def _train_step(self, rows: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         """One optimizer step over `rows` (all ranks, all micro-batches)."""
@@ -534,7 +543,7 @@ class Trainer:
     def _mfu(self, tokens_per_s: float) -> float | None:
         flops_fn = getattr(self.model, "flops_per_token", None)
         peak = self.config.train.peak_tflops
-        peak_flops = peak * 1e12 if peak else _device_peak_flops(self.device)
+        peak_flops = peak * 1e12 if peak else device_peak_flops(self.device)
         if flops_fn is None or not peak_flops:
             return None
         return float(flops_fn()) * tokens_per_s / peak_flops
@@ -554,7 +563,7 @@ class Trainer:
             autocast=self._autocast,
         )
 
-    def _validate(self, log: _JsonlLog) -> bool:
+    def _validate(self, log: JsonlLog) -> bool:
         """Validate, log, and update best/early-stopping state; True if this is the new best."""
         results = self.evaluate_split("val")
         if not results:
@@ -634,7 +643,7 @@ class Trainer:
         info = ckpt.read_checkpoint(path)
         saved = info.meta.get("config")
         if saved is not None:
-            diffs = _config_differences(saved, self.config.model_dump(mode="json"))
+            diffs = config_differences(saved, self.config.model_dump(mode="json"))
             if diffs:
                 raise TrainError(
                     f"cannot resume {path}: the config changes the model or data: "
@@ -660,16 +669,13 @@ class Trainer:
         if self.env.rank == 0:
             ckpt.set_rng_state(state["rng"])
         else:
-            _seed_everything(self.config.seed + self.env.rank + self.step)
+            seed_everything(self.config.seed + self.env.rank + self.step)
 
     # ------------------------------------------------------------------ the end
 
     def _write_package(self) -> None:
         """Package the best checkpoint into run_dir/package (rank 0); a failure only warns, since
         the run itself succeeded and `shipyard package RUN_DIR` can retry."""
-        from shipyard.errors import ShipyardError
-        from shipyard.package import package_run
-
         try:
             package_run(self.run_dir)
         except ShipyardError as exc:
@@ -678,7 +684,7 @@ class Trainer:
                 self.env,
             )
 
-    def _finish(self, log: _JsonlLog, started: float) -> RunResult:
+    def _finish(self, log: JsonlLog, started: float) -> RunResult:
         best = self.best_step
         if best is not None and best != self.step:
             best_path = self.ckpt_dir / ckpt.checkpoint_name(best)
@@ -695,6 +701,7 @@ class Trainer:
             "task": self.config.task,
             "model": self.config.model.name,
             "parameters": self.n_params,
+            "trainable_parameters": self.n_trainable,
             "steps": self.step,
             "epochs": self.epoch + (1 if self.step_in_epoch else 0),
             "best_step": best,
@@ -708,13 +715,13 @@ class Trainer:
             if last_train.get(key) is not None:
                 summary[key] = last_train[key]
         if self.is_lm:
-            summary["unigram_loss"] = _unigram_loss(self.data)
+            summary["unigram_loss"] = unigram_loss(self.data)
         if self.env.is_main:
             log.write({"kind": "final", "step": self.step, **_scalars(results)})
             write_report(
                 self.run_dir,
                 results,
-                history=read_history(self.run_dir / "metrics.jsonl"),
+                history=read_history(self.run_dir / METRICS_FILE),
                 title=f"{self.config.name} ({self.config.task})",
                 extra={"run": summary},
             )
@@ -735,149 +742,7 @@ class Trainer:
         )
 
 
-# ---------------------------------------------------------------------- evaluation
-
-
-@torch.inference_mode()
-def evaluate_model(
-    model: nn.Module,
-    data: PreparedData,
-    split: str,
-    config: RunConfig,
-    *,
-    loss_fn: Any = None,
-    device: torch.device | None = None,
-    env: DistEnv | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-) -> dict[str, Any]:
-    """Streaming metrics of `model` on one split; each rank takes every world_size-th row."""
-    dataset = getattr(data, split)
-    if dataset is None or len(dataset) == 0:
-        return {}
-    env = env or DistEnv()
-    device = device or next(model.parameters()).device
-    info = data.info
-    if loss_fn is None:
-        loss_fn = build_loss(
-            config.task,
-            config.train.loss,
-            label_smoothing=config.regularization.label_smoothing,
-            num_classes=info.num_outputs,
-        )
-    metrics = build_metrics(
-        config.task,
-        num_classes=info.num_outputs if config.task == "classification" else None,
-        top_k=config.eval.top_k,
-        class_names=info.class_names,
-    ).to(device)
-    model.eval()
-    mine = torch.arange(len(dataset))[env.rank :: env.world_size]
-    batches = torch.split(mine, config.eval.batch_size)
-    if config.eval.max_batches is not None:
-        batches = batches[: config.eval.max_batches]
-    for idx in batches:
-        x, y = gather(dataset, idx)
-        x, y = x.to(device), y.to(device)
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            out = model(x)
-        out = out.float()
-        loss_sum, count = loss_fn(out, y)
-        if config.task == "regression" and data.preprocessor is not None:
-            out = data.preprocessor.inverse_transform_target(out)
-            y = data.preprocessor.inverse_transform_target(y)
-        metrics.update(out, y, loss_sum=loss_sum, count=count)
-    return metrics.compute()
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a finished run reports on: its best one, else its newest valid one."""
-    latest, _ = ckpt.find_latest(run_dir / "checkpoints")
-    if latest is None:
-        raise CheckpointError(f"{run_dir}: no valid checkpoint in {run_dir / 'checkpoints'}")
-    best = ckpt.load_state(latest.path).get("best_step")
-    if best is not None:
-        path = run_dir / "checkpoints" / ckpt.checkpoint_name(int(best))
-        if path.is_dir():
-            return path
-    return latest.path
-
-
-def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
-    """Re-evaluate a run's best checkpoint on `split`, rebuilding data and model from its config."""
-    run_dir = Path(run_dir)
-    if split not in ("train", "val", "test"):
-        raise TrainError(f"split must be train, val or test, got {split!r}")
-    config = load_run_config(run_dir)
-    path = best_checkpoint(run_dir)
-    data, model = build_data_and_model(config)
-    ckpt.load_weights(path, model)
-    results = evaluate_model(model, data, split, config)
-    if not results:
-        raise TrainError(f"{run_dir}: the {split} split is empty")
-    return {"checkpoint": str(path), "split": split, "metrics": results}
-
-
-def build_data_and_model(config: RunConfig) -> tuple[PreparedData, nn.Module]:
-    """Prepare the data and build the (untrained) model a config describes."""
-    token_model = config.model.name in TOKEN_MODELS
-    block_size = getattr(config.model, "block_size", None) if token_model else None
-    data = prepare_data(config.data, config.task, config.seed, block_size=block_size)
-    info = data.info
-    model = build_model(
-        config.model,
-        input_shape=tuple(info.input_shape),
-        num_outputs=info.num_outputs,
-        vocab_size=info.vocab_size,
-    )
-    return data, model
-
-
 # ---------------------------------------------------------------------- helpers
-
-
-class _JsonlLog:
-    """Append-only metrics.jsonl, one flushed line per record (rank 0 only)."""
-
-    def __init__(self, path: Path, *, enabled: bool, tensorboard: bool = False) -> None:
-        self.path = path
-        self.enabled = enabled
-        self.last: dict[str, dict[str, Any]] = {}
-        self._tb: Any = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # the module imports the tensorboard package
-                raise TrainError(
-                    "train.tensorboard needs the tensorboard package: "
-                    "pip install 'shipyard[tensorboard]'"
-                ) from None
-            self._tb = SummaryWriter(log_dir=str(path.parent / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.last[str(record.get("kind"))] = record
-        if not self.enabled:
-            return
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-        if self._tb is not None:
-            kind, step = record.get("kind"), int(record.get("step", 0))
-            for key, value in record.items():
-                if isinstance(value, int | float) and key not in ("step", "epoch", "time"):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (written after the checkpoint we resume from)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [r for r in read_history(self.path) if int(r.get("step", 0)) <= step]
-        keep = [r for r in keep if r.get("kind") != "final"]
-        _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _grad_norm(model: nn.Module) -> float:
@@ -885,82 +750,6 @@ def _grad_norm(model: nn.Module) -> float:
     if not norms:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack(norms), 2))
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device is cuda but no CUDA device is available; use auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _pick_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """None means plain fp32; otherwise the autocast dtype."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if name == "fp32":
-        return None
-    if name == "fp16" and device.type != "cuda":
-        raise TrainError("train.precision fp16 needs CUDA; use fp32 (or bf16) on CPU")
-    return torch.bfloat16 if name == "bf16" else torch.float16
-
-
-def _device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in _PEAK_FLOPS.items():
-        if key in name:
-            return flops
-    return None
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _newest_run_with_checkpoints(root: Path) -> Path | None:
-    if not root.is_dir():
-        return None
-    runs = sorted(
-        (p for p in root.iterdir() if p.is_dir() and ckpt.list_checkpoints(p / "checkpoints")),
-        key=lambda p: p.name,
-    )
-    return runs[-1] if runs else None
-
-
-def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Differences in the parts of a config that a checkpoint depends on."""
-    diffs: list[str] = []
-    for section in ("task", "model", "data", "seed"):
-        for key, (old, new) in _diff(saved.get(section), current.get(section), section).items():
-            diffs.append(f"{key}: {old!r} -> {new!r}")
-    return diffs
-
-
-def _diff(old: Any, new: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: dict[str, tuple[Any, Any]] = {}
-        for key in sorted(set(old) | set(new)):
-            out.update(_diff(old.get(key), new.get(key), f"{prefix}.{key}"))
-        return out
-    return {} if old == new else {prefix: (old, new)}
-
-
-def _unigram_loss(data: PreparedData) -> float | None:
-    """Cross-entropy of a unigram model fitted on train tokens, on val tokens (a baseline)."""
-    train_tokens = getattr(data.train, "tokens", None)
-    val_tokens = getattr(data.val, "tokens", None) if data.val is not None else None
-    vocab = data.info.vocab_size
-    if train_tokens is None or val_tokens is None or vocab is None:
-        return None
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    val = np.asarray(val_tokens)
-    return float(-logp[val].mean())
 
 
 def _scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -972,12 +761,6 @@ def _scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _say(message: str, env: DistEnv) -> None:
     if env.is_main:
         from rich.console import Console
@@ -987,13 +770,3 @@ def _say(message: str, env: DistEnv) -> None:
 
 def _warn(message: str, env: DistEnv) -> None:
     _say(f"[yellow]warning:[/yellow] {message}", env)
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The resolved config a run was started with."""
-    from shipyard.config import validate_config
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise TrainError(f"{run_dir}: not a run directory (no config.yaml)")
-    return validate_config(yaml.safe_load(path.read_text()), where=str(path))

@@ -315,7 +315,7 @@ def _sampling(
         )
     seed = body.integer("seed", None, -(2**63), 2**63 - 1 - MAX_CHOICES)
     top_k = body.integer("top_k", None, -1, 1 << 30)
-    block_size = req.engine.model.config.block_size
+    block_size = req.engine.model.max_context
     req.stream = body.boolean("stream")
     req.include_usage = _stream_options(body, req.stream)
     common = {
