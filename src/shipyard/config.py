@@ -332,6 +332,11 @@ class RunConfig(StrictModel):
             if self.data.tokenizer is not None:
                 raise ValueError("model pretrained brings its own tokenizer: remove data.tokenizer")
             return self  # the rest is checked against the package when the run starts
+        if self.data.block_size is not None:
+            raise ValueError(
+                "data.block_size is for a pretrained model; a model built from scratch takes "
+                "model.block_size"
+            )
         model = self.model.name
         if self.task == "language-modeling":
             if model not in CAUSAL_MODELS:
@@ -343,16 +348,22 @@ class RunConfig(StrictModel):
                 raise ValueError(
                     "task language-modeling needs data.tokenizer (e.g. data.tokenizer.kind: byte)"
                 )
-            if not self.data.is_text_corpus:
+            if not (self.data.is_text_corpus or self.data.is_instructions):
                 raise ValueError(
-                    "task language-modeling needs a text corpus: data.source builtin:python-stdlib "
-                    "or data.format: text"
+                    "task language-modeling needs a text corpus (data.source "
+                    "builtin:python-stdlib or data.format: text) or instruction data "
+                    "(data.format: chat | prompt-completion)"
                 )
         else:
             if model in CAUSAL_MODELS:
                 raise ValueError(
                     f"model {model!r} is a language model; use task language-modeling "
                     f"(task is {self.task!r})"
+                )
+            if self.data.is_instructions:
+                raise ValueError(
+                    f"data.format {self.data.format} is instruction data for task "
+                    f"language-modeling, not {self.task!r}"
                 )
             if self.data.is_text_corpus:
                 raise ValueError(

@@ -347,5 +347,5 @@ def test_compress_refuses_bad_requests(digits: Path, work: Path) -> None:
         prune(digits, work / "x", 1.5)
     with pytest.raises(CompressError, match="unknown quantization"):
         quantize(digits, work / "x", "int4")  # type: ignore[arg-type]
-    with pytest.raises(ExportError, match="--format hf exports gpt"):
+    with pytest.raises(ExportError, match="--format hf exports language models"):
         export(digits, work / "x-hf", format="hf")

@@ -25,6 +25,7 @@ from shipyard.models import (
     hf_config_from,
     is_language_model,
 )
+from shipyard.models.llama import llama_from_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,15 +65,26 @@ ROPES: dict[str, dict[str, Any]] = {
     },
     "yarn": {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "longrope": {  # Phi-3 128k / Phi-3.5: one factor per rotated channel pair
+        "rope_type": "longrope",
+        "short_factor": [1.0, 1.1, 1.3, 1.5],
+        "long_factor": [1.0, 2.0, 3.0, 4.0],
+        "original_max_position_embeddings": 16,
+    },
 }
-# Phi-3 in transformers takes only the default RoPE (and longrope, not supported here).
+# Phi-3 in transformers takes only the default RoPE and longrope; longrope is tested there.
+PHI3_ROPES = ("default", "longrope")
 CASES = [
     (family, rope, tied)
     for family in FAMILY
     for rope in ROPES
-    if family != "phi3" or rope == "default"
+    if ((rope in PHI3_ROPES) if family == "phi3" else (rope != "longrope"))
     for tied in (True, False)
 ]
+# Dynamic NTK and LongRoPE change every position's rotation once the context passes a length,
+# but a cached key keeps the rotation it was written with, so decoding equals a full forward
+# only up to there (as in transformers' model; its generate() re-prefills LongRoPE there).
+SCALE_FREE_LENGTH = {"dynamic": MAX_POS, "longrope": 16}
 IDS = [f"{f}-{r}-{'tied' if t else 'untied'}" for f, r, t in CASES]
 
 
@@ -92,6 +104,9 @@ def hf_kwargs(family: str, rope: str, tied: bool) -> dict[str, Any]:
         kw.update(attention_bias=True, mlp_bias=True)
     if family == "qwen3" and not tied:
         kw.update(attention_bias=True)
+    if rope == "longrope":  # Phi-3 reads it from the top level before the RoPE dict
+        kw["original_max_position_embeddings"] = ROPES[rope]["original_max_position_embeddings"]
+        kw["max_position_embeddings"] = 64  # room for a prompt past 16 and 32 new tokens
     theta = 500.0  # small base: short test prompts still turn the slow channels
     if tied:
         kw["rope_parameters"] = {"rope_type": "default", **ROPES[rope], "rope_theta": theta}
@@ -150,9 +165,7 @@ def test_logits_match_transformers(family: str, rope: str, tied: bool) -> None:
 @pytest.mark.parametrize(("family", "rope", "tied"), CASES, ids=IDS)
 def test_kv_cache_decoding_equals_full_forward(family: str, rope: str, tied: bool) -> None:
     model = ours(family, rope, tied)
-    # Dynamic NTK rescales every position once the context passes max_position_embeddings, so
-    # cached keys (rotated at the old scale) and a full forward agree only below it (as in HF).
-    n = MAX_POS if rope == "dynamic" else 60
+    n = SCALE_FREE_LENGTH.get(rope, 60)
     idx = prompt(n, 3)
     with torch.no_grad():
         full = model(idx)
@@ -189,8 +202,11 @@ def test_left_padded_batch_equals_solo(family: str, rope: str, tied: bool) -> No
             nxt = out[:, -1].argmax(-1)
             fed.append(nxt)
         for i, r in enumerate(rows):
-            solo_ids = torch.cat([r, torch.stack(fed[:-1])[:, i]])[None]
-            solo = model(solo_ids)[0]  # (n + steps - 1, V)
+            solo_cache = model.new_kv_cache()  # prefill, then one token at a time
+            solo_steps = [model(r[None], kv_cache=solo_cache)[0]]
+            for t in range(steps - 1):
+                solo_steps.append(model(fed[t][i].view(1, 1), kv_cache=solo_cache)[0])
+            solo = torch.cat(solo_steps)  # (n + steps - 1, V)
             got = torch.cat([batch_logits[0][i, S - len(r) :], *(b[i] for b in batch_logits[1:])])
             torch.testing.assert_close(got, solo, atol=1e-4, rtol=0)
 
@@ -198,7 +214,10 @@ def test_left_padded_batch_equals_solo(family: str, rope: str, tied: bool) -> No
 @pytest.mark.parametrize(("family", "rope", "tied"), CASES, ids=IDS)
 def test_greedy_generation_matches_transformers(family: str, rope: str, tied: bool) -> None:
     hf = hf_model(family, rope, tied)
-    idx = prompt(6, 4)
+    # transformers' generate() re-prefills a LongRoPE model when it crosses the original
+    # length (16 here); shipyard keeps its cache, so that prompt starts past the switch.
+    n = 20 if rope == "longrope" else 6
+    idx = prompt(n, 4)
     with torch.no_grad():
         want = hf.generate(
             idx,
@@ -208,7 +227,7 @@ def test_greedy_generation_matches_transformers(family: str, rope: str, tied: bo
             min_new_tokens=32,
             eos_token_id=None,
             pad_token_id=0,
-        )[0, 6:].tolist()
+        )[0, n:].tolist()
     params = SamplingParams(max_tokens=32, temperature=0.0, stop_on_eos=False)
     got = generate(ours(family, rope, tied), TOK, idx[0].tolist(), params)
     assert got.token_ids == want
@@ -252,6 +271,24 @@ def test_sliding_window_is_respected() -> None:
         assert not torch.allclose(full(idx)[0, 20], full(changed)[0, 20])
 
 
+def test_longrope_picks_factors_per_row() -> None:
+    """A row past original_max_position_embeddings (16) uses the long factors; a short row in
+    the same batch keeps the short ones, as it would alone."""
+    model = ours("phi3", "longrope", True)
+    short, long = prompt(5, 8), prompt(20, 9)
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    batch[0, 15:], batch[1] = short[0], long[0]
+    positions = torch.stack([(torch.arange(20) - 15).clamp(min=0), torch.arange(20)])
+    mask = torch.arange(20)[None, :] >= torch.tensor([[15], [0]])
+    with torch.no_grad():
+        got = model(batch, positions=positions, attention_mask=mask)
+        torch.testing.assert_close(got[0, 15:], model(short)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[1], model(long)[0], atol=1e-5, rtol=0)
+        cos_long, _ = model._rope(torch.arange(20)[None], torch.float32)  # (1, 1, 20, rot)
+        cos_short, _ = model._rope(torch.arange(4)[None], torch.float32)
+    assert not torch.allclose(cos_long[0, 0, 3], cos_short[0, 0, 3])  # position 3, two scales
+
+
 def test_qwen_window_only_on_the_layers_layer_types_name() -> None:
     config = ours("qwen2", "default", True).config
     assert config.layer_types == ["full_attention", "sliding_attention"]
@@ -260,7 +297,7 @@ def test_qwen_window_only_on_the_layers_layer_types_name() -> None:
 
 @pytest.mark.parametrize("family", list(FAMILY))
 def test_hf_config_round_trip_loads_in_transformers(family: str) -> None:
-    model = ours(family, "default" if family == "phi3" else "yarn", False)
+    model = ours(family, "longrope" if family == "phi3" else "yarn", False)
     written = hf_config_from(model.config)
     assert written["architectures"] == [type(hf_model(family, "default", True)).__name__]
     assert config_from_hf(written) == model.config
@@ -289,6 +326,25 @@ def test_meta_device_build_then_assign() -> None:
         torch.testing.assert_close(model.eval()(idx), source(idx), atol=0, rtol=0)
 
 
+def test_llama_from_state_dict_assigns_without_copies() -> None:
+    source = ours("qwen3", "default", True)
+    state = {k: v.clone() for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    model = llama_from_state_dict(source.config, state).eval()
+    assigned = model.model.layers[1].self_attn.q_norm.weight
+    assert assigned.data_ptr() == state["model.layers.1.self_attn.q_norm.weight"].data_ptr()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    idx = prompt(9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), source(idx), atol=0, rtol=0)
+    bf16 = llama_from_state_dict(source.config, {k: v.bfloat16() for k, v in state.items()})
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    assert bf16(idx).dtype == torch.bfloat16
+    del state["model.norm.weight"]
+    state["model.layers.0.mlp.extra"] = torch.zeros(1)
+    with pytest.raises(ModelError, match=r"missing \['model.norm.weight'\], unexpected"):
+        llama_from_state_dict(source.config, state)
+
+
 def test_registry_knows_llama() -> None:
     assert "llama" in CAUSAL_MODELS and "llama" in TOKEN_MODELS
     model = build_model(LlamaConfig(num_hidden_layers=1), vocab_size=50)
@@ -308,7 +364,8 @@ def test_unknown_model_type_is_one_line_error() -> None:
 @pytest.mark.parametrize(
     ("hf", "words"),
     [
-        ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, ["'longrope'", "yarn"]),
+        ({"rope_scaling": {"rope_type": "su-per", "factor": 2.0}}, ["'su-per'", "longrope"]),
+        ({"rope_scaling": {"rope_type": "longrope"}}, ["short_factor, long_factor"]),
         ({"hidden_act": "gelu"}, ["'gelu'", "silu"]),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ["low_freq_factor"]),
         ({"num_key_value_heads": 3}, ["multiple of num_key_value_heads"]),

@@ -82,13 +82,22 @@ def compress(
 def export(
     package: Path = typer.Argument(..., help="The package to export."),
     format: str = typer.Option(
-        "onnx", "--format", "-f", help="onnx, torchscript, hf (gpt) or peft (a LoRA adapter)."
+        "onnx",
+        "--format",
+        "-f",
+        help="onnx, torchscript, hf (gpt and Llama-family LLMs) or peft (a LoRA adapter).",
     ),
     out: Path | None = typer.Option(
         None, "-o", "--out", help="Output directory (default PACKAGE-FORMAT beside the package)."
     ),
     tolerance: float = typer.Option(
         1e-4, "--tolerance", help="Largest allowed output difference on the test split."
+    ),
+    max_shard_size: str | None = typer.Option(
+        None,
+        "--max-shard-size",
+        help="hf: largest safetensors file, e.g. 2GB or 500MB (default 5GB); bigger models "
+        "are sharded with an index.",
     ),
 ) -> None:
     """Export a package, checking parity with it on the test split.
@@ -99,13 +108,21 @@ def export(
 
     TorchScript artifact: shipyard export digits-pkg --format torchscript
 
-    Hugging Face GPT-2 directory: shipyard export gpt-pkg --format hf -o gpt-hf
+    Hugging Face directory (transformers' from_pretrained loads it):
+    shipyard export qwen-pkg --format hf -o qwen-hf --max-shard-size 2GB
 
     A LoRA run's adapter for peft: shipyard export lora-pkg --format peft -o adapter
     """
     from shipyard.compress import export as run_export
 
-    path, parity = run_export(package, out, format=format, tolerance=tolerance)  # type: ignore[arg-type]
+    shard = _size_bytes(max_shard_size) if max_shard_size is not None else None
+    path, parity = run_export(
+        package,
+        out,
+        format=format,  # type: ignore[arg-type]  # validated by export()
+        tolerance=tolerance,
+        max_shard_size=shard,
+    )
     agreement = parity.get("argmax_agreement")
     agree = f", argmax agreement {agreement:.2%}" if agreement is not None else ""
     console.print(
@@ -116,13 +133,42 @@ def export(
     )
 
 
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _size_bytes(text: str) -> int:
+    """Bytes of '5GB', '500MB', '2GiB' or a plain number; ConfigError otherwise."""
+    from shipyard.errors import ConfigError
+
+    raw = text.strip().upper()
+    unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if raw.endswith(u)), None)
+    number = raw[: -len(unit)] if unit else raw
+    try:
+        value = float(number) * (_UNITS[unit] if unit else 1)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise ConfigError(
+            f"--max-shard-size {text!r} is not a size; use bytes or a number with KB, MB, GB "
+            "(or KiB, MiB, GiB), e.g. 2GB"
+        )
+    return int(value)
+
+
 def import_hf(
-    directory: Path = typer.Argument(..., help="A Hugging Face GPT-2 directory (safetensors)."),
+    directory: Path = typer.Argument(
+        ...,
+        help="A Hugging Face model directory: config.json, safetensors weights (one file or "
+        "shards + index), tokenizer files. Families: llama, mistral, qwen2, qwen3, phi3, gpt2.",
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Package directory to write."),
 ) -> None:
-    """Bring a Hugging Face GPT-2 directory back as a shipyard package.
+    """Import a Hugging Face checkpoint directory as a shipyard package.
 
-    Example: shipyard import-hf gpt-hf -o gpt-pkg
+    The weights are memory-mapped (about their size in RAM), the tokenizer and chat template
+    kept as they are; pickled .bin checkpoints are refused.
+
+    Example: shipyard import-hf ./Qwen2.5-0.5B-Instruct -o qwen-pkg
     """
     from shipyard.compress import import_hf as run_import
     from shipyard.package import verify_package

@@ -33,17 +33,38 @@ def generate(
     as_json: bool = typer.Option(
         False, "--json", help="Print the result as JSON (text, token counts, timings)."
     ),
+    chat: bool = typer.Option(
+        False,
+        "--chat",
+        help="The prompt is a user message: format it with the model's own chat template "
+        "(shipyard's fallback chat format for models without one).",
+    ),
+    system: str | None = typer.Option(
+        None, "--system", help="With --chat: a system message before the user message."
+    ),
 ) -> None:
     """Generate text from a language-model package; tokens are printed as they come.
 
     Example: shipyard generate runs/gpt-tiny/package --prompt "def main(" --max-tokens 80 --seed 0
 
+    Chat with an imported instruct model (its own chat template):
+    shipyard generate qwen-pkg --chat --prompt "Name three rivers." --temperature 0
+
     With --json, prints {text, finish_reason, prompt_tokens, completion_tokens,
     time_to_first_token_s, tokens_per_s, total_s} instead.
     """
+    from shipyard.errors import ConfigError
     from shipyard.generate import SamplingParams, stream
     from shipyard.serve.lm import language_model
 
+    if system is not None and not chat:
+        raise ConfigError("--system needs --chat (it is a chat message)")
+    model, tokenizer = language_model(_load(package))
+    text_or_ids: str | list[int] = prompt
+    if chat:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        text_or_ids = tokenizer.chat_prompt_ids([*messages, {"role": "user", "content": prompt}])
+        stop = [*stop, *(s for s in tokenizer.chat_stops if s not in stop)]
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -54,9 +75,8 @@ def generate(
         stop=tuple(stop),
         stop_on_eos=not ignore_eos,
     )
-    model, tokenizer = language_model(_load(package))
     result = None
-    for event in stream(model, tokenizer, prompt, params):
+    for event in stream(model, tokenizer, text_or_ids, params):
         if not as_json and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()

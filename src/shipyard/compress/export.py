@@ -1,5 +1,6 @@
-"""Export a package to ONNX (as a package ONNX Runtime serves), TorchScript, or Hugging Face
-GPT-2, each with a parity check against the package on its test split.
+"""Export a package to ONNX (as a package ONNX Runtime serves), TorchScript, or a Hugging Face
+directory (GPT-2, Llama family), each with a parity check against the package (on its test
+split; Hugging Face exports on seeded prompts, so imported packages export too).
 
 ONNX: the graph comes from `torch.onnx.export` (the torch.export-based exporter) with a dynamic
 batch dimension (and sequence length for language models); the exported package keeps the
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from shipyard.compress.errors import ExportError
-from shipyard.compress.hf import export_hf
+from shipyard.compress.hf import MAX_SHARD_SIZE, export_hf
 from shipyard.compress.peft import export_peft
 from shipyard.compress.source import Parent, as_inputs, split_tensors
 from shipyard.models.lora import merge_lora
@@ -66,6 +67,7 @@ def export(
     format: ExportFormat = "onnx",
     tolerance: float = 1e-4,
     opset: int | None = None,
+    max_shard_size: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Export a package; return (output path, parity report).
 
@@ -74,6 +76,8 @@ def export(
     tolerance: largest allowed absolute difference of the outputs (probabilities, values or
         logits) on the test split; beyond it, or with any argmax disagreement for classifiers,
         the export is removed and ExportError raised.
+    max_shard_size: hf only: bytes per safetensors file (default 5 GiB); larger models are
+        written as shards with model.safetensors.index.json.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -88,7 +92,8 @@ def export(
     if parent.loaded.manifest.lora is not None:
         merge_lora(parent.loaded.model)  # every other format holds the whole, merged model
     if format == "hf":
-        return export_hf(parent, target, tolerance=tolerance)
+        shard = max_shard_size if max_shard_size is not None else MAX_SHARD_SIZE
+        return export_hf(parent, target, tolerance=tolerance, max_shard_size=shard)
     if format == "onnx":
         return _export_onnx(parent, target, tolerance, opset)
     return _export_torchscript(parent, target, tolerance)

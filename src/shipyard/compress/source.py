@@ -53,9 +53,16 @@ class Parent:
     def data(self) -> PreparedData:
         """The parent's train/val/test splits, rebuilt from its config (same seed, same split)."""
         if self._data is None:
+            fingerprint = self.loaded.manifest.data.get("fingerprint")
+            if isinstance(fingerprint, str) and fingerprint.startswith("hf:"):
+                raise CompressError(
+                    f"{self.path} was imported from a Hugging Face checkpoint and has no data "
+                    "splits to measure quality on; this step needs a package trained by shipyard "
+                    "(export --format hf works on imported packages)"
+                )
             self._data = rebuild_data(
                 self.config,
-                self.loaded.manifest.data.get("fingerprint"),
+                fingerprint,
                 architecture=self.loaded.manifest.architecture.config,
                 tokenizer=self.loaded.tokenizer,
             )
@@ -76,7 +83,9 @@ def rebuild_data(
     whose architecture and tokenizer came from that model instead of the config.
     """
     if isinstance(config.model, PretrainedConfig):
-        size = (architecture or {}).get("block_size")
+        size = config.data.block_size or (architecture or {}).get("block_size")
+        if size is None:
+            size = (architecture or {}).get("max_position_embeddings")
         data = prepare_data(
             config.data,
             config.task,

@@ -9,19 +9,23 @@ Example::
 
 from __future__ import annotations
 
+from shipyard.data.chat import ChatTemplate, ChatTemplateError
 from shipyard.data.config import DataConfig, SplitFiles, SplitRatios, TokenizerConfig
 from shipyard.data.corpus import TokenWindows, default_cache_dir
 from shipyard.data.datasets import ArrayDataset
 from shipyard.data.prepare import DataInfo, PreparedData, prepare_data
 from shipyard.data.preprocessing import Preprocessor
-from shipyard.data.tokenization import EOS_TOKEN, PAD_TOKEN, Tokenizer
+from shipyard.data.tokenization import EOS_TOKEN, PAD_TOKEN, HFTokenizerConfig, Tokenizer
 
 __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
     "ArrayDataset",
+    "ChatTemplate",
+    "ChatTemplateError",
     "DataConfig",
     "DataInfo",
+    "HFTokenizerConfig",
     "PreparedData",
     "Preprocessor",
     "SplitFiles",

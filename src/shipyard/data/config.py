@@ -55,8 +55,12 @@ class DataConfig(StrictModel):
     """
 
     source: str | None = Field(None, description="builtin:NAME, or a path/glob to user files")
-    format: Literal["auto", "csv", "jsonl", "npz", "text", "image-folder"] = Field(
-        "auto", description="file format; auto = from the extension (a directory = image-folder)"
+    format: Literal[
+        "auto", "csv", "jsonl", "npz", "text", "image-folder", "chat", "prompt-completion"
+    ] = Field(
+        "auto",
+        description="file format; auto = from the extension (a directory = image-folder); "
+        "chat / prompt-completion: JSONL instruction data for fine-tuning a language model",
     )
     features: list[str] | None = Field(
         None, description="CSV/JSONL feature columns (default: every column but the target)"
@@ -86,6 +90,21 @@ class DataConfig(StrictModel):
     sampling: Literal["random", "sequential"] = Field(
         "random", description="language modeling: how training windows are drawn"
     )
+    block_size: int | None = Field(
+        None,
+        gt=0,
+        description="a pretrained language model's tokens per example (default: its context "
+        "length); models built from scratch take model.block_size",
+    )
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate",
+        description="chat / prompt-completion: an example longer than the window is cut, "
+        "left out, or an error (counts are in the run summary)",
+    )
+    train_on: Literal["answers", "all"] = Field(
+        "answers",
+        description="chat / prompt-completion: score only assistant / completion tokens, or all",
+    )
     max_documents: int | None = Field(
         None, ge=1, description="text corpora: use at most this many documents (files)"
     )
@@ -113,6 +132,11 @@ class DataConfig(StrictModel):
         if (self.source is None) == (self.files is None):
             raise ValueError("give exactly one of data.source or data.files")
         return self
+
+    @property
+    def is_instructions(self) -> bool:
+        """True for chat or prompt/completion JSONL (supervised fine-tuning)."""
+        return self.format in ("chat", "prompt-completion")
 
     @property
     def is_text_corpus(self) -> bool:

@@ -15,8 +15,9 @@ from shipyard.config_base import TASKS, Task
 from shipyard.data.config import DataConfig
 from shipyard.data.corpus import TokenWindows, default_cache_dir, tokenize_to_file
 from shipyard.data.datasets import ArrayDataset
+from shipyard.data.instructions import InstructionStats, instruction_rows, read_examples
 from shipyard.data.preprocessing import Preprocessor, encode_labels, fit_class_names
-from shipyard.data.sources import Table, load_table, load_texts
+from shipyard.data.sources import Table, load_table, load_texts, resolve_paths
 from shipyard.data.splits import SPLITS, split_documents, split_indices
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import DataError
@@ -67,6 +68,7 @@ class PreparedData:
     info: DataInfo
     preprocessor: Preprocessor | None = None
     tokenizer: Tokenizer | None = None
+    instructions: InstructionStats | None = None  # chat / prompt-completion: fit of the examples
     splits: dict[str, Dataset[Any]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +111,8 @@ def prepare_data(
             sort_keys=True,
         ).encode()
     )
+    if task == "language-modeling" and config.is_instructions:
+        return _prepare_instructions(config, seed, block_size, fingerprint, tokenizer)
     if task == "language-modeling":
         return _prepare_corpus(config, seed, block_size, cache_dir, fingerprint, tokenizer)
     if config.is_text_corpus:
@@ -118,6 +122,79 @@ def prepare_data(
             "data.text_column"
         )
     return _prepare_rows(config, task, seed, block_size, fingerprint, tokenizer)
+
+
+def _prepare_instructions(
+    config: DataConfig,
+    seed: int,
+    block_size: int | None,
+    fingerprint: Any,
+    tokenizer: Tokenizer | None,
+) -> PreparedData:
+    """Chat / prompt-completion JSONL: seeded split by example, rows scored on answers only."""
+    if block_size is None:
+        raise DataError(f"data.format {config.format} needs block_size (tokens per example)")
+    fmt = config.format
+    if config.files is not None:
+        records = {
+            name: read_examples(resolve_paths(spec), fmt)
+            for name in SPLITS
+            if (spec := getattr(config.files, name)) is not None
+        }
+    else:
+        if config.source is None or config.source.startswith("builtin:"):
+            raise DataError(f"data.format {fmt} reads JSONL files: set data.source to a path/glob")
+        everything = read_examples(resolve_paths(config.source), fmt)
+        idx = split_indices(len(everything), config.splits, seed, config.shuffle, what="examples")
+        records = {name: [everything[i] for i in rows] for name, rows in idx.items()}
+    for name, recs in records.items():
+        fingerprint.update(f"{name}:{len(recs)}".encode())
+        for rec in recs:
+            fingerprint.update(hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).digest())
+    if tokenizer is None:
+        if config.tokenizer is None:
+            raise DataError(
+                f"data.format {fmt} needs a tokenizer: fine-tune a pretrained model "
+                "(model: {name: pretrained, ...}) or set data.tokenizer"
+            )
+        texts = [json.dumps(r, ensure_ascii=False) for r in records.get("train", [])]
+        tokenizer = Tokenizer.from_config(config.tokenizer, texts)
+    datasets = {}
+    stats = InstructionStats()
+    for name, recs in records.items():
+        ds, cut, left_out, answers = instruction_rows(
+            recs, fmt, tokenizer, block_size, overlong=config.overlong, train_on=config.train_on
+        )
+        if answers == 0:
+            raise DataError(
+                f"the {name} split has no answer tokens within {block_size} tokens per example "
+                f"({cut} of its examples were cut); raise data.block_size or shorten the prompts"
+            )
+        datasets[name] = ds
+        stats.examples[name] = len(ds)
+        stats.truncated[name] = cut
+        stats.dropped[name] = left_out
+        stats.answer_tokens[name] = answers
+    if "train" not in datasets:
+        raise DataError("instruction data needs a train split")
+    info = DataInfo(
+        task="language-modeling",
+        input_shape=(block_size,),
+        num_outputs=tokenizer.vocab_size,
+        class_names=None,
+        feature_names=None,
+        vocab_size=tokenizer.vocab_size,
+        split_sizes=dict(stats.answer_tokens),
+        fingerprint=fingerprint.hexdigest(),
+    )
+    return PreparedData(
+        train=datasets["train"],
+        val=datasets.get("val"),
+        test=datasets.get("test"),
+        info=info,
+        tokenizer=tokenizer,
+        instructions=stats,
+    )
 
 
 def _split_tables(config: DataConfig, task: str, seed: int) -> dict[str, Table]:

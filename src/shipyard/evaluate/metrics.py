@@ -26,10 +26,10 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 from shipyard.config_base import TASKS, Task
+from shipyard.data.instructions import IGNORE_INDEX
 from shipyard.errors import EvaluateError
 
 # Label value that marks padding / unscored tokens, as in F.cross_entropy.
-IGNORE_INDEX = -100
 
 
 class _Totals(Metric):

@@ -134,7 +134,7 @@ class SequenceState:
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.eos_id = tokenizer.eos_id
+        self.eos_ids = frozenset(tokenizer.eos_ids)  # an HF checkpoint may end on several ids
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.output_ids: list[int] = []
@@ -184,7 +184,7 @@ class SequenceState:
             self.logprobs.append(logprob)
         finish: FinishReason | None = None
         stop_at: int | None = None
-        if self.params.stop_on_eos and token_id == self.eos_id:
+        if self.params.stop_on_eos and token_id in self.eos_ids:
             finish = "stop"
         else:
             old_len = len(self._text)

@@ -34,11 +34,12 @@ def encode_prompt(
 ) -> list[int]:
     """Token ids of `prompt`, checked against the vocabulary and the model's context.
 
-    An empty prompt becomes [eos_id]: end-of-text separates documents in training corpora, so
-    it is the context of "the start of a new document".
+    A text prompt gets the BOS token an imported checkpoint's tokenizer adds. An empty prompt
+    becomes [eos_id]: end-of-text separates documents in training corpora, so it is the context
+    of "the start of a new document".
     """
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode_prompt(prompt)
     else:
         ids = list(prompt)
         bad = [

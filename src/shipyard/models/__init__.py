@@ -22,7 +22,14 @@ from shipyard.errors import ModelError
 from shipyard.models.cnn import CNN, CNNConfig
 from shipyard.models.encoder import Encoder, EncoderConfig
 from shipyard.models.gpt import GPT, GPTConfig
-from shipyard.models.llama import Llama, LlamaConfig, build_llama, config_from_hf, hf_config_from
+from shipyard.models.llama import (
+    Llama,
+    LlamaConfig,
+    build_llama,
+    config_from_hf,
+    hf_config_from,
+    llama_from_state_dict,
+)
 from shipyard.models.mlp import MLP, MLPConfig
 from shipyard.models.protocol import KVCache, LanguageModel, is_language_model, language_module
 
@@ -226,6 +233,7 @@ __all__ = [
     "hf_config_from",
     "is_language_model",
     "language_module",
+    "llama_from_state_dict",
     "register_family",
     "register_model",
 ]

@@ -25,6 +25,7 @@ weights with `load_state_dict(..., assign=True)` and call `tie_weights()`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -37,11 +38,11 @@ from shipyard.errors import ModelError
 from shipyard.models.protocol import KVCache
 
 ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "phi3"]
-RopeType = Literal["default", "linear", "llama3", "yarn", "dynamic"]
+RopeType = Literal["default", "linear", "llama3", "yarn", "dynamic", "longrope"]
 LayerType = Literal["full_attention", "sliding_attention"]
 
 MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "dynamic")
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 # The transformers class each model_type loads as (config.json "architectures").
 HF_ARCHITECTURES = {
@@ -62,7 +63,9 @@ class RopeParameters(StrictModel):
     Only the fields of `rope_type` are used: linear and dynamic read `factor`; llama3 reads
     `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`; yarn
     reads `factor`, `original_max_position_embeddings`, `beta_fast`, `beta_slow`,
-    `attention_factor`, `mscale`, `mscale_all_dim`, `truncate`.
+    `attention_factor`, `mscale`, `mscale_all_dim`, `truncate`; longrope (Phi-3 128k, Phi-3.5)
+    reads `short_factor`, `long_factor` (one per rotated channel pair),
+    `original_max_position_embeddings`, `factor`, `attention_factor`.
     """
 
     rope_type: RopeType = "default"
@@ -77,6 +80,8 @@ class RopeParameters(StrictModel):
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool | None = None
+    short_factor: list[float] | None = None
+    long_factor: list[float] | None = None
 
     @model_validator(mode="after")
     def _has_its_fields(self) -> RopeParameters:
@@ -85,6 +90,7 @@ class RopeParameters(StrictModel):
             "dynamic": ("factor",),
             "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
             "yarn": (),  # factor may come from max_position_embeddings / original
+            "longrope": ("short_factor", "long_factor"),
         }.get(self.rope_type, ())
         missing = [f for f in need if getattr(self, f) is None]
         if missing:
@@ -210,10 +216,19 @@ def _check_family_layout(c: LlamaConfig) -> None:
         raise ValueError(
             f"partial_rotary_factor is only available for model_type 'phi3', not {t!r}"
         )
-    if t == "phi3" and c.rope.rope_type != "default":
+    if t == "phi3" and c.rope.rope_type not in ("default", "longrope"):
         raise ValueError(
-            f"model_type 'phi3' supports rope_type 'default', not {c.rope.rope_type!r}"
+            f"model_type 'phi3' supports rope_type 'default' or 'longrope', not "
+            f"{c.rope.rope_type!r}"
         )
+    rp = c.rope
+    for name in ("short_factor", "long_factor"):
+        factors = getattr(rp, name)
+        if factors is not None and len(factors) != c.rotary_dim // 2:
+            raise ValueError(
+                f"rope {name} has {len(factors)} entries but the rotated channels form "
+                f"{c.rotary_dim // 2} pairs"
+            )
     if c.sliding_window is not None and t == "llama":
         raise ValueError("model_type 'llama' has no sliding window; use mistral or qwen2")
     if c.layer_types is not None and t not in ("qwen2", "qwen3"):
@@ -227,8 +242,9 @@ def _check_family_layout(c: LlamaConfig) -> None:
 def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (rotary_dim / 2,) fp32 on CPU and the cos/sin scale, as transformers.
 
-    seq_len: for dynamic NTK scaling, 1 + the largest position of the call; the base grows once
-    it exceeds max_position_embeddings.
+    seq_len: 1 + the largest position of the call (of the row, for longrope). Dynamic NTK
+    grows the base once it exceeds max_position_embeddings; longrope switches from the short to
+    the long factors once it exceeds original_max_position_embeddings.
     """
     rp = config.rope
     base, dim = rp.rope_theta, config.rotary_dim
@@ -240,6 +256,8 @@ def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None) -> tuple[torc
         n = torch.tensor(max(seq_len or mpe, mpe))
         base_t = base * ((rp.factor * n / mpe) - (rp.factor - 1)) ** (dim / (dim - 2))
         return 1.0 / (base_t**exponents), scaling
+    if rp.rope_type == "longrope":
+        return _longrope_inv_freq(config, seq_len)
     inv_freq = 1.0 / (base**exponents)
     if rp.rope_type == "linear":
         assert rp.factor is not None
@@ -264,6 +282,23 @@ def _llama3_inv_freq(config: LlamaConfig, inv_freq: torch.Tensor) -> torch.Tenso
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _longrope_inv_freq(config: LlamaConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """LongRoPE: per-channel rescaling factors, short ones within the pretraining context and
+    long ones beyond it; cos/sin scaled by sqrt(1 + ln(factor) / ln(original))."""
+    rp = config.rope
+    assert rp.short_factor is not None and rp.long_factor is not None
+    dim = config.rotary_dim
+    original = rp.original_max_position_embeddings or config.max_position_embeddings
+    factor = rp.factor if rp.factor is not None else config.max_position_embeddings / original
+    scaling = rp.attention_factor
+    if scaling is None:
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    long = seq_len is not None and seq_len > original
+    ext = torch.tensor(rp.long_factor if long else rp.short_factor, dtype=torch.float32)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (ext * rp.rope_theta**exponents), float(scaling)
 
 
 def _yarn_inv_freq(config: LlamaConfig) -> tuple[torch.Tensor, float]:
@@ -569,20 +604,33 @@ class Llama(nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B|1, 1, T, rotary_dim) for positions (B|1, T)."""
-        seq_len = 0
-        if self.config.rope.rope_type == "dynamic":
-            seq_len = int(positions.max()) + 1
-            if seq_len <= self.config.max_position_embeddings:
-                seq_len = 0  # unscaled, shared with every short call
-        key = (positions.device, seq_len)
-        if key not in self._rope_cache:
-            inv_freq, scale = rope_inv_freq(self.config, seq_len or None)
-            self._rope_cache[key] = (inv_freq.to(positions.device), scale)
-        inv_freq, scale = self._rope_cache[key]
+        rope_type, device = self.config.rope.rope_type, positions.device
+        if rope_type == "dynamic" and int(positions.max()) >= self.config.max_position_embeddings:
+            inv_freq, scale = rope_inv_freq(self.config, int(positions.max()) + 1)
+            inv_freq = inv_freq.to(device)  # rescaled for this length: not worth caching
+        elif rope_type == "longrope":
+            # Each row picks short or long factors by its own length, so a row decodes the same
+            # in a batch as alone (transformers decides once for the whole batch).
+            original = self.config.rope.original_max_position_embeddings or self.max_context
+            short, scale = self._cached_inv_freq(device, None)
+            long, _ = self._cached_inv_freq(device, original + 1)
+            is_long = positions.amax(dim=-1) >= original  # (B|1,)
+            inv_freq = torch.where(is_long[:, None, None], long, short)  # (B|1, 1, rot/2)
+        else:
+            inv_freq, scale = self._cached_inv_freq(device, None)
         freqs = positions[..., None].float() * inv_freq  # (B|1, T, rot/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B|1, T, rot)
         cos, sin = emb.cos() * scale, emb.sin() * scale
         return cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (B|1, 1, T, rot)
+
+    def _cached_inv_freq(
+        self, device: torch.device, seq_len: int | None
+    ) -> tuple[torch.Tensor, float]:
+        key = (device, seq_len or 0)
+        if key not in self._rope_cache:
+            inv_freq, scale = rope_inv_freq(self.config, seq_len)
+            self._rope_cache[key] = (inv_freq.to(device), scale)
+        return self._rope_cache[key]
 
     def forward(
         self,
@@ -728,6 +776,8 @@ def _hf_rope(hf: dict[str, Any], model_type: str) -> tuple[RopeParameters, float
         raise ModelError("config.json: per-layer-type rope_parameters are not supported")
     theta = rp.get("rope_theta", hf.get("rope_theta", (params or {}).get("rope_theta")))
     rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if model_type == "phi3" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # older Phi-3 names, as transformers reads them
     if rope_type not in ROPE_TYPES:
         raise ModelError(
             f"config.json: rope_type {rope_type!r} is not supported; supported: "
@@ -735,14 +785,14 @@ def _hf_rope(hf: dict[str, Any], model_type: str) -> tuple[RopeParameters, float
         )
     partial = hf.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0))
     fields = {f: rp[f] for f in _ROPE_FIELDS if rp.get(f) is not None}
-    if rope_type in ("llama3", "yarn"):
-        original = hf.get("original_max_position_embeddings") if model_type == "phi3" else None
+    if rope_type in ("llama3", "yarn", "longrope"):
+        if model_type == "phi3":  # transformers prefers Phi-3's top-level field (default 4096)
+            fields["original_max_position_embeddings"] = hf.get(
+                "original_max_position_embeddings", 4096
+            )
         fields.setdefault(
             "original_max_position_embeddings",
-            original
-            or hf.get(
-                "max_position_embeddings", _HF_DEFAULTS[model_type]["max_position_embeddings"]
-            ),
+            hf.get("max_position_embeddings", _HF_DEFAULTS[model_type]["max_position_embeddings"]),
         )
     try:
         rope = RopeParameters(
@@ -889,8 +939,53 @@ def hf_config_from(config: LlamaConfig, vocab_size: int | None = None) -> dict[s
         out["sliding_window"] = config.sliding_window
     if t == "phi3":
         out["partial_rotary_factor"] = config.partial_rotary_factor
-        out["original_max_position_embeddings"] = config.max_position_embeddings
+        original = config.rope.original_max_position_embeddings
+        out["original_max_position_embeddings"] = original or config.max_position_embeddings
     return out
+
+
+# Non-parameter tensors some older Llama conversions saved (recomputed here from the config).
+_HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def llama_from_state_dict(
+    config: LlamaConfig, state_dict: Mapping[str, torch.Tensor], vocab_size: int | None = None
+) -> Llama:
+    """A Llama whose parameters are the given tensors themselves (no random init, no copy).
+
+    The model is built on the meta device and the tensors (e.g. memory-mapped safetensors, in
+    their own dtype) are assigned. A tied checkpoint may omit `lm_head.weight`. Raises
+    ModelError naming missing, unexpected or misshapen tensors.
+    """
+    sd = {k: v for k, v in state_dict.items() if not k.endswith(_HF_IGNORED_SUFFIXES)}
+    embed = sd.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ModelError("not a Llama-family state dict: it has no model.embed_tokens.weight")
+    vocab = vocab_size or config.vocab_size or embed.size(0)
+    if config.tie_word_embeddings:
+        head = sd.pop("lm_head.weight", None)
+        if head is not None and head is not embed and not torch.equal(head, embed):
+            raise ModelError(
+                "the checkpoint's lm_head.weight differs from its embedding but "
+                "tie_word_embeddings is true; set tie_word_embeddings false"
+            )
+    with torch.device("meta"):
+        model = Llama(config, vocab)
+    expected = model.state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:3]]
+        raise ModelError(
+            f"weights do not fit the {config.model_type} config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {shapes}"
+        )
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    return model
 
 
 def build_llama(

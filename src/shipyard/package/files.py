@@ -8,3 +8,4 @@ WEIGHTS = "model.safetensors"
 ONNX_MODEL = "model.onnx"
 TOKENIZER = "tokenizer.json"
 RESERVED = frozenset({MANIFEST, SIGNATURE})  # never listed in the manifest's `files`
+TOKENIZER_CONFIG = "tokenizer_config.json"  # an imported HF tokenizer's settings and chat template

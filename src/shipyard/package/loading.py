@@ -10,6 +10,7 @@ ONNX Runtime runs behind the same `LoadedModel` interface.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
+from shipyard.data.tokenization import HFTokenizerConfig
 from shipyard.errors import ModelError, PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
 from shipyard.models.lora import LoRAConfig, apply_lora
@@ -35,6 +37,7 @@ from shipyard.models.quantized import LAYER_TYPES, replace_module
 from shipyard.package.manifest import (
     ONNX_MODEL,
     TOKENIZER,
+    TOKENIZER_CONFIG,
     WEIGHTS,
     FileEntry,
     LoRASpec,
@@ -247,7 +250,7 @@ def load_package(
         else:
             text = (root / TOKENIZER).read_text(encoding="utf-8")
         try:
-            tokenizer = Tokenizer.from_json(text)
+            tokenizer = Tokenizer.from_json(text, _hf_tokenizer_config(root, manifest))
         except ShipyardError as exc:
             raise PackageError(f"{root / TOKENIZER}: {exc}") from None
     preprocessor = None
@@ -266,6 +269,19 @@ def load_package(
         path=root,
         device=dev,
     )
+
+
+def _hf_tokenizer_config(root: Path, manifest: Manifest) -> HFTokenizerConfig | None:
+    """An imported Hugging Face tokenizer's config (tokenizer_config.json), if any."""
+    if TOKENIZER_CONFIG not in manifest.files:
+        return None
+    try:
+        data = json.loads((root / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return HFTokenizerConfig.from_dict(data)
+    except (OSError, json.JSONDecodeError, TypeError, ShipyardError) as exc:
+        raise PackageError(f"{root / TOKENIZER_CONFIG}: cannot read ({exc})") from None
 
 
 def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes | None) -> nn.Module:

@@ -7,6 +7,8 @@ A package is a flat directory with fixed file names:
     model.safetensors   the weights (backend "torch", the default)
     model.onnx          instead of the weights: an ONNX graph (backend "onnxruntime")
     tokenizer.json      optional: the tokenizer (token models)
+    tokenizer_config.json  optional: an imported Hugging Face tokenizer's special tokens, EOS ids
+                        and chat template (`shipyard.data.HFTokenizerConfig`)
     manifest.sig        optional: Ed25519 signature over the exact bytes of manifest.json
 
 `verify_package` refuses anything that does not match the manifest: a changed, missing or extra
@@ -46,6 +48,7 @@ from shipyard.package.files import ONNX_MODEL as ONNX_MODEL
 from shipyard.package.files import RESERVED as RESERVED
 from shipyard.package.files import SIGNATURE as SIGNATURE
 from shipyard.package.files import TOKENIZER as TOKENIZER
+from shipyard.package.files import TOKENIZER_CONFIG as TOKENIZER_CONFIG
 from shipyard.package.files import WEIGHTS as WEIGHTS
 from shipyard.package.signing import verify_signature
 

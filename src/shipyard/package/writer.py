@@ -25,6 +25,7 @@ from shipyard.package.manifest import (
     MANIFEST,
     ONNX_MODEL,
     TOKENIZER,
+    TOKENIZER_CONFIG,
     WEIGHTS,
     Architecture,
     Derivation,
@@ -135,6 +136,12 @@ def write_package(
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
             files[TOKENIZER] = hash_file(tmp / TOKENIZER, algorithm=hash_algorithm)
+            tok_config = tokenizer.config_json()
+            if tok_config is not None:
+                (tmp / TOKENIZER_CONFIG).write_text(tok_config, encoding="utf-8")
+                files[TOKENIZER_CONFIG] = hash_file(
+                    tmp / TOKENIZER_CONFIG, algorithm=hash_algorithm
+                )
         manifest = Manifest(
             name=name or config.name,
             version=version,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from shipyard.config import RunConfig
+from shipyard.config_base import LM_TASK
 from shipyard.data import PreparedData, prepare_data
 from shipyard.data.datasets import gather
 from shipyard.errors import TrainError
@@ -99,10 +101,14 @@ def build_data_and_model(config: RunConfig) -> tuple[PreparedData, nn.Module]:
             config.data,
             config.task,
             config.seed,
-            block_size=base.block_size,
+            block_size=base.block_size(config.data.block_size),
             tokenizer=base.tokenizer,
         )
         model = base.loaded.model
+        vocab = getattr(model, "vocab_size", None)
+        if config.task == LM_TASK and vocab is not None and vocab != data.info.num_outputs:
+            # checkpoints may pad the embedding past the tokenizer (Qwen): the model's width counts
+            data.info = replace(data.info, num_outputs=int(vocab), vocab_size=int(vocab))
     else:
         token_model = config.model.name in TOKEN_MODELS
         block_size = getattr(config.model, "block_size", None) if token_model else None

@@ -34,11 +34,20 @@ class Base:
         """The base's tokenizer (None for models that take features)."""
         return self.loaded.tokenizer
 
-    @property
-    def block_size(self) -> int | None:
-        """Tokens per example for token models (from the base's architecture)."""
-        size = self.loaded.manifest.architecture.config.get("block_size")
-        return int(size) if size is not None else None
+    def block_size(self, wanted: int | None) -> int | None:
+        """Tokens per example: `wanted` (data.block_size), at most the base's context length;
+        the context length when not given. None for models that take features."""
+        context = getattr(self.loaded.model, "max_context", None)
+        if context is None:
+            size = self.loaded.manifest.architecture.config.get("block_size")
+            context = int(size) if size is not None else None
+        if wanted is None or context is None:
+            return context
+        if wanted > context:
+            raise TrainError(
+                f"data.block_size {wanted} is longer than the model's context ({context} tokens)"
+            )
+        return wanted
 
 
 def load_base(config: RunConfig) -> Base | None:

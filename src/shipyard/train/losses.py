@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shipyard.config_base import TASKS
+from shipyard.data.instructions import IGNORE_INDEX
 from shipyard.errors import ConfigError, TrainError
 
 LossName = Literal["cross-entropy", "mse", "mae", "huber", "bce"]
@@ -67,10 +68,16 @@ class LossFn:
             )
         self._check_width(outputs)
         logits = outputs.reshape(-1, outputs.shape[-1])  # (N, C), N = B or B*T
+        flat = targets.reshape(-1)
         total = F.cross_entropy(
-            logits, targets.reshape(-1), reduction="sum", label_smoothing=self.label_smoothing
+            logits,
+            flat,
+            reduction="sum",
+            label_smoothing=self.label_smoothing,
+            ignore_index=IGNORE_INDEX,
         )
-        return total, targets.numel()
+        # targets of IGNORE_INDEX (padding, prompt tokens of instruction data) are not scored
+        return total, int((flat != IGNORE_INDEX).sum())
 
     def _bce(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int]:
         self._check_width(outputs)

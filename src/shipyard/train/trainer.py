@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,11 @@ class Trainer:
         self.n_params = count_parameters(self.model)
         self.n_trainable = count_parameters(self.model, trainable_only=True)
         self.is_lm = config.task == "language-modeling"
-        block_size = getattr(getattr(self.model, "config", None), "block_size", None)
+        block_size = (
+            self.data.info.input_shape[0]
+            if self.is_lm
+            else None  # windows / rows of the prepared data
+        )
         self.tokens_per_row = int(block_size) if self.is_lm and block_size else 1
         self.loss_fn = build_loss(
             config.task,
@@ -702,6 +706,11 @@ class Trainer:
             "model": self.config.model.name,
             "parameters": self.n_params,
             "trainable_parameters": self.n_trainable,
+            **(
+                {"instruction_examples": asdict(self.data.instructions)}
+                if self.data.instructions is not None
+                else {}
+            ),
             "steps": self.step,
             "epochs": self.epoch + (1 if self.step_in_epoch else 0),
             "best_step": best,

@@ -3,7 +3,8 @@
     GET  /v1/models                 the language models served ({"object": "list", "data": [...]})
     GET  /v1/models/{model}         one of them
     POST /v1/completions            prompt → text (streaming: server-sent events)
-    POST /v1/chat/completions       messages → assistant message, through `CHAT_TEMPLATE`
+    POST /v1/chat/completions       messages → assistant message, through the model's own chat
+                                    template (imported checkpoints), else `CHAT_TEMPLATE`
 
 Every choice is one request to the model's continuous-batching `Engine` (`n` choices are `n`
 independent requests; with a `seed`, choice i uses seed + i). Parameters are checked strictly:
@@ -25,6 +26,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from shipyard.data.chat import FALLBACK_STOPS, FALLBACK_TEMPLATE, ChatTemplateError
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import EngineOverloaded, GenerationError
 from shipyard.generate import (
@@ -44,15 +46,8 @@ from shipyard.serve.lm import EngineMetrics
 TAG = "openai"
 
 CHAT_ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATE = "<|{role}|>\n{content}\n"  # one per message, then "<|assistant|>\n"
-CHAT_STOPS = (
-    "\n<|system|>",
-    "\n<|user|>",
-    "\n<|assistant|>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-)
+CHAT_TEMPLATE = FALLBACK_TEMPLATE  # one per message, then "<|assistant|>\n"
+CHAT_STOPS = FALLBACK_STOPS
 MAX_STOP = 4  # as OpenAI
 MAX_CHOICES = 16  # prompts x n per request
 MAX_LOGPROBS = 20
@@ -358,7 +353,7 @@ def _sampling(
 
 
 def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text) or [tokenizer.eos_id]
+    return tokenizer.encode_prompt(text) or [tokenizer.eos_id]
 
 
 def _completion_prompts(body: _Body, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
@@ -385,11 +380,12 @@ def _token_ids(ids: list[Any], vocab_size: int) -> list[int]:
     return list(ids)
 
 
-def chat_prompt(messages: Any) -> str:
-    """The prompt text for a list of chat messages (`CHAT_TEMPLATE`; "developer" = "system")."""
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """Validated chat messages as {role, content[, name]} with text content ("developer" =
+    "system"), what a chat template is rendered with."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-    parts = []
+    out = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -409,8 +405,28 @@ def chat_prompt(messages: Any) -> str:
                 f"{str(role)[:32]!r} (tool messages are not supported)",
                 f"{where}.role",
             )
-        parts.append(CHAT_TEMPLATE.format(role=role, content=_content(message, where)))
+        item = {"role": str(role), "content": _content(message, where)}
+        if isinstance(message.get("name"), str):
+            item["name"] = message["name"]
+        out.append(item)
+    return out
+
+
+def chat_prompt(messages: Any) -> str:
+    """The prompt text for a list of chat messages in shipyard's fallback format
+    (`CHAT_TEMPLATE`; "developer" = "system"), for models without a chat template."""
+    parts = [
+        CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in chat_messages(messages)
+    ]
     return "".join(parts) + "<|assistant|>\n"
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: Any) -> list[int]:
+    """Prompt ids for chat messages: the model's own template, else the fallback format."""
+    try:
+        return tokenizer.chat_prompt_ids(chat_messages(messages))
+    except ChatTemplateError as exc:  # e.g. "Conversation roles must alternate ..."
+        raise _bad(f"the model's chat template refused these messages: {exc}", "messages") from None
 
 
 def _content(message: dict[str, Any], where: str) -> str:
@@ -463,7 +479,7 @@ def parse_chat(state: ServerState, raw: dict[str, Any], request: Request) -> _Re
     want = body.boolean("logprobs")
     if top is not None and not want:
         raise _bad("'top_logprobs' needs logprobs=true", "top_logprobs")
-    ids = _encode(engine.tokenizer, chat_prompt(body.get("messages")))
+    ids = chat_prompt_ids(engine.tokenizer, body.get("messages"))
     req = _Request(served, engine, model, [ids])
     _sampling(
         req,
@@ -471,7 +487,7 @@ def parse_chat(state: ServerState, raw: dict[str, Any], request: Request) -> _Re
         max_tokens_key=key,
         default_max_tokens=None,
         logprobs=(top or 0) if want else None,
-        stops=_stops(body, CHAT_STOPS),
+        stops=_stops(body, engine.tokenizer.chat_stops),
         prompt_param="messages",
     )
     return req
@@ -824,7 +840,9 @@ __all__ = [
     "UNSUPPORTED",
     "OpenAIError",
     "build_router",
+    "chat_messages",
     "chat_prompt",
+    "chat_prompt_ids",
     "error_response",
     "is_openai_route",
 ]
