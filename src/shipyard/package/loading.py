@@ -9,14 +9,11 @@ ONNX Runtime runs behind the same `LoadedModel` interface.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -406,7 +403,7 @@ def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> n
             ) from None
     shape, outputs, vocab = tuple(info.input_shape), info.num_outputs, info.vocab_size
     try:
-        with torch.device("meta"), _skip_init_on_meta():
+        with torch.device("meta"):
             model = build_model(config, input_shape=shape, num_outputs=outputs, vocab_size=vocab)
         persistent = set(model.state_dict())
         if all(n in persistent for n, _ in model.named_buffers()):
@@ -414,51 +411,6 @@ def build_empty_model(config: Any, info: DataInfo, name: str | None = None) -> n
         return build_model(config, input_shape=shape, num_outputs=outputs, vocab_size=vocab)
     except ShipyardError as exc:
         raise PackageError(f"manifest.json: cannot build the model ({exc})") from None
-
-
-_INIT_FUNCTIONS = (
-    "uniform_",
-    "normal_",
-    "trunc_normal_",
-    "constant_",
-    "ones_",
-    "zeros_",
-    "xavier_uniform_",
-    "xavier_normal_",
-    "kaiming_uniform_",
-    "kaiming_normal_",
-    "orthogonal_",
-)
-_INIT_LOCK = threading.Lock()
-
-
-@contextmanager
-def _skip_init_on_meta() -> Iterator[None]:
-    """Make `torch.nn.init` leave meta tensors alone while a model is built on the meta device.
-
-    Initialising a meta tensor computes nothing, but each call still goes through Python
-    dispatch (about 0.4 s for a 110M-parameter GPT, a third of its verified load). Other tensors
-    (say, another thread's model) are initialised exactly as before.
-    """
-
-    def skipping(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
-                return tensor
-            return fn(tensor, *args, **kwargs)
-
-        return init
-
-    with _INIT_LOCK:
-        originals = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS if hasattr(nn.init, n)}
-        for name, fn in originals.items():
-            setattr(nn.init, name, skipping(fn))
-        try:
-            yield
-        finally:
-            for name, fn in originals.items():
-                setattr(nn.init, name, fn)
 
 
 def _materialize(model: nn.Module) -> nn.Module:
