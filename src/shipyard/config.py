@@ -221,13 +221,42 @@ class CheckpointConfig(StrictModel):
     keep_best: bool = True
 
 
+class FSDPConfig(StrictModel):
+    """FSDP2 options (used when `train.strategy` is fsdp)."""
+
+    cpu_offload: bool = Field(
+        False, description="keep sharded parameters, gradients and optimizer state in CPU memory"
+    )
+    reshard_after_forward: bool = Field(
+        True, description="free gathered block weights after forward (less memory, more traffic)"
+    )
+
+
 class TrainConfig(StrictModel):
     """The training loop."""
 
     epochs: int | None = Field(10, ge=1, description="passes over the train split")
     max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
-    batch_size: int = Field(64, ge=1, description="examples per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="examples per optimizer step, all processes together (the global batch)",
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="most examples per forward pass on one process (accumulates the rest)",
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches each process cuts its share of a step into"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: ddp (replicate) or fsdp (FSDP2, shard)"
+    )
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    activation_checkpointing: bool = Field(
+        False, description="recompute each transformer block's activations in backward"
+    )
     loss: Literal["auto", "cross-entropy", "mse", "mae", "huber", "bce"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp32 on CPU, bf16 autocast on CUDA"
@@ -250,6 +279,22 @@ class TrainConfig(StrictModel):
         if self.epochs is None and self.max_steps is None:
             raise ValueError(
                 "set train.epochs or train.max_steps (or both: the first reached wins)"
+            )
+        if self.micro_batch_size is not None and self.grad_accum > 1:
+            raise ValueError(
+                f"train.micro_batch_size ({self.micro_batch_size}) and train.grad_accum "
+                f"({self.grad_accum}) both split a step; set only one"
+            )
+        if self.strategy != "fsdp" and self.fsdp != FSDPConfig():
+            raise ValueError(
+                "train.fsdp options need train.strategy: fsdp (it is ddp); set "
+                "train.strategy=fsdp or remove the train.fsdp section"
+            )
+        if self.strategy == "fsdp" and self.compile:
+            raise ValueError("train.compile is not supported with train.strategy: fsdp yet")
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError(
+                "train.precision fp16 is not supported with train.strategy: fsdp; use bf16"
             )
         return self
 

@@ -315,7 +315,7 @@ def test_v1_database_is_upgraded_on_open(home: Path, pkg: Path) -> None:
     assert "last_version" not in columns
 
     with Registry() as registry:
-        assert registry.schema_version() == SCHEMA_VERSION == 2
+        assert registry.schema_version() == SCHEMA_VERSION == 3
         assert [v.version for v in registry.list_versions("old")] == [1, 5]
         assert registry.get("old").created.year == 2024
         # the new counter column was filled from existing rows: the next version follows 5
@@ -324,7 +324,7 @@ def test_v1_database_is_upgraded_on_open(home: Path, pkg: Path) -> None:
     conn = sqlite3.connect(db)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(models)")}
     assert "last_version" in columns
-    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     conn.close()
 
 

@@ -17,6 +17,7 @@ from shipyard.cli.models_cmd import models_app
 from shipyard.cli.package_cmd import package_app
 from shipyard.cli.serve_cmd import keys_add, keys_list, keys_revoke, predict, serve
 from shipyard.cli.train_cmd import evaluate, train
+from shipyard.cli.ui_cmd import ui
 from shipyard.errors import ShipyardError
 
 err_console = Console(stderr=True)
@@ -35,7 +36,8 @@ app = typer.Typer(
         "  shipyard generate runs/gpt-tiny/<run-id>/package --prompt 'def main(' --seed 0\n\n"
         "  shipyard config validate examples/*.yaml\n\n"
         "  shipyard config show examples/digits-mlp.yaml --set train.epochs=5\n\n"
-        "  shipyard config schema > shipyard.schema.json"
+        "  shipyard config schema > shipyard.schema.json\n\n"
+        "  shipyard ui --runs runs"
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -54,6 +56,7 @@ app.command("compress")(compress)
 app.command("export")(export)
 app.command("import-hf")(import_hf)
 app.command("generate")(generate)
+app.command("ui")(ui)
 keys_app.command("add")(keys_add)
 keys_app.command("list")(keys_list)
 keys_app.command("revoke")(keys_revoke)

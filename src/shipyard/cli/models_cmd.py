@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def promote(
     """
     name, version = _split_version_ref(ref)
     with _registry() as registry:
-        mv = registry.promote(name, version, to)
+        mv = registry.promote(name, version, to, actor=_cli_actor())
     console.print(f"{name}@{to} -> {_summary(mv)}", highlight=False)
 
 
@@ -196,8 +197,33 @@ def rollback(
     Example: shipyard models rollback digits-mlp --alias production
     """
     with _registry() as registry:
-        mv = registry.rollback(name, alias)
+        mv = registry.rollback(name, alias, actor=_cli_actor())
     console.print(f"{name}@{alias} -> {_summary(mv)}", highlight=False)
+
+
+@models_app.command("history")
+def history(
+    name: str = typer.Argument(..., help="Model name."),
+    alias: str | None = typer.Option(None, "--alias", help="Only this alias."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show every promotion and rollback of a model's aliases, newest first, and who made it.
+
+    Example: shipyard models history digits-mlp --alias production
+    """
+    with _registry() as registry:
+        events = registry.history(name, alias)
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in events], indent=2))
+        return
+    table = Table()
+    for col in ("when", "alias", "action", "version", "who"):
+        table.add_column(col)
+    for e in events:
+        action = e.action + (" (rolled back)" if e.undone else "")
+        when = e.created.isoformat(timespec="seconds")
+        table.add_row(when, e.alias, action, str(e.version), e.actor or "unknown")
+    console.print(table)
 
 
 @models_app.command("delete")
@@ -230,3 +256,11 @@ def pull(
         mv = registry.get(ref)
         path = registry.pull(mv.ref, dest)
     console.print(f"pulled {_summary(mv)} -> {path}", highlight=False)
+
+
+def _cli_actor() -> str:
+    """Who the alias history records for a change made from the command line."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"

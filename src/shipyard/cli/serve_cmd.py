@@ -9,7 +9,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from pydantic import ValidationError
@@ -17,6 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from shipyard.serve.settings import ServeError, ServeSettings
+
+if TYPE_CHECKING:
+    from shipyard.ui.app import UISettings
 
 console = Console()
 
@@ -59,6 +62,8 @@ def serve(
         False, "--metrics-public", help="Serve /metrics without a key off loopback."
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    ui: bool = typer.Option(False, "--ui", help="Also serve the web dashboard at /ui/."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="With --ui: the runs folder to show."),
 ) -> None:
     """Serve packages over HTTP: KServe V2 (tritonclient-compatible), simple JSON, and
     OpenAI-compatible /v1/completions and /v1/chat/completions for language models.
@@ -67,6 +72,9 @@ def serve(
 
     From the registry, with keys, on all interfaces:
     shipyard serve --registry digits@production --host 0.0.0.0 --keys-file keys.json --workers 2
+
+    With the web dashboard (runs, registry, live metrics, playground) at /ui/:
+    shipyard serve runs/digits/package --ui --runs runs
     """
     packages = list(packages or [])
     if not packages and not registry:
@@ -100,7 +108,12 @@ def serve(
     except ValidationError as exc:
         raise ServeError(_first_error(exc)) from None
     _preflight(settings)
-    run_server(settings, log_level=log_level)
+    dashboard = None
+    if ui:
+        from shipyard.ui.app import UISettings
+
+        dashboard = UISettings(runs_dir=runs.resolve())
+    run_server(settings, log_level=log_level, ui=dashboard)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -131,8 +144,13 @@ def _preflight(settings: ServeSettings) -> None:
             raise ServeError(f"{settings.keys_file}: no active keys (add one: shipyard keys add)")
 
 
-def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
-    """Bind, print the address, and run uvicorn until SIGTERM/SIGINT (graceful drain)."""
+def run_server(
+    settings: ServeSettings, *, log_level: str = "info", ui: UISettings | None = None
+) -> None:
+    """Bind, print the address, and run uvicorn until SIGTERM/SIGINT (graceful drain).
+
+    ui: also mount the web dashboard (`shipyard.ui`) at /ui/.
+    """
     import uvicorn
 
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -151,6 +169,9 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
         f"shipyard serving on http://{shown}:{port} ({settings.workers} worker(s), {auth})",
         flush=True,
     )
+    if ui is not None:
+        print(f"dashboard: http://{shown}:{port}/ui/ (runs from {ui.runs_dir})", flush=True)
+        ui.to_env()
     if settings.workers > 1:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="shipyard-metrics-")
     settings.to_env()
@@ -162,8 +183,10 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
     }
     if settings.workers == 1:
         from shipyard.serve.app import create_app
+        from shipyard.ui.app import create_ui_app
 
-        config = uvicorn.Config(create_app(settings), **common)
+        app = create_app(settings) if ui is None else create_ui_app(settings, ui)
+        config = uvicorn.Config(app, **common)
         server = uvicorn.Server(config)
         # uvicorn drains, then re-raises the signal it caught; after a clean drain that
         # re-raise lands here and the process exits 0 (what orchestrators expect)
@@ -177,7 +200,7 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
 
     # each worker imports the factory in a fresh process and reads the settings from the env
     config = uvicorn.Config(
-        "shipyard.serve.app:app_from_env",
+        "shipyard.serve.app:app_from_env" if ui is None else "shipyard.ui.app:serve_app_from_env",
         factory=True,
         workers=settings.workers,
         timeout_worker_healthcheck=300,  # a worker imports torch and loads models first
