@@ -97,7 +97,7 @@ def test_linear_package_predicts_2x_plus_1(pkg: Path) -> None:
 
 def test_manifest_contents(pkg: Path) -> None:
     manifest = verify_package(pkg)
-    assert manifest.format_version == 1
+    assert manifest.format_version == 2  # BLAKE3 file hashes
     assert (manifest.name, manifest.version, manifest.task) == ("tiny", "v1", "regression")
     assert manifest.architecture.name == "mlp"
     assert manifest.metrics == {"val": {"mse": 0.5}}  # non-scalars dropped
@@ -283,9 +283,9 @@ def test_flipped_byte_names_the_file(pkg: Path) -> None:
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 does not match"):
+    with pytest.raises(PackageError, match=r"model\.safetensors: BLAKE3 hash does not match"):
         verify_package(pkg)
-    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 does not match"):
+    with pytest.raises(PackageError, match=r"model\.safetensors: BLAKE3 hash does not match"):
         load_package(pkg)
 
 
@@ -340,8 +340,8 @@ def test_symlinked_package_dir_is_refused(pkg: Path, tmp_path: Path) -> None:
 
 
 def test_future_format_version_asks_for_an_upgrade(pkg: Path) -> None:
-    rewrite_manifest(pkg, lambda d: d.update(format_version=2, new_field=1))
-    with pytest.raises(PackageError, match=r"newer shipyard \(format 2\); upgrade shipyard"):
+    rewrite_manifest(pkg, lambda d: d.update(format_version=3, new_field=1))
+    with pytest.raises(PackageError, match=r"newer shipyard \(format 3\); upgrade shipyard"):
         verify_package(pkg)
 
 
@@ -393,8 +393,11 @@ def test_read_manifest_returns_exact_bytes(pkg: Path) -> None:
 # chunk hashes: large files are verified on every core
 
 
-def test_small_files_keep_two_field_entries(pkg: Path) -> None:
+def test_small_files_keep_two_field_entries(pkg: Path, tmp_path: Path) -> None:
     entry = json.loads((pkg / "manifest.json").read_text())["files"]["model.safetensors"]
+    assert set(entry) == {"blake3", "size"}
+    old = linear_package(tmp_path / "old", version="v1", hash_algorithm="sha256")
+    entry = json.loads((old / "manifest.json").read_text())["files"]["model.safetensors"]
     assert set(entry) == {"sha256", "size"}
 
 
@@ -405,14 +408,14 @@ def test_hash_file_chunks_cover_every_byte(tmp_path: Path) -> None:
 
     data = os.urandom(10_000)
     (tmp_path / "blob").write_bytes(data)
-    entry = hash_file(tmp_path / "blob", chunk_size=4096)
+    entry = hash_file(tmp_path / "blob", algorithm="sha256", chunk_size=4096)
     assert entry.sha256 == hashlib.sha256(data).hexdigest()
     assert entry.chunks == [hashlib.sha256(data[i : i + 4096]).hexdigest() for i in (0, 4096, 8192)]
     check_file(tmp_path, "blob", entry)
     flipped = bytearray(data)
     flipped[9000] ^= 1  # in the last chunk
     (tmp_path / "blob").write_bytes(bytes(flipped))
-    with pytest.raises(PackageError, match="blob: SHA-256 does not match"):
+    with pytest.raises(PackageError, match="blob: SHA-256 hash does not match"):
         check_file(tmp_path, "blob", entry)
 
 
@@ -434,7 +437,7 @@ def test_chunked_package_loads_refuses_tampering_and_survives_encryption(
     from shipyard.package import manifest as manifest_module
 
     monkeypatch.setattr(manifest_module, "HASH_CHUNK", 64)  # the tiny weights file spans chunks
-    path = linear_package(tmp_path / "chunked", version="v1")
+    path = linear_package(tmp_path / "chunked", version="v1", hash_algorithm="sha256")
     entry = verify_package(path).files["model.safetensors"]
     assert entry.chunk_size == 64 and entry.chunks is not None and len(entry.chunks) > 1
     assert load_package(path).predict([[4.0]]) == [{"value": 9.0}]
@@ -448,5 +451,5 @@ def test_chunked_package_loads_refuses_tampering_and_survives_encryption(
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 does not match"):
+    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 hash does not match"):
         load_package(path)

@@ -69,7 +69,7 @@ def test_keys_sign_verify(run_dir: Path, tmp_path: Path) -> None:
     out = invoke("package", "verify", str(pkg), "--public-key", str(tmp_path / "me.pub"))
     assert "signature valid" in out
     assert "classification" in invoke("package", "inspect", str(pkg))
-    assert '"format_version": 1' in invoke("package", "inspect", str(pkg), "--json")
+    assert '"format_version": 2' in invoke("package", "inspect", str(pkg), "--json")
 
 
 def test_pack_unpack_encrypt_decrypt(run_dir: Path, tmp_path: Path) -> None:

@@ -186,10 +186,10 @@ def test_corrupted_artifact_is_detected_on_pull_and_leaves_nothing(
     weights.write_bytes(bytes(data))
     dest_parent = tmp_path / "pulls"
     dest_parent.mkdir()
-    with pytest.raises(RegistryError, match=r"model.safetensors.*SHA-256.*corrupt or was modified"):
+    with pytest.raises(RegistryError, match=r"model.safetensors.*BLAKE3.*corrupt or was modified"):
         registry.pull("reg", dest_parent / "out")
     assert list(dest_parent.iterdir()) == []  # no half directory, no temp left behind
-    with pytest.raises((RegistryError, PackageError), match=r"SHA-256"):
+    with pytest.raises((RegistryError, PackageError), match=r"BLAKE3"):
         registry.resolve_local("reg")
     # truncation is caught by size
     weights.write_bytes(bytes(data[:-10]))

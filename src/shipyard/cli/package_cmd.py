@@ -71,7 +71,7 @@ def verify(
         None, "--public-key", help="Require a valid signature by this Ed25519 public key (PEM)."
     ),
 ) -> None:
-    """Check every file's size and SHA-256 (and the signature with --public-key).
+    """Check every file's size and hash (and the signature with --public-key).
 
     Example: shipyard package verify digits-pkg --public-key me.pub
     """
@@ -214,7 +214,7 @@ def inspect(
         ("versions", f"shipyard {lin.shipyard_version}, torch {lin.torch_version}"),
     ]
     for name, entry in manifest.files.items():
-        rows.append((f"file {name}", f"{entry.size} bytes, sha256:{entry.sha256[:16]}…"))
+        rows.append((f"file {name}", f"{entry.size} bytes, {entry.algorithm}:{entry.digest[:16]}…"))
     for field, value in rows:
         table.add_row(field, str(value))
     console.print(table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +43,14 @@ from shipyard.package.manifest import (
     Quantization,
     Signature,
     check_file,
+    hash_bytes,
+    mismatch_error,
     read_manifest,
-    sha256_bytes,
     verify_package,
 )
 from shipyard.package.onnx_runtime import OnnxRuntimeModule
 from shipyard.package.security import decrypt_file, resolve_key
+from shipyard.package.weights_reader import read_verified_weights
 
 _MODEL_CONFIG: TypeAdapter[Any] = TypeAdapter(ModelConfig)
 
@@ -272,8 +275,8 @@ def load_package(
     key: Any = None,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Verify a package (every file's SHA-256; the signature when `public_key` is given), rebuild
-    its model and return it ready to predict.
+    """Verify a package (every byte of every file against the manifest's BLAKE3 or SHA-256; the
+    signature when `public_key` is given), rebuild its model and return it ready to predict.
 
     public_key: Ed25519 public key (PEM path/bytes); required signature when given.
     key: decryption key for an encrypted package (bytes, hex/base64 text or a key-file path);
@@ -357,17 +360,29 @@ def _hf_tokenizer_config(root: Path, manifest: Manifest) -> HFTokenizerConfig | 
 
 def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes | None) -> nn.Module:
     """Rebuild the architecture by name (int8 layers swapped in where the manifest says) and
-    load its safetensors weights, hashing them while reading."""
+    load its safetensors weights, hashing them while reading.
+
+    BLAKE3 weights (new packages) are read once, straight into the model's tensors, and hashed
+    as they arrive (`read_verified_weights`); SHA-256 weights (older packages) are hashed per
+    chunk on other threads while safetensors loads them.
+    """
     encryption = manifest.encryption
     encrypted_weights = encryption is not None and WEIGHTS in encryption.files
-    # verify the weights on other threads (hashlib drops the GIL) while we build and read
-    verifier = None if encrypted_weights else _Verifier(root, WEIGHTS, manifest.files[WEIGHTS])
+    entry = manifest.files[WEIGHTS]
+    read_once = not encrypted_weights and entry.algorithm == "blake3" and sys.byteorder == "little"
+    # verify SHA-256 weights on other threads (hashlib drops the GIL) while we build and read
+    verifier = None
+    if not encrypted_weights and not read_once:
+        verifier = _Verifier(root, WEIGHTS, entry)
     model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
     if manifest.quantization is not None:
         swap_quantized_layers(model, manifest.quantization, where=f"{root}/manifest.json")
     if manifest.lora is not None:
         swap_lora_layers(model, manifest.lora, where=f"{root}/manifest.json")
-    if encryption is not None and encrypted_weights:
+    if read_once:
+        targets = model.state_dict(keep_vars=True)
+        tensors = read_verified_weights(root / WEIGHTS, entry, targets)
+    elif encryption is not None and encrypted_weights:
         check_file(root, WEIGHTS, manifest.files[WEIGHTS])
         data = decrypt_file(root, WEIGHTS, encryption, raw_key)
         try:
@@ -393,10 +408,8 @@ def _load_onnx(root: Path, manifest: Manifest, raw_key: bytes | None) -> nn.Modu
     else:
         file = root / ONNX_MODEL
         data = file.read_bytes()
-        if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
-            raise PackageError(
-                f"{file}: SHA-256 does not match the manifest; the file was changed or corrupted"
-            )
+        if len(data) != entry.size or hash_bytes(data, entry.algorithm) != entry.digest:
+            raise mismatch_error(file, entry.algorithm)
     return OnnxRuntimeModule(data, manifest.signature, where=str(root / ONNX_MODEL))
 
 
