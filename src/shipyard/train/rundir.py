@@ -3,7 +3,8 @@
     runs/NAME/RUN-ID/
       config.yaml      the resolved run config (CONFIG_FILE)
       data.json        DataInfo + fitted preprocessing, written at the start (DATA_FILE)
-      tokenizer.json   the tokenizer, for token models (TOKENIZER_FILE)
+      tokenizer.json   the tokenizer, for token models (TOKENIZER_FILE; an imported model's
+                       settings and chat template in tokenizer_config.json)
       metrics.jsonl    one JSON line per logging step (METRICS_FILE)
       checkpoints/     step-N/ directories (CHECKPOINTS_DIR; see checkpoint.py)
       report.json/md   final metrics and plots (REPORT_FILE; written by shipyard.evaluate.report)
@@ -37,6 +38,7 @@ from shipyard.train.finetune import lora_spec, prepare_for_finetune
 CONFIG_FILE = "config.yaml"
 DATA_FILE = "data.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # beside it, for an HF checkpoint's tokenizer
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.json"
 CHECKPOINTS_DIR = "checkpoints"

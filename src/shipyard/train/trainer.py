@@ -64,6 +64,7 @@ from shipyard.train.rundir import (
     CONFIG_FILE,
     DATA_FILE,
     METRICS_FILE,
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     JsonlLog,
     config_differences,
@@ -565,6 +566,9 @@ class Trainer:
         atomic_write(self.run_dir / DATA_FILE, json.dumps(data, indent=2))
         if self.data.tokenizer is not None:
             atomic_write(self.run_dir / TOKENIZER_FILE, self.data.tokenizer.to_json())
+            settings = self.data.tokenizer.config_json()  # an HF checkpoint's tokenizer
+            if settings is not None:
+                atomic_write(self.run_dir / TOKENIZER_CONFIG_FILE, settings)
 
     def _scored_count(self, rows: torch.Tensor) -> int:
         """Targets the loss scores over one step's rows (all ranks): every token of a window,
