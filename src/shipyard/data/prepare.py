@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,24 +190,9 @@ def _prepare_instructions(
         stats.answer_tokens[name] = answers
     if "train" not in datasets:
         raise DataError("instruction data needs a train split")
-    info = DataInfo(
-        task="language-modeling",
-        input_shape=(block_size,),
-        num_outputs=tokenizer.vocab_size,
-        class_names=None,
-        feature_names=None,
-        vocab_size=tokenizer.vocab_size,
-        split_sizes=dict(stats.answer_tokens),
-        fingerprint=fingerprint.hexdigest(),
-    )
-    return PreparedData(
-        train=datasets["train"],
-        val=datasets.get("val"),
-        test=datasets.get("test"),
-        info=info,
-        tokenizer=tokenizer,
-        instructions=stats,
-    )
+    prepared = _lm_data(config, datasets, tokenizer, block_size, fingerprint, stats.answer_tokens)
+    prepared.instructions = stats
+    return prepared
 
 
 def _split_tables(config: DataConfig, task: str, seed: int) -> dict[str, Table]:
@@ -430,6 +416,19 @@ def _prepare_corpus(
         name: TokenWindows(toks, block_size, train_stride if name == "train" else block_size)
         for name, toks in tokens.items()
     }
+    sizes = {name: len(toks) for name, toks in tokens.items()}
+    return _lm_data(config, datasets, tokenizer, block_size, fingerprint, sizes)
+
+
+def _lm_data(
+    config: DataConfig,
+    datasets: Mapping[str, Dataset[Any]],
+    tokenizer: Tokenizer,
+    block_size: int,
+    fingerprint: Any,
+    split_sizes: Mapping[str, int],
+) -> PreparedData:
+    """A language model's prepared data: rows of `block_size` token ids over the vocabulary."""
     info = DataInfo(
         task="language-modeling",
         input_shape=(block_size,),
@@ -437,7 +436,7 @@ def _prepare_corpus(
         class_names=None,
         feature_names=None,
         vocab_size=tokenizer.vocab_size,
-        split_sizes={name: len(toks) for name, toks in tokens.items()},
+        split_sizes=dict(split_sizes),
         fingerprint=fingerprint.hexdigest(),
         anonymize=_describe_anonymize(config),
     )
