@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from typing import Any
 
 import httpx
 import torch
+
+from shipyard.serve.launch import serve_command, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"name": "gpt", "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
@@ -176,47 +177,22 @@ def ct2_generate(generator: Any, batch: list[list[int]], n: int) -> tuple[float,
 # ------------------------------------------------------------------------------ shipyard
 
 
-def start_server(
+def start_shipyard(
     package: Path, threads: int, decode_weights: str = "auto"
 ) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shipyard",
-            "serve",
-            str(package),
-            "--port",
-            "0",
-            "--torch-threads",
-            str(threads),
-            "--max-running-seqs",
-            str(BATCH),
-            "--decode-weights",
-            decode_weights,
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env=env,
+    cmd = serve_command(
+        str(package),
+        "--torch-threads",
+        str(threads),
+        "--max-running-seqs",
+        str(BATCH),
+        "--decode-weights",
+        decode_weights,
+        "--log-level",
+        "warning",
     )
-    assert proc.stdout is not None
-    match = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
-    assert match, "server did not print its address"
-    url = f"http://127.0.0.1:{match.group(1)}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    return start_server(cmd, env=env, cwd=ROOT, capture_stderr=False)
 
 
 async def stream_one(
@@ -331,8 +307,8 @@ def main() -> None:
     hf_b = [hf_generate(hf, batch, n, tok.pad_id)[0] for _ in range(repeats)]
     hf_batch = BATCH * n / statistics.median(hf_b)
 
-    proc, url = start_server(package, args.threads)
-    proc8, url8 = start_server(package, args.threads, "int8")
+    proc, url = start_shipyard(package, args.threads)
+    proc8, url8 = start_shipyard(package, args.threads, "int8")
     try:
         asyncio.run(http_batch(url, batch, 8))  # warm-up
         asyncio.run(http_batch(url8, batch, 8))

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
+
+from shipyard.serve.launch import start_server, stop_server
 
 MODELS: dict[str, list[int]] = {
     "digits": [32],
@@ -82,24 +83,12 @@ def naive_server(package: str, threads: int) -> None:
 
 
 def start(cmd: list[str]) -> tuple[subprocess.Popen[str], str]:
+    """Start a server (shipyard's or the naive one) and wait until it answers HTTP."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    # any answer will do: the naive server has no readiness route
+    return start_server(
+        cmd, env=env, ready_path="/v1/models/x:predict", any_answer=True, capture_stderr=False
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    url = f"http://127.0.0.1:{match.group(1)}"
-    for _ in range(600):
-        try:
-            httpx.get(f"{url}/v1/models/x:predict")
-            return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("server not reachable")
 
 
 async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
@@ -260,7 +249,7 @@ def main() -> None:
             for proc, _ in running.values():
                 proc.terminate()
             for proc, _ in running.values():
-                proc.wait(timeout=60)
+                stop_server(proc)
         results["models"][model] = rows
         print(
             f"\n## {model} (hidden {hidden}), {n} one-row requests per level, "

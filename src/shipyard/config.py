@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from shipyard.config_base import StrictModel, Task
 from shipyard.data.config import DataConfig
 from shipyard.errors import ConfigError
-from shipyard.models import CAUSAL_MODELS, TOKEN_MODELS, ArchitectureConfig
+from shipyard.models import CAUSAL_MODELS, LANGUAGE_MODELS, TOKEN_MODELS, ArchitectureConfig
 from shipyard.models.lora import LoRAConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -221,13 +221,69 @@ class CheckpointConfig(StrictModel):
     keep_best: bool = True
 
 
+class FSDPConfig(StrictModel):
+    """FSDP2 options (used when `train.strategy` is fsdp)."""
+
+    cpu_offload: bool = Field(
+        False, description="keep sharded parameters, gradients and optimizer state in CPU memory"
+    )
+    reshard_after_forward: bool = Field(
+        True, description="free gathered block weights after forward (less memory, more traffic)"
+    )
+
+
+class PrivacyConfig(StrictModel):
+    """Differentially private training (DP-SGD with Opacus: pip install shipyard[privacy]).
+
+    Each example's gradient is clipped to `max_grad_norm`, Gaussian noise of standard deviation
+    noise_multiplier x max_grad_norm is added to their sum, and batches are Poisson-sampled with
+    rate batch_size / train rows. Opacus' accountant turns that into the spent (ε, δ).
+    """
+
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="noise std / max_grad_norm (give this or target_epsilon)"
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0, description="pick the noise so the whole run spends at most this ε"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example gradient clipping bound")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of (ε, δ); keep it below 1/train rows")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus privacy accountant")
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> PrivacyConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "give exactly one of train.privacy.noise_multiplier or train.privacy.target_epsilon"
+            )
+        return self
+
+
 class TrainConfig(StrictModel):
     """The training loop."""
 
     epochs: int | None = Field(10, ge=1, description="passes over the train split")
     max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
-    batch_size: int = Field(64, ge=1, description="examples per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="examples per optimizer step, all processes together (the global batch)",
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="most examples per forward pass on one process (accumulates the rest)",
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches each process cuts its share of a step into"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="several processes: ddp (replicate) or fsdp (FSDP2, shard)"
+    )
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    activation_checkpointing: bool = Field(
+        False, description="recompute each transformer block's activations in backward"
+    )
     loss: Literal["auto", "cross-entropy", "mse", "mae", "huber", "bce"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: fp32 on CPU, bf16 autocast on CUDA"
@@ -244,12 +300,31 @@ class TrainConfig(StrictModel):
     )
     early_stopping: EarlyStoppingConfig | None = None
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    privacy: PrivacyConfig | None = Field(
+        None, description="differentially private training (DP-SGD); see docs/privacy.md"
+    )
 
     @model_validator(mode="after")
     def _has_a_length(self) -> TrainConfig:
         if self.epochs is None and self.max_steps is None:
             raise ValueError(
                 "set train.epochs or train.max_steps (or both: the first reached wins)"
+            )
+        if self.micro_batch_size is not None and self.grad_accum > 1:
+            raise ValueError(
+                f"train.micro_batch_size ({self.micro_batch_size}) and train.grad_accum "
+                f"({self.grad_accum}) both split a step; set only one"
+            )
+        if self.strategy != "fsdp" and self.fsdp != FSDPConfig():
+            raise ValueError(
+                "train.fsdp options need train.strategy: fsdp (it is ddp); set "
+                "train.strategy=fsdp or remove the train.fsdp section"
+            )
+        if self.strategy == "fsdp" and self.compile:
+            raise ValueError("train.compile is not supported with train.strategy: fsdp yet")
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError(
+                "train.precision fp16 is not supported with train.strategy: fsdp; use bf16"
             )
         return self
 
@@ -285,6 +360,77 @@ class FinetuneConfig(LoRAConfig):
     )
 
 
+class TuneParam(StrictModel):
+    """One searched key: a range (`low`/`high`, optionally `log` or `step`) or a list of `choices`.
+
+    A range of two integers samples integers. `when: {optim.name: sgd}` samples the key only when
+    earlier searched keys have those values (a list means any of them).
+    """
+
+    low: int | float | None = Field(None, description="range: smallest value")
+    high: int | float | None = Field(None, description="range: largest value")
+    log: bool = Field(False, description="range: sample uniformly in log space (needs low > 0)")
+    step: int | float | None = Field(None, gt=0, description="range: sample on a grid of this step")
+    choices: list[Any] | None = Field(None, min_length=1, description="sample one of these values")
+    when: dict[str, Any] | None = Field(
+        None, description="sample only when these earlier searched keys have these values"
+    )
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> TuneParam:
+        has_range = self.low is not None or self.high is not None
+        if has_range == (self.choices is not None):
+            raise ValueError("give either low and high (a range) or choices (a list)")
+        if self.choices is not None:
+            if self.log or self.step is not None:
+                raise ValueError("log and step apply to ranges, not to choices")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high, got low={self.low} high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log needs low > 0, got low={self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("give log or step, not both")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        """True for a range of integers (and an integer step, if any)."""
+        return (
+            self.choices is None
+            and isinstance(self.low, int)
+            and isinstance(self.high, int)
+            and (self.step is None or isinstance(self.step, int))
+        )
+
+
+class TuneConfig(StrictModel):
+    """Hyperparameter search with `shipyard tune` (Optuna); ignored by `shipyard train`."""
+
+    params: dict[str, TuneParam] = Field(
+        ..., min_length=1, description="dotted config key (e.g. optim.lr) -> its search range"
+    )
+    metric: str | None = Field(
+        None, description="validation metric to optimise (default: accuracy, or mse)"
+    )
+    direction: Literal["auto", "maximize", "minimize"] = Field(
+        "auto", description="auto: maximize accuracy-like metrics, minimize losses and errors"
+    )
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="stop hopeless trials early on intermediate validation metrics"
+    )
+    startup_trials: int = Field(
+        4, ge=0, description="random trials before TPE models the space, and before pruning"
+    )
+    study: str | None = Field(None, description="study name in the database (default: run name)")
+    cv_folds: int | None = Field(
+        None, ge=2, description="objective = mean validation metric of k-fold cross-validation"
+    )
+
+
 class RunConfig(StrictModel):
     """A whole run: data → model → training → evaluation."""
 
@@ -314,6 +460,9 @@ class RunConfig(StrictModel):
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="validation and testing")
+    tune: TuneConfig | None = Field(
+        None, description="search space for `shipyard tune` (ignored by `shipyard train`)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -324,6 +473,11 @@ class RunConfig(StrictModel):
                 value = data.get(section)
                 if isinstance(value, dict) and "name" not in value:
                     data = {**data, section: {"name": default, **value}}
+            model = data.get("model")
+            # an rnn is a sequence model or a language model: its head follows the task
+            if isinstance(model, dict) and model.get("name") == "rnn" and "head" not in model:
+                head = "lm" if data.get("task") == "language-modeling" else "sequence"
+                data = {**data, "model": {**model, "head": head}}
         return data
 
     @model_validator(mode="after")
@@ -339,10 +493,10 @@ class RunConfig(StrictModel):
             )
         model = self.model.name
         if self.task == "language-modeling":
-            if model not in CAUSAL_MODELS:
+            if model not in LANGUAGE_MODELS:
                 raise ValueError(
                     "task language-modeling needs a causal model "
-                    f"({', '.join(sorted(CAUSAL_MODELS))}), got model.name={model!r}"
+                    f"({', '.join(sorted(LANGUAGE_MODELS))}), got model.name={model!r}"
                 )
             if self.data.tokenizer is None:
                 raise ValueError(
@@ -369,6 +523,13 @@ class RunConfig(StrictModel):
                 raise ValueError(
                     f"a text corpus source needs task language-modeling, not {self.task!r}"
                 )
+        head = getattr(self.model, "head", None)
+        if head is not None and (head == "lm") != (self.task == "language-modeling"):
+            want = "lm" if self.task == "language-modeling" else "sequence"
+            raise ValueError(
+                f"model.head {head!r} does not fit task {self.task!r}: use head {want!r} "
+                "(or leave head out)"
+            )
         needs_text = model in TOKEN_MODELS and self.task != "language-modeling"
         if needs_text and (self.data.text_column is None or self.data.tokenizer is None):
             raise ValueError(
@@ -378,11 +539,33 @@ class RunConfig(StrictModel):
             raise ValueError(f"train.loss {self.train.loss!r} does not fit task regression")
         if self.task != "regression" and self.train.loss in ("mse", "mae", "huber"):
             raise ValueError(f"train.loss {self.train.loss!r} needs task regression")
+        if self.train.privacy is not None:
+            _check_private_training(self)
         if isinstance(self.optim, GDConfig) and self.train.grad_accum != 1:
             raise ValueError(
                 "optim gd already uses the whole train split per step: set grad_accum 1"
             )
         return self
+
+
+def _check_private_training(config: RunConfig) -> None:
+    """What DP-SGD cannot combine with: anything that mixes examples before clipping."""
+    reg, train = config.regularization, config.train
+    clashes = []
+    if reg.grad_clip_norm is not None:
+        clashes.append("regularization.grad_clip_norm (DP clips each example's gradient itself)")
+    if reg.l1 or reg.l2:
+        clashes.append("regularization.l1/l2 (use optim.weight_decay instead)")
+    if isinstance(config.optim, GDConfig):
+        clashes.append("optim gd (DP-SGD samples mini-batches)")
+    if train.compile:
+        clashes.append("train.compile")
+    if train.precision == "fp16":
+        clashes.append("train.precision fp16")
+    if train.strategy == "fsdp":
+        clashes.append("train.strategy fsdp (DP-SGD runs in one process)")
+    if clashes:
+        raise ValueError("train.privacy cannot be combined with " + "; ".join(clashes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +574,14 @@ class RunConfig(StrictModel):
 
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """Read a run config from a YAML file (or a dict), apply `a.b=c` overrides, validate."""
+    raw, where = load_raw_config(source, overrides)
+    return validate_config(raw, where=where)
+
+
+def load_raw_config(
+    source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], str]:
+    """The config as plain data (no defaults filled in) with overrides applied, and its origin."""
     if isinstance(source, Mapping):
         raw: Any = json.loads(json.dumps(source))  # deep copy of plain data
         where = "config"
@@ -411,7 +602,7 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
         )
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, where=where)
+    return raw, where
 
 
 def validate_config(raw: Mapping[str, Any], *, where: str = "config") -> RunConfig:
@@ -473,6 +664,7 @@ def format_validation_error(exc: ValidationError, where: str = "config") -> str:
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         path, owner = _resolve_loc(loc)
+        path = path.replace(".[", "[")  # tune.params['optim.lr'].low
         if err["type"] == "extra_forbidden":
             allowed = sorted(owner.model_fields) if owner is not None else []
             key = str(loc[-1])
@@ -531,11 +723,29 @@ def _resolve_loc(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
             model = None
             continue
         parts.append(str(part))
+        value_model = _dict_value_model(field.annotation)
+        if value_model is not None and i + 1 < len(loc):
+            parts.append(f"[{loc[i + 1]!r}]")
+            if i + 1 == len(loc) - 1:
+                return ".".join(parts), owner
+            model = value_model
+            i += 2
+            continue
         model, skip = _submodel(field.annotation, loc[i + 1] if i + 1 < len(loc) else None)
         if i == len(loc) - 1:
             return ".".join(parts), owner
         i += 1 + skip
     return ".".join(parts), model
+
+
+def _dict_value_model(annotation: Any) -> type[BaseModel] | None:
+    """X for a `dict[str, X]` field whose X is a model (e.g. tune.params), else None."""
+    for arg in _flatten(annotation):
+        if typing.get_origin(arg) is dict:
+            value = typing.get_args(arg)[1]
+            if isinstance(value, type) and issubclass(value, BaseModel):
+                return value
+    return None
 
 
 def _submodel(annotation: Any, next_part: Any) -> tuple[type[BaseModel] | None, int]:
@@ -593,6 +803,9 @@ def config_reference_markdown() -> str:
                     for sub_cls in _flatten(sub.annotation):
                         if isinstance(sub_cls, type) and issubclass(sub_cls, BaseModel):
                             sections.append((f"{field_name}.{sub_name}", sub_cls))
+                    value_model = _dict_value_model(sub.annotation)
+                    if value_model is not None:
+                        sections.append((f"{field_name}.{sub_name}[KEY]", value_model))
     for title, cls in sections:
         out += [f"## `{title}`", ""]
         doc = (cls.__doc__ or "").strip().splitlines()

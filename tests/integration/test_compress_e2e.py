@@ -318,10 +318,9 @@ def test_cli_compress_and_export(digits: Path, work: Path) -> None:
 
 
 def test_onnx_package_serves_like_the_parent(digits: Path, work: Path) -> None:
-    create_app = pytest.importorskip("shipyard.serve").create_app
     from fastapi.testclient import TestClient
 
-    from shipyard.serve import ServeSettings
+    from shipyard.serve import ServeSettings, create_app
 
     onnx = work / "onnx"
     if not onnx.is_dir():

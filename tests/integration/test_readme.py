@@ -14,17 +14,19 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from tests.conftest import ROOT
 
+from shipyard.serve.launch import start_server, stop_server
+
 pytestmark = pytest.mark.integration
 
 SHORTER = {
     "examples/digits-mlp.yaml": ["--set", "train.epochs=4", "--set", "schedule.warmup_steps=5"],
+    "examples/digits-tune.yaml": ["--set", "train.epochs=1"],
     "examples/gpt-tiny.yaml": [
         "--set", "train.max_steps=20", "--set", "schedule.warmup_steps=2",
         "--set", "data.max_chars=60000", "--set", "data.tokenizer.kind=byte",
@@ -90,35 +92,21 @@ def test_readme_lifecycle(tmp_path: Path) -> None:
                 hits = sorted(glob.glob(a, root_dir=tmp_path)) if "*" in a else []
                 expanded += hits or [a]
             argv = [sys.executable, "-m", "shipyard", *expanded]
-            if argv[3] == "train":
-                argv += SHORTER[argv[4]] + ["--no-progress"]
+            if argv[3] in ("train", "cv", "tune"):
+                argv += SHORTER[argv[4]] + (["--no-progress"] if argv[3] != "tune" else [])
             if argv[3] == "serve":
-                server = subprocess.Popen(
-                    [*argv, "--port", "0"],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    cwd=tmp_path,
-                    env=env,
-                )
-                assert server.stdout is not None
-                match = re.search(r"http://127\.0\.0\.1:\d+", server.stdout.readline())
-                assert match, server.stderr.read() if server.stderr else ""
-                url = match.group(0)
-                deadline = time.monotonic() + 60
-                while httpx.get(f"{url}/v2/health/ready").status_code != 200:
-                    assert time.monotonic() < deadline, "server never became ready"
-                    time.sleep(0.1)
+                server, url = start_server([*argv, "--port", "0"], cwd=tmp_path, env=env)
                 continue
             out = run(argv)
-            if argv[3:5] == ["keys", "add"]:
+            if argv[3:5] == ["api-keys", "add"]:
                 key = re.search(r"sy_[0-9a-f]{8}_\S+", out.stdout + out.stderr).group(0)  # type: ignore[union-attr]
             if argv[3] == "generate":
                 assert out.stdout.strip(), "generate printed no text"
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
+            stop_server(server)
     report = json.loads((tmp_path / "digits-small" / "report.json").read_text())
     assert "child" in report and "parent" in report
     assert (tmp_path / "digits-onnx" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "digits-cv" / "cv.json").read_text())["k"] == 5
+    assert (tmp_path / "runs" / "digits-tune" / "tune-digits-tune" / "best.yaml").is_file()

@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from tests.conftest import ROOT
 from tests.registry_support import register_concurrently
 
 from shipyard.errors import RegistryError
 from shipyard.package import verify_package
 from shipyard.package.registry import SCHEMA_VERSION, Registry
+from shipyard.tuning import tune
 
 pytestmark = pytest.mark.integration
 
@@ -193,3 +196,22 @@ def test_two_processes_get_distinct_versions_on_postgres(
     assert sorted(versions) == list(range(1, 11))
     with Registry(pg_url, store) as registry:
         assert [v.version for v in registry.list_versions("conc")] == list(range(1, 11))
+
+
+def test_tune_study_lives_in_the_registry_database_on_postgres(
+    pg_url: str, package_src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("optuna", reason="optuna is not installed (shipyard[tune])")
+    monkeypatch.setenv("SHIPYARD_REGISTRY_URL", pg_url)
+    raw = yaml.safe_load((ROOT / "examples" / "digits-tune.yaml").read_text())
+    raw["train"]["epochs"] = 1
+    raw["tune"] = {"params": {"optim.lr": {"low": 0.0001, "high": 0.03, "log": True}}}
+    first = tune(raw, 1, runs_root=tmp_path / "runs")
+    assert first.storage.startswith("postgresql+psycopg://")
+    again = tune(raw, 1, runs_root=tmp_path / "runs")  # resumes: the same study, one more trial
+    assert [t["number"] for t in again.trials] == [0, 1]
+    with Registry(pg_url, str(tmp_path / "artifacts")) as registry:  # both share the database
+        assert registry.register(package_src).version == 1
+    with psycopg.connect(pg_url) as conn:
+        names = {row[0] for row in conn.execute("SELECT study_name FROM studies")}
+    assert names == {"digits-tune"}

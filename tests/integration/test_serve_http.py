@@ -3,6 +3,7 @@ SIGTERM drain in a subprocess, a version switch under load, and a fuzz run with 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -11,8 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,9 @@ from hypothesis import strategies as st
 from tests.conftest import ROOT
 from tests.serve_support import digits_inputs, digits_package, loaded_digits, running_server
 
+from shipyard.package import load_package
 from shipyard.serve import ServeSettings, create_app
+from shipyard.serve.launch import serve_command, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -99,57 +100,56 @@ def test_plain_json_over_http(server: str, loaded: Any) -> None:
 
 
 def _start(*args: str) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shipyard", "serve", *args, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-    assert match, (line, proc.stderr.read() if proc.stderr else "")
-    url = f"http://127.0.0.1:{match.group(1)}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not become ready")
+    return start_server(serve_command(*args), env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+
+
+def _in_flight(url: str) -> float:
+    """The server's `shipyard_requests_in_flight` gauge (this /metrics request included)."""
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(r"^shipyard_requests_in_flight (\S+)$", text, re.M)
+    assert match, text[:500]
+    return float(match.group(1))
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(package: Path) -> None:
+    """Requests that are in flight when SIGTERM arrives still get their answers.
+
+    Each client sends its headers and half its body, so the server holds n requests that cannot
+    finish yet; SIGTERM comes once /metrics counts them in flight, the rest of each body only once
+    the server has stopped accepting connections (it is draining). No timing is involved.
+    """
     proc, url = _start(str(package), "--max-wait-ms", "0")
-    x = np.random.default_rng(0).random((3000, 64), dtype=np.float32)
+    host, port = url.removeprefix("http://").split(":")
+    x = digits_inputs(3).reshape(3, -1)
     body = json.dumps({"instances": x.tolist()}).encode()
-    n = 12
-    barrier = threading.Barrier(n + 1)
-
-    def call(_: int) -> int:
-        with httpx.Client(timeout=60) as c:
-            c.get(f"{url}/v2/health/live")  # connection open before SIGTERM
-            barrier.wait()
-            r = c.post(
-                f"{url}/v1/models/digits:predict",
-                content=body,
-                headers={"content-type": "application/json"},
-            )
-            return r.status_code
-
-    with ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(call, i) for i in range(n)]
-        barrier.wait()
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        codes = [f.result() for f in futures]
-    assert codes == [200] * n
+    half = len(body) // 2
+    n = 4
+    connections = []
+    for _ in range(n):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.putrequest("POST", "/v1/models/digits:predict")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        conn.send(body[:half])
+        connections.append(conn)
+    while _in_flight(url) < n + 1:  # every request has reached the app and waits for its body
+        pass
+    proc.send_signal(signal.SIGTERM)
+    while True:  # the listening socket closes when the drain starts
+        try:
+            httpx.get(f"{url}/v2/health/live", timeout=5)
+        except httpx.HTTPError:
+            break
+    answers = []
+    for conn in connections:
+        conn.send(body[half:])
+        response = conn.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+        conn.close()
+    assert [status for status, _ in answers] == [200] * n
+    want = [p["label"] for p in load_package(package).predict(x.tolist())]
+    assert all([p["label"] for p in a["predictions"]] == want for _, a in answers)
     assert proc.wait(timeout=60) == 0
 
 
@@ -192,7 +192,22 @@ def test_version_switch_under_load_fails_no_request(package: Path, loaded: Any) 
     }
     stop = threading.Event()
     codes: list[int] = []
-    versions: set[str] = set()
+    versions: list[str] = []
+    answered = threading.Condition()
+
+    def after(count: int, *, version: str | None = None) -> None:
+        """Wait until `count` more answers came back (from `version`, when given)."""
+        with answered:
+            seen = [v for v in versions if version is None or v == version]
+            start = len(seen)
+            ok = answered.wait_for(
+                lambda: (
+                    len([v for v in versions if version is None or v == version]) >= start + count
+                    or set(codes) - {200}
+                ),
+                timeout=120,
+            )
+        assert ok and set(codes) <= {200}, (codes[-5:], versions[-5:])
 
     with running_server(app) as url:
 
@@ -200,34 +215,36 @@ def test_version_switch_under_load_fails_no_request(package: Path, loaded: Any) 
             with httpx.Client(timeout=30) as c:
                 while not stop.is_set():
                     r = c.post(f"{url}/v2/models/digits-live/infer", json=body)
-                    codes.append(r.status_code)
-                    if r.status_code == 200:
-                        versions.add(r.json()["model_version"])
+                    with answered:
+                        codes.append(r.status_code)
+                        if r.status_code == 200:
+                            versions.append(r.json()["model_version"])
+                        answered.notify_all()
 
         threads = [threading.Thread(target=traffic) for _ in range(4)]
         for t in threads:
             t.start()
         with httpx.Client(base_url=url, timeout=60) as admin:
-            time.sleep(0.3)
+            after(20, version=str(v1))  # traffic flows on v1
             r = admin.post(
                 "/v2/admin/models/load", json={"ref": f"digits-live:{v2}", "make_default": False}
             )
             assert r.status_code == 200, r.text
-            time.sleep(0.2)
+            after(20, version=str(v1))  # still v1: loading v2 did not make it the default
             r = admin.post(
                 "/v2/admin/models/digits-live/default",
                 json={"version": str(v2), "unload_previous": True},
             )
             assert r.status_code == 200, r.text
             assert [v["version"] for v in r.json()["versions"]] == [str(v2)]
-            time.sleep(0.3)
+            after(20, version=str(v2))  # traffic flows on v2 after the switch
             assert admin.post("/v2/admin/models/load", json={"ref": "nope:1"}).status_code == 404
             assert admin.post("/v2/admin/models/load", json={"path": "/etc"}).status_code == 400
         stop.set()
         for t in threads:
             t.join()
     assert codes and set(codes) == {200}, {c for c in codes if c != 200}
-    assert versions == {str(v1), str(v2)}
+    assert set(versions) == {str(v1), str(v2)}
 
 
 # ------------------------------------------------------------------------------ fuzz

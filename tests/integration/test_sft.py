@@ -44,7 +44,9 @@ def _conversation(country: str, system: bool) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     root = tmp_path_factory.mktemp("sft")
-    _, tok = build_checkpoint("qwen2", root / "hf", seed=0)
+    # initializer_range 0.2: with transformers' default 0.02 the frozen (tied) head's logits stay
+    # within about ±1.3, so no adapter could make an answer likely; real checkpoints are not flat
+    _, tok = build_checkpoint("qwen2", root / "hf", seed=0, initializer_range=0.2)
     return import_hf(root / "hf", root / "pkg", name="tiny-qwen"), tok
 
 
@@ -76,8 +78,8 @@ def _config(base: Path, chats: Path, **extra: Any) -> dict[str, Any]:
             "alpha": 16,
             "targets": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         },
-        "optim": {"name": "adamw", "lr": 0.05, "weight_decay": 0.0},
-        "train": {"epochs": None, "max_steps": 120, "batch_size": 8, "log_every": 1000},
+        "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0},
+        "train": {"epochs": None, "max_steps": 100, "batch_size": 8, "log_every": 1000},
         "eval": {"every_steps": 1000},
         **extra,
     }
@@ -147,7 +149,7 @@ def test_lora_sft_learns_the_answers(base: tuple[Path, Any], chats: Path, tmp_pa
     data, _ = build_data_and_model(load_config(_config(pkg, chats), ["finetune.method=full"]))
     before = evaluate_model(load_package(pkg).model, data, "test", config)["loss"]
     after = result.metrics["test"]["loss"]
-    print("SFT", after, before)
+    # measured: about 6 -> 0.05 nats per answer token
     assert after < 0.3 * before, (after, before)
     # greedy answer of the fine-tuned package to a question it was trained on
     tuned = load_package(result.run_dir / "package")
@@ -155,7 +157,7 @@ def test_lora_sft_learns_the_answers(base: tuple[Path, Any], chats: Path, tmp_pa
     ids = torch.tensor([prompt])
     out: list[int] = []
     with torch.inference_mode():
-        for _ in range(4):
+        for _ in range(10):
             nxt = int(tuned.model(ids)[0, -1].argmax())
             out.append(nxt)
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)

@@ -73,7 +73,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
         "--run-dir",
         str(tmp_path / "two"),
         "--set",
-        "train.batch_size=16",
+        "train.batch_size=32",  # the global batch: two processes take 16 rows each
         *common,
     )
     assert two.returncode == 0, two.stderr + two.stdout

@@ -345,6 +345,19 @@ def test_llama_from_state_dict_assigns_without_copies() -> None:
         llama_from_state_dict(source.config, state)
 
 
+def test_bf16_autocast_keeps_the_cache_in_bf16() -> None:
+    model = ours("qwen3", "default", False)
+    idx = prompt(12, 8)
+    cache = model.new_kv_cache()
+    with torch.no_grad():
+        want = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(idx, kv_cache=cache)
+    assert cache.keys[0] is not None and cache.keys[0].dtype == torch.bfloat16  # half the bytes
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+
+
 def test_registry_knows_llama() -> None:
     assert "llama" in CAUSAL_MODELS and "llama" in TOKEN_MODELS
     model = build_model(LlamaConfig(num_hidden_layers=1), vocab_size=50)

@@ -11,6 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 from shipyard.errors import ModelError
 from shipyard.models import (
     CAUSAL_MODELS,
+    LANGUAGE_MODELS,
     MLP,
     MODEL_NAMES,
     TOKEN_MODELS,
@@ -53,9 +54,10 @@ def tiny_gpt(**overrides: object) -> GPT:
 
 
 def test_registry_names() -> None:
-    assert set(MODEL_NAMES) == {"mlp", "cnn", "gpt", "encoder", "llama"}
+    assert set(MODEL_NAMES) == {"mlp", "cnn", "gpt", "encoder", "llama", "rnn"}
     assert set(CAUSAL_MODELS) == {"gpt", "llama"}
-    assert set(TOKEN_MODELS) == {"gpt", "encoder", "llama"}
+    assert set(TOKEN_MODELS) == {"gpt", "encoder", "llama", "rnn"}
+    assert set(LANGUAGE_MODELS) == {"gpt", "llama", "rnn"}
 
 
 def test_config_dispatches_on_name() -> None:

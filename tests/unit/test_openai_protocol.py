@@ -129,6 +129,15 @@ def test_streaming_sse_format(client: TestClient) -> None:
         ("completions", {"model": None}, "model", None),
         ("completions", {"seed": "1"}, "seed", None),
         ("completions", {"stream": "yes"}, "stream", None),
+        ("completions", {"best_of": True}, "best_of", "unsupported_parameter"),  # not 1
+        ("completions", {"echo": 0}, "echo", "unsupported_parameter"),  # not false
+        ("completions", {"user": 5}, "user", None),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "x", "name": 1}]},
+            "messages[0].name",
+            None,
+        ),
     ],
 )
 def test_bad_parameters_name_the_parameter(

@@ -14,7 +14,7 @@ import torch
 from shipyard.config import RunConfig, load_config
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
 from shipyard.errors import PackageError
-from shipyard.models import build_model
+from shipyard.models import MODEL_NAMES, TOKEN_MODELS, build_model
 from shipyard.package import (
     Manifest,
     load_package,
@@ -97,7 +97,7 @@ def test_linear_package_predicts_2x_plus_1(pkg: Path) -> None:
 
 def test_manifest_contents(pkg: Path) -> None:
     manifest = verify_package(pkg)
-    assert manifest.format_version == 1
+    assert manifest.format_version == 2  # BLAKE3 file hashes
     assert (manifest.name, manifest.version, manifest.task) == ("tiny", "v1", "regression")
     assert manifest.architecture.name == "mlp"
     assert manifest.metrics == {"val": {"mse": 0.5}}  # non-scalars dropped
@@ -175,23 +175,73 @@ def test_classification_outputs_and_preprocessing(tmp_path: Path) -> None:
         loaded.predict(["text"])
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt", "encoder"])
+# One small case per architecture: its config extras, task and data. A new architecture in the
+# model registry fails the test below until it gets a case here.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "mlp": {"model": {}, "task": "regression", "data": {"source": "builtin:digits"}},
+    "cnn": {
+        "model": {"channels": [2], "hidden_size": 4},
+        "task": "classification",
+        "data": {"source": "builtin:digits"},
+    },
+    "gpt": {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6},
+        "task": "language-modeling",
+        "data": {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}},
+    },
+    "llama": {
+        "model": {
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 6,
+        },
+        "task": "language-modeling",
+        "data": {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}},
+    },
+    "rnn": {
+        # LSTM weights live in a list nn.LSTM keeps: a meta-device rebuild must refresh it
+        "model": {
+            "n_layer": 2,
+            "n_embd": 4,
+            "hidden_size": 6,
+            "block_size": 6,
+            "bidirectional": True,
+        },
+        "task": "classification",
+        "data": {
+            "source": "x.csv",
+            "text_column": "t",
+            "target": "y",
+            "tokenizer": {"kind": "byte"},
+        },
+    },
+    "encoder": {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6},
+        "task": "classification",
+        "data": {
+            "source": "x.csv",
+            "text_column": "t",
+            "target": "y",
+            "tokenizer": {"kind": "byte"},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_architecture_round_trips_exactly(tmp_path: Path, name: str) -> None:
     """Meta-device rebuild + safetensors load gives the same outputs (tied GPT weights too)."""
+    if name not in ARCHITECTURES:
+        pytest.fail(f"architecture {name!r} is registered but has no case in ARCHITECTURES")
     torch.manual_seed(0)
-    model_cfg: dict[str, Any] = {"name": name}
-    if name in ("gpt", "encoder"):
-        model_cfg |= {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 6}
-    if name == "cnn":
-        model_cfg |= {"channels": [2], "hidden_size": 4}
-    task = {"gpt": "language-modeling", "mlp": "regression"}.get(name, "classification")
-    data: dict[str, Any] = {"source": "builtin:digits"}
-    if name == "gpt":
-        data = {"source": "builtin:python-stdlib", "tokenizer": {"kind": "byte"}}
-    if name == "encoder":
-        data = {"source": "x.csv", "text_column": "t", "target": "y", "tokenizer": {"kind": "byte"}}
+    case = ARCHITECTURES[name]
+    model_cfg: dict[str, Any] = {"name": name, **case["model"]}
+    task, data = case["task"], case["data"]
     config = load_config({"name": "t", "task": task, "data": data, "model": model_cfg})
-    tokenizer = Tokenizer.byte() if name in ("gpt", "encoder") else None
+    tokenizer = Tokenizer.byte() if name in TOKEN_MODELS else None
     vocab = tokenizer.vocab_size if tokenizer else None
     shape = (6,) if tokenizer else (1, 8, 8)
     info = DataInfo(task, shape, 3, ["a", "b", "c"], None, vocab, {"train": 1}, "0" * 64)
@@ -215,7 +265,7 @@ def test_every_architecture_round_trips_exactly(tmp_path: Path, name: str) -> No
         assert loaded.model.transformer.wte.weight is loaded.model.lm_head.weight  # type: ignore[union-attr]
         assert loaded.predict(["def f"])[0]["next_token_id"] >= 0
         assert loaded.predict_arrays(x.numpy())["logits"].shape == (2, 6, vocab)
-    if name == "encoder":
+    if name in ("encoder", "rnn"):
         assert loaded.predict(["hello"])[0]["label"] in {"a", "b", "c"}
 
 
@@ -233,9 +283,9 @@ def test_flipped_byte_names_the_file(pkg: Path) -> None:
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 does not match"):
+    with pytest.raises(PackageError, match=r"model\.safetensors: BLAKE3 hash does not match"):
         verify_package(pkg)
-    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 does not match"):
+    with pytest.raises(PackageError, match=r"model\.safetensors: BLAKE3 hash does not match"):
         load_package(pkg)
 
 
@@ -290,8 +340,8 @@ def test_symlinked_package_dir_is_refused(pkg: Path, tmp_path: Path) -> None:
 
 
 def test_future_format_version_asks_for_an_upgrade(pkg: Path) -> None:
-    rewrite_manifest(pkg, lambda d: d.update(format_version=2, new_field=1))
-    with pytest.raises(PackageError, match=r"newer shipyard \(format 2\); upgrade shipyard"):
+    rewrite_manifest(pkg, lambda d: d.update(format_version=3, new_field=1))
+    with pytest.raises(PackageError, match=r"newer shipyard \(format 3\); upgrade shipyard"):
         verify_package(pkg)
 
 
@@ -343,8 +393,11 @@ def test_read_manifest_returns_exact_bytes(pkg: Path) -> None:
 # chunk hashes: large files are verified on every core
 
 
-def test_small_files_keep_two_field_entries(pkg: Path) -> None:
+def test_small_files_keep_two_field_entries(pkg: Path, tmp_path: Path) -> None:
     entry = json.loads((pkg / "manifest.json").read_text())["files"]["model.safetensors"]
+    assert set(entry) == {"blake3", "size"}
+    old = linear_package(tmp_path / "old", version="v1", hash_algorithm="sha256")
+    entry = json.loads((old / "manifest.json").read_text())["files"]["model.safetensors"]
     assert set(entry) == {"sha256", "size"}
 
 
@@ -355,14 +408,14 @@ def test_hash_file_chunks_cover_every_byte(tmp_path: Path) -> None:
 
     data = os.urandom(10_000)
     (tmp_path / "blob").write_bytes(data)
-    entry = hash_file(tmp_path / "blob", chunk_size=4096)
+    entry = hash_file(tmp_path / "blob", algorithm="sha256", chunk_size=4096)
     assert entry.sha256 == hashlib.sha256(data).hexdigest()
     assert entry.chunks == [hashlib.sha256(data[i : i + 4096]).hexdigest() for i in (0, 4096, 8192)]
     check_file(tmp_path, "blob", entry)
     flipped = bytearray(data)
     flipped[9000] ^= 1  # in the last chunk
     (tmp_path / "blob").write_bytes(bytes(flipped))
-    with pytest.raises(PackageError, match="blob: SHA-256 does not match"):
+    with pytest.raises(PackageError, match="blob: SHA-256 hash does not match"):
         check_file(tmp_path, "blob", entry)
 
 
@@ -384,7 +437,7 @@ def test_chunked_package_loads_refuses_tampering_and_survives_encryption(
     from shipyard.package import manifest as manifest_module
 
     monkeypatch.setattr(manifest_module, "HASH_CHUNK", 64)  # the tiny weights file spans chunks
-    path = linear_package(tmp_path / "chunked", version="v1")
+    path = linear_package(tmp_path / "chunked", version="v1", hash_algorithm="sha256")
     entry = verify_package(path).files["model.safetensors"]
     assert entry.chunk_size == 64 and entry.chunks is not None and len(entry.chunks) > 1
     assert load_package(path).predict([[4.0]]) == [{"value": 9.0}]
@@ -398,5 +451,5 @@ def test_chunked_package_loads_refuses_tampering_and_survives_encryption(
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 does not match"):
+    with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 hash does not match"):
         load_package(path)

@@ -1,4 +1,4 @@
-"""`shipyard package ...` and `shipyard keys generate` on a real (tiny) training run."""
+"""`shipyard package ...` and `shipyard signing-keys generate` on a real (tiny) training run."""
 
 from __future__ import annotations
 
@@ -62,14 +62,14 @@ def test_keys_sign_verify(run_dir: Path, tmp_path: Path) -> None:
     pkg = tmp_path / "pkg"
     invoke("package", str(run_dir), "-o", str(pkg))
     assert "1 file(s) verified" in invoke("package", "verify", str(pkg))
-    invoke("keys", "generate", "-o", str(tmp_path / "me"))
+    invoke("signing-keys", "generate", "-o", str(tmp_path / "me"))
     with pytest.raises(PackageError, match="not signed"):
         invoke("package", "verify", str(pkg), "--public-key", str(tmp_path / "me.pub"))
     invoke("package", "sign", str(pkg), "--key", str(tmp_path / "me.key"))
     out = invoke("package", "verify", str(pkg), "--public-key", str(tmp_path / "me.pub"))
     assert "signature valid" in out
     assert "classification" in invoke("package", "inspect", str(pkg))
-    assert '"format_version": 1' in invoke("package", "inspect", str(pkg), "--json")
+    assert '"format_version": 2' in invoke("package", "inspect", str(pkg), "--json")
 
 
 def test_pack_unpack_encrypt_decrypt(run_dir: Path, tmp_path: Path) -> None:

@@ -112,8 +112,9 @@ def test_encrypted_package_verifies_without_key_and_loads_with_it(
     manifest = verify_package(enc)  # ciphertext hashes: no key needed
     assert manifest.encryption is not None
     record = manifest.encryption.files["model.safetensors"]
-    assert record.sha256 == verify_package(pkg).files["model.safetensors"].sha256
-    assert manifest.files["model.safetensors"].sha256 != record.sha256
+    assert record.blake3 == verify_package(pkg).files["model.safetensors"].blake3
+    assert record.blake3 is not None and record.sha256 is None
+    assert manifest.files["model.safetensors"].blake3 != record.blake3
     assert b"head.weight" not in (enc / "model.safetensors").read_bytes()
     assert load_package(enc, key=key_hex).predict([[4.0]]) == [{"value": 9.0}]
     monkeypatch.setenv(KEY_ENV, key_hex)
@@ -140,7 +141,7 @@ def test_tampered_ciphertext_is_caught_by_the_hash(pkg: Path, tmp_path: Path, ke
     data = bytearray((enc / "model.safetensors").read_bytes())
     data[40] ^= 0xFF
     (enc / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(PackageError, match="SHA-256 does not match"):
+    with pytest.raises(PackageError, match="BLAKE3 hash does not match"):
         load_package(enc, key=key_hex)
 
 

@@ -186,10 +186,10 @@ def test_corrupted_artifact_is_detected_on_pull_and_leaves_nothing(
     weights.write_bytes(bytes(data))
     dest_parent = tmp_path / "pulls"
     dest_parent.mkdir()
-    with pytest.raises(RegistryError, match=r"model.safetensors.*SHA-256.*corrupt or was modified"):
+    with pytest.raises(RegistryError, match=r"model.safetensors.*BLAKE3.*corrupt or was modified"):
         registry.pull("reg", dest_parent / "out")
     assert list(dest_parent.iterdir()) == []  # no half directory, no temp left behind
-    with pytest.raises((RegistryError, PackageError), match=r"SHA-256"):
+    with pytest.raises((RegistryError, PackageError), match=r"BLAKE3"):
         registry.resolve_local("reg")
     # truncation is caught by size
     weights.write_bytes(bytes(data[:-10]))
@@ -315,7 +315,7 @@ def test_v1_database_is_upgraded_on_open(home: Path, pkg: Path) -> None:
     assert "last_version" not in columns
 
     with Registry() as registry:
-        assert registry.schema_version() == SCHEMA_VERSION == 2
+        assert registry.schema_version() == SCHEMA_VERSION == 3
         assert [v.version for v in registry.list_versions("old")] == [1, 5]
         assert registry.get("old").created.year == 2024
         # the new counter column was filled from existing rows: the next version follows 5
@@ -324,7 +324,7 @@ def test_v1_database_is_upgraded_on_open(home: Path, pkg: Path) -> None:
     conn = sqlite3.connect(db)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(models)")}
     assert "last_version" in columns
-    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     conn.close()
 
 

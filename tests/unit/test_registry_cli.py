@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from shipyard.cli import app
 from shipyard.errors import RegistryError
 from shipyard.package import verify_package
 
-VERBS = ("register", "list", "show", "promote", "rollback", "delete", "pull")
+VERBS = ("register", "list", "show", "promote", "rollback", "history", "delete", "pull")
 
 
 @pytest.fixture
@@ -72,6 +73,14 @@ def test_cli_flow(home: Path, pkg: Path, tmp_path: Path) -> None:
     assert "reg@production -> reg:1" in ok("rollback", "reg")
     assert "reg@staging -> reg:2" in ok("promote", "reg:2", "--to", "staging")
     assert "no earlier target" in fails("rollback", "reg", "--alias", "staging")
+    events = json.loads(ok("history", "reg", "--alias", "production", "--json"))
+    assert [(e["action"], e["version"], e["undone"]) for e in events] == [
+        ("rollback", 1, False),
+        ("promote", 2, True),
+        ("promote", 1, False),
+    ]
+    assert {e["actor"] for e in events} == {f"cli:{getpass.getuser()}"}
+    assert "rolled" in ok("history", "reg") and "cli:" in ok("history", "reg")
 
     pulled = tmp_path / "pulled"
     assert "pulled reg:1" in ok("pull", "reg@production", str(pulled))

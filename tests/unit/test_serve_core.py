@@ -158,23 +158,41 @@ def test_management_api(loaded: Any, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ CLI
 
 
-def test_keys_add_list_revoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", ["api-keys", "keys"])
+def test_api_keys_add_list_revoke(tmp_path: Path, group: str) -> None:
+    """`shipyard api-keys ...`, and the deprecated `shipyard keys ...` with its note."""
     runner = CliRunner()
     path = tmp_path / "keys.json"
     r = runner.invoke(
-        cli_app, ["keys", "add", "--scope", "infer", "--name", "svc", "--keys-file", str(path)]
+        cli_app, [group, "add", "--scope", "infer", "--name", "svc", "--keys-file", str(path)]
     )
     assert r.exit_code == 0, r.output
     key = r.stdout.strip().splitlines()[0]
     assert key.startswith("sy_") and key not in path.read_text()
-    r = runner.invoke(cli_app, ["keys", "list", "--keys-file", str(path), "--json"])
+    deprecated = "`shipyard keys add` is deprecated; use `shipyard api-keys add`"
+    assert (deprecated in r.stderr) is (group == "keys")
+    r = runner.invoke(cli_app, [group, "list", "--keys-file", str(path), "--json"])
     listed = json.loads(r.stdout)
     assert listed[0]["name"] == "svc" and "sha256" not in listed[0]
-    r = runner.invoke(cli_app, ["keys", "revoke", "svc", "--keys-file", str(path)])
+    r = runner.invoke(cli_app, [group, "revoke", "svc", "--keys-file", str(path)])
     assert r.exit_code == 0
     assert json.loads(path.read_text())["keys"][0]["revoked"] is True
-    r = runner.invoke(cli_app, ["keys", "add", "--scope", "root", "--keys-file", str(path)])
+    r = runner.invoke(cli_app, [group, "add", "--scope", "root", "--keys-file", str(path)])
     assert r.exit_code != 0
+
+
+def test_api_keys_table_fits_80_columns(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    runner = CliRunner()
+    for name in ("billing-service", "a-rather-long-name-for-the-nightly-batch-scoring-job"):
+        runner.invoke(cli_app, ["api-keys", "add", "--scope", "infer", "--name", name,
+                                "--keys-file", str(path)])  # fmt: skip
+    r = runner.invoke(
+        cli_app, ["api-keys", "list", "--keys-file", str(path)], env={"COLUMNS": "80"}
+    )
+    assert r.exit_code == 0, r.output
+    assert "…" not in r.stdout and max(len(line) for line in r.stdout.splitlines()) <= 80
+    assert "a-rather-long-name-for-the-nightly-batch-scoring-job" in r.stdout.replace("\n", "")
 
 
 def test_served_model_withdraws_work_of_a_client_that_went_away() -> None:

@@ -158,13 +158,19 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     big = fit(
         load_config(base, ["train.batch_size=32", "train.max_steps=6"]), run_dir=tmp_path / "big"
     )
+    # batch_size is the global batch: accumulation only cuts it into micro-batches
     small = fit(
-        load_config(base, ["train.batch_size=8", "train.grad_accum=4", "train.max_steps=6"]),
+        load_config(base, ["train.batch_size=32", "train.grad_accum=4", "train.max_steps=6"]),
         run_dir=tmp_path / "small",
     )
-    a, b = weights(big.run_dir, 6), weights(small.run_dir, 6)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    micro = fit(
+        load_config(base, ["train.batch_size=32", "train.micro_batch_size=8", "train.max_steps=6"]),
+        run_dir=tmp_path / "micro",
+    )
+    a = weights(big.run_dir, 6)
+    for other in (weights(small.run_dir, 6), weights(micro.run_dir, 6)):
+        for key in a:
+            torch.testing.assert_close(a[key], other[key], rtol=1e-5, atol=1e-6)
 
 
 def test_full_batch_gradient_descent_is_one_step_per_epoch(tmp_path: Path) -> None:

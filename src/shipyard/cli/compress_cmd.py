@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from shipyard.cli.tables import print_rows, transpose
+from shipyard.compress.measure import report_rows
 
 console = Console()
 
@@ -54,7 +57,6 @@ def compress(
     """
     from shipyard.compress import BenchParams
     from shipyard.compress import compress as run_compress
-    from shipyard.compress.measure import report_rows
 
     result = run_compress(
         package,
@@ -69,14 +71,24 @@ def compress(
         finetune_lr=finetune_lr,
         bench=BenchParams(threads=threads),
     )
-    rows = report_rows(result.report)
-    table = Table(title=f"{result.report['derivation']['method']}: {package} → {result.package}")
-    for i, name in enumerate(rows[0]):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows[1:]:
-        table.add_row(*row)
-    console.print(table)
+    header, rows = report_table(result.report)
+    print_rows(
+        console,
+        header,
+        rows,
+        title=f"{result.report['derivation']['method']}: {package} → {result.package}",
+        right=header[1:],
+    )
     console.print(f"report: {out / 'report.md'}", highlight=False, soft_wrap=True)
+
+
+def report_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The compress report turned: a row per measure, a column per model (parent, child,
+    change), the versions in a row of their own, so that it fits 80 columns."""
+    header, *rows = transpose(report_rows(report))
+    names = [h.split(": ", 1) for h in header[1:]]  # "parent: VERSION" → a column and a row
+    rows.insert(0, ["version", *(n[1] if len(n) > 1 else "" for n in names)])
+    return ["", *(n[0] for n in names)], rows
 
 
 def export(

@@ -1,39 +1,47 @@
-"""`shipyard keys ...`: key management. Add a verb with `@keys_app.command("NAME")`."""
+"""`shipyard keys ...`: the old spelling, kept working. It mixed two kinds of keys; each verb now
+prints a note naming its new home (`shipyard api-keys ...` or `shipyard signing-keys ...`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import typer
 from rich.console import Console
 
-console = Console()
+from shipyard.cli import api_keys_cmd, signing_keys_cmd
+
+err_console = Console(stderr=True)
 
 keys_app = typer.Typer(
     help=(
-        "Create and manage keys.\n\n"
-        "Examples:\n\n"
-        "  shipyard keys generate -o release   (writes release.key and release.pub)"
+        "Deprecated: use `shipyard api-keys add|list|revoke` (server API keys) or "
+        "`shipyard signing-keys generate` (package signing keys).\n\n"
+        "Example: shipyard api-keys add --scope infer"
     ),
     no_args_is_help=True,
     add_completion=False,
 )
 
 
-@keys_app.command("generate")
-def generate(
-    out: Path = typer.Option(
-        ..., "-o", "--out", help="Name prefix: writes NAME.key (private) and NAME.pub."
-    ),
-) -> None:
-    """Generate an Ed25519 signing key pair for packages.
+def _deprecated(verb: str, new: str, command: Callable[..., Any]) -> None:
+    """Register `command` as `shipyard keys VERB`, with a note that points to `new`."""
 
-    NAME.key is the private key (PEM, mode 0600: keep it secret); NAME.pub is what verifiers need.
+    @functools.wraps(command)
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        err_console.print(
+            f"note: `shipyard keys {verb}` is deprecated; use `{new}`",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return command(*args, **kwargs)
 
-    Example: shipyard keys generate -o release && shipyard package sign pkg --key release.key
-    """
-    from shipyard.package.signing import generate_signing_key
+    alias.__doc__ = f"Deprecated: use `{new}`.\n\n" + (command.__doc__ or "")
+    keys_app.command(verb)(alias)
 
-    private_path, public_path = generate_signing_key(out)
-    console.print(f"private key: {private_path} (keep secret)", highlight=False)
-    console.print(f"public key:  {public_path}", highlight=False)
+
+_deprecated("add", "shipyard api-keys add", api_keys_cmd.add)
+_deprecated("list", "shipyard api-keys list", api_keys_cmd.list_keys)
+_deprecated("revoke", "shipyard api-keys revoke", api_keys_cmd.revoke)
+_deprecated("generate", "shipyard signing-keys generate", signing_keys_cmd.generate)

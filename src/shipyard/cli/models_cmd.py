@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from shipyard.cli.tables import field_table, print_rows
 from shipyard.errors import RegistryError
 
 console = Console()
@@ -100,32 +101,39 @@ def list_models(
         if as_json:
             typer.echo(json.dumps([m.to_dict() for m in models], indent=2))
             return
-        table = Table(title=f"models ({len(models)})")
-        for col in ("name", "latest", "versions", "aliases", "description"):
-            table.add_column(col, justify="right" if col in ("latest", "versions") else "left")
-        for m in models:
-            aliases = ", ".join(f"{a}={v}" for a, v in m.aliases.items())
-            table.add_row(
-                m.name, _fmt(m.latest_version), str(m.versions), aliases, m.description or ""
-            )
-        console.print(table)
+        rows = [
+            [
+                m.name,
+                _fmt(m.latest_version),
+                str(m.versions),
+                ", ".join(f"{a}={v}" for a, v in m.aliases.items()),
+                m.description or "",
+            ]
+            for m in models
+        ]
+        header = ["name", "latest", "versions", "aliases", "description"]
+        print_rows(
+            console, header, rows, title=f"models ({len(models)})", right=["latest", "versions"]
+        )
         return
     if as_json:
         typer.echo(json.dumps([v.to_dict() for v in versions], indent=2))
         return
-    table = Table(title=f"{name}: {len(versions)} version(s)")
-    for col in ("version", "aliases", "task", "created", "sha256", "description"):
-        table.add_column(col, justify="right" if col == "version" else "left")
-    for v in versions:
-        table.add_row(
+    rows = [
+        [
             str(v.version),
             ", ".join(v.aliases),
             v.task or "",
             v.created.strftime("%Y-%m-%d %H:%M:%S"),
             v.manifest_sha256[:12],
             v.description or "",
-        )
-    console.print(table)
+        ]
+        for v in versions
+    ]
+    header = ["version", "aliases", "task", "created", "sha256", "description"]
+    print_rows(
+        console, header, rows, title=f"{name}: {len(versions)} version(s)", right=["version"]
+    )
 
 
 @models_app.command("show")
@@ -142,9 +150,7 @@ def show(
     if as_json:
         typer.echo(json.dumps(mv.to_dict(), indent=2))
         return
-    table = Table(title=mv.ref, show_header=False)
-    table.add_column("field")
-    table.add_column("value")
+    table = field_table(mv.ref)
     rows: list[tuple[str, Any]] = [
         ("aliases", ", ".join(mv.aliases)),
         ("task", mv.task),
@@ -182,7 +188,7 @@ def promote(
     """
     name, version = _split_version_ref(ref)
     with _registry() as registry:
-        mv = registry.promote(name, version, to)
+        mv = registry.promote(name, version, to, actor=_cli_actor())
     console.print(f"{name}@{to} -> {_summary(mv)}", highlight=False)
 
 
@@ -196,8 +202,36 @@ def rollback(
     Example: shipyard models rollback digits-mlp --alias production
     """
     with _registry() as registry:
-        mv = registry.rollback(name, alias)
+        mv = registry.rollback(name, alias, actor=_cli_actor())
     console.print(f"{name}@{alias} -> {_summary(mv)}", highlight=False)
+
+
+@models_app.command("history")
+def history(
+    name: str = typer.Argument(..., help="Model name."),
+    alias: str | None = typer.Option(None, "--alias", help="Only this alias."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show every promotion and rollback of a model's aliases, newest first, and who made it.
+
+    Example: shipyard models history digits-mlp --alias production
+    """
+    with _registry() as registry:
+        events = registry.history(name, alias)
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in events], indent=2))
+        return
+    rows = [
+        [
+            e.created.isoformat(timespec="seconds"),
+            e.alias,
+            e.action + (" (rolled back)" if e.undone else ""),
+            str(e.version),
+            e.actor or "unknown",
+        ]
+        for e in events
+    ]
+    print_rows(console, ["when", "alias", "action", "version", "who"], rows)
 
 
 @models_app.command("delete")
@@ -230,3 +264,11 @@ def pull(
         mv = registry.get(ref)
         path = registry.pull(mv.ref, dest)
     console.print(f"pulled {_summary(mv)} -> {path}", highlight=False)
+
+
+def _cli_actor() -> str:
+    """Who the alias history records for a change made from the command line."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"

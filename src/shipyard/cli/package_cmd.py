@@ -8,8 +8,9 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
+
+from shipyard.cli.tables import field_table
 
 console = Console()
 
@@ -70,7 +71,7 @@ def verify(
         None, "--public-key", help="Require a valid signature by this Ed25519 public key (PEM)."
     ),
 ) -> None:
-    """Check every file's size and SHA-256 (and the signature with --public-key).
+    """Check every file's size and hash (and the signature with --public-key).
 
     Example: shipyard package verify digits-pkg --public-key me.pub
     """
@@ -185,9 +186,7 @@ def inspect(
     if as_json:
         typer.echo(manifest.to_json(), nl=False)
         return
-    table = Table(title=f"{manifest.name} {manifest.version}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    table = field_table(f"{manifest.name} {manifest.version}")
     rows: list[tuple[str, Any]] = [
         ("task", manifest.task),
         ("architecture", f"{manifest.architecture.name} {_compact(manifest.architecture.config)}"),
@@ -215,7 +214,7 @@ def inspect(
         ("versions", f"shipyard {lin.shipyard_version}, torch {lin.torch_version}"),
     ]
     for name, entry in manifest.files.items():
-        rows.append((f"file {name}", f"{entry.size} bytes, sha256:{entry.sha256[:16]}…"))
+        rows.append((f"file {name}", f"{entry.size} bytes, {entry.algorithm}:{entry.digest[:16]}…"))
     for field, value in rows:
         table.add_row(field, str(value))
     console.print(table)

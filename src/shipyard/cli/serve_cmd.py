@@ -1,4 +1,4 @@
-"""`shipyard serve`, `shipyard predict` and the API-key verbs `shipyard keys add|list|revoke`."""
+"""`shipyard serve` and `shipyard predict` (API keys: `cli/api_keys_cmd.py`)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
+from shipyard.cli.api_keys_cmd import KEYS_FILE_HELP
 from shipyard.generate.packed import DECODE_WEIGHTS
-from shipyard.serve.settings import ServeError, ServeSettings
+from shipyard.serve.settings import ServeError, ServeSettings, default
+
+if TYPE_CHECKING:
+    from shipyard.ui.app import UISettings
 
 console = Console()
-
-KEYS_FILE_HELP = "API keys file (default $SHIPYARD_HOME/serve/keys.json)."
 
 
 def serve(
@@ -29,9 +30,9 @@ def serve(
     registry: list[str] = typer.Option(
         [], "--registry", "-r", help="Registry ref to serve: NAME, NAME:VERSION or NAME@ALIAS."
     ),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
-    port: int = typer.Option(8000, "--port", "-p", help="Port (0: pick a free one)."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Server processes."),
+    host: str = typer.Option(default("host"), "--host", help="Address to bind."),
+    port: int = typer.Option(default("port"), "--port", "-p", help="Port (0: pick a free one)."),
+    workers: int = typer.Option(default("workers"), "--workers", min=1, help="Server processes."),
     keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Serve without API keys even off loopback."
@@ -39,21 +40,35 @@ def serve(
     public_key: Path | None = typer.Option(
         None, "--public-key", help="Only serve packages signed by this Ed25519 key."
     ),
-    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Rows per forward."),
-    max_wait_ms: float = typer.Option(
-        0.0, "--max-wait-ms", min=0, help="Extra wait for a batch to fill (0: batch what queued)."
+    max_batch_size: int = typer.Option(
+        default("max_batch_size"), "--max-batch-size", min=1, help="Rows per forward."
     ),
-    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Queued requests → 503."),
+    max_wait_ms: float = typer.Option(
+        default("max_wait_ms"),
+        "--max-wait-ms",
+        min=0,
+        help="Extra wait for a batch to fill (0: batch what queued).",
+    ),
+    max_queue: int = typer.Option(
+        default("max_queue"), "--max-queue", min=1, help="Queued requests → 503."
+    ),
     max_running_seqs: int = typer.Option(
-        16, "--max-running-seqs", min=1, help="Language models: sequences decoded together."
+        default("max_running_seqs"),
+        "--max-running-seqs",
+        min=1,
+        help="Language models: sequences decoded together.",
     ),
     decode_weights: str = typer.Option(
         "auto",
         "--decode-weights",
         help="Language models: auto (package's weights), int8 (quantize for decoding) or fp32.",
     ),
-    timeout_s: float = typer.Option(30.0, "--timeout-s", help="Per-request deadline → 504."),
-    max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", help="Body limit → 413."),
+    timeout_s: float = typer.Option(
+        default("timeout_s"), "--timeout-s", help="Per-request deadline → 504."
+    ),
+    max_body_bytes: int = typer.Option(
+        default("max_body_bytes"), "--max-body-bytes", help="Body limit → 413."
+    ),
     rate_limit: float | None = typer.Option(
         None, "--rate-limit", help="Requests/s per API key (token bucket) → 429."
     ),
@@ -65,6 +80,8 @@ def serve(
         False, "--metrics-public", help="Serve /metrics without a key off loopback."
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    ui: bool = typer.Option(False, "--ui", help="Also serve the web dashboard at /ui/."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="With --ui: the runs folder to show."),
 ) -> None:
     """Serve packages over HTTP: KServe V2 (tritonclient-compatible), simple JSON, and
     OpenAI-compatible /v1/completions and /v1/chat/completions for language models.
@@ -73,6 +90,9 @@ def serve(
 
     From the registry, with keys, on all interfaces:
     shipyard serve --registry digits@production --host 0.0.0.0 --keys-file keys.json --workers 2
+
+    With the web dashboard (runs, registry, live metrics, playground) at /ui/:
+    shipyard serve runs/digits/package --ui --runs runs
     """
     packages = list(packages or [])
     if not packages and not registry:
@@ -112,7 +132,12 @@ def serve(
     except ValidationError as exc:
         raise ServeError(_first_error(exc)) from None
     _preflight(settings)
-    run_server(settings, log_level=log_level)
+    dashboard = None
+    if ui:
+        from shipyard.ui.app import UISettings
+
+        dashboard = UISettings(runs_dir=runs.resolve())
+    run_server(settings, log_level=log_level, ui=dashboard)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -140,11 +165,18 @@ def _preflight(settings: ServeSettings) -> None:
         from shipyard.serve.auth import read_keys
 
         if not [k for k in read_keys(settings.keys_file) if not k.revoked]:
-            raise ServeError(f"{settings.keys_file}: no active keys (add one: shipyard keys add)")
+            raise ServeError(
+                f"{settings.keys_file}: no active keys (add one: shipyard api-keys add)"
+            )
 
 
-def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
-    """Bind, print the address, and run uvicorn until SIGTERM/SIGINT (graceful drain)."""
+def run_server(
+    settings: ServeSettings, *, log_level: str = "info", ui: UISettings | None = None
+) -> None:
+    """Bind, print the address, and run uvicorn until SIGTERM/SIGINT (graceful drain).
+
+    ui: also mount the web dashboard (`shipyard.ui`) at /ui/.
+    """
     import uvicorn
 
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -163,6 +195,9 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
         f"shipyard serving on http://{shown}:{port} ({settings.workers} worker(s), {auth})",
         flush=True,
     )
+    if ui is not None:
+        print(f"dashboard: http://{shown}:{port}/ui/ (runs from {ui.runs_dir})", flush=True)
+        ui.to_env()
     if settings.workers > 1:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="shipyard-metrics-")
     settings.to_env()
@@ -174,8 +209,10 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
     }
     if settings.workers == 1:
         from shipyard.serve.app import create_app
+        from shipyard.ui.app import create_ui_app
 
-        config = uvicorn.Config(create_app(settings), **common)
+        app = create_app(settings) if ui is None else create_ui_app(settings, ui)
+        config = uvicorn.Config(app, **common)
         server = uvicorn.Server(config)
         # uvicorn drains, then re-raises the signal it caught; after a clean drain that
         # re-raise lands here and the process exits 0 (what orchestrators expect)
@@ -189,7 +226,7 @@ def run_server(settings: ServeSettings, *, log_level: str = "info") -> None:
 
     # each worker imports the factory in a fresh process and reads the settings from the env
     config = uvicorn.Config(
-        "shipyard.serve.app:app_from_env",
+        "shipyard.serve.app:app_from_env" if ui is None else "shipyard.ui.app:serve_app_from_env",
         factory=True,
         workers=settings.workers,
         timeout_worker_healthcheck=300,  # a worker imports torch and loads models first
@@ -253,63 +290,3 @@ def predict(
         message = body.get("error", body) if isinstance(body, dict) else body
         raise ServeError(f"server answered {response.status_code}: {message}")
     typer.echo(json.dumps(body, indent=2))
-
-
-# ------------------------------------------------------------------------------ keys
-
-
-def keys_add(
-    scope: str = typer.Option(..., "--scope", help="infer (predict) or admin (manage + infer)."),
-    name: str | None = typer.Option(None, "--name", help="A name to recognise the key by."),
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-) -> None:
-    """Create an API key for `shipyard serve`; the key is printed once, only its hash is stored.
-
-    Example: shipyard keys add --scope infer --name billing-service --keys-file keys.json
-    """
-    from shipyard.serve.auth import add_key
-
-    path = keys_file or _default_keys_file()
-    key, record = add_key(path, scope, name)
-    typer.echo(key)
-    Console(stderr=True).print(
-        f"added {record.scope} key {record.id} ({record.name}) to {path}; it is shown only "
-        "once, store it now",
-        highlight=False,
-    )
-
-
-def keys_list(
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """List API keys (ids, names, scopes; never secrets).
-
-    Example: shipyard keys list --keys-file keys.json
-    """
-    from shipyard.serve.auth import read_keys
-
-    keys = read_keys(keys_file or _default_keys_file())
-    if as_json:
-        typer.echo(json.dumps([k.public() for k in keys], indent=2))
-        return
-    table = Table()
-    for col in ("id", "name", "scope", "created", "status"):
-        table.add_column(col)
-    for k in keys:
-        table.add_row(k.id, k.name, k.scope, k.created, "revoked" if k.revoked else "active")
-    console.print(table)
-
-
-def keys_revoke(
-    key: str = typer.Argument(..., help="Key id or name."),
-    keys_file: Path | None = typer.Option(None, "--keys-file", help=KEYS_FILE_HELP),
-) -> None:
-    """Revoke an API key; a running server refuses it within a second.
-
-    Example: shipyard keys revoke billing-service --keys-file keys.json
-    """
-    from shipyard.serve.auth import revoke_key
-
-    record = revoke_key(keys_file or _default_keys_file(), key)
-    console.print(f"revoked key {record.id} ({record.name})", highlight=False)

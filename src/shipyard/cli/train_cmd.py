@@ -37,6 +37,11 @@ def train(
     progress: bool | None = typer.Option(
         None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."
     ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the estimated memory per process (for --nproc) and exit; allocates nothing.",
+    ),
 ) -> None:
     """Train a model from a config; write checkpoints, metrics and a report.
 
@@ -45,8 +50,14 @@ def train(
     Resume:  shipyard train examples/digits-mlp.yaml --resume auto
 
     Two CPU processes (gloo): shipyard train examples/gpt-tiny.yaml --nproc 2
+
+    FSDP2, memory first:
+    shipyard train examples/gpt-tiny.yaml --set train.strategy=fsdp --nproc 2 --dry-run
     """
     config = load_config(config_file, overrides)
+    if dry_run:
+        _print_estimate(config, nproc)
+        return
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(config_file, overrides, run_dir, resume, nproc, config.name, progress)
         return
@@ -143,6 +154,32 @@ def _launch_torchrun(
     code = subprocess.call(cmd)
     if code != 0:
         raise TrainError(f"torchrun with {nproc} processes failed (exit code {code})")
+
+
+def _print_estimate(config: Any, nproc: int) -> None:
+    from shipyard.train.memory import estimate_run_memory, format_bytes
+
+    est = estimate_run_memory(config, nproc)
+    t = config.train
+    title = (
+        f"{config.name}: estimated memory per process ({est.strategy}, {nproc} process(es), "
+        f"{est.compute_dtype}, micro-batch {est.micro_batch}, activation checkpointing "
+        f"{'on' if t.activation_checkpointing else 'off'}, cpu offload "
+        f"{'on' if t.fsdp.cpu_offload else 'off'})"
+    )
+    table = Table(title=title)
+    table.add_column("item")
+    table.add_column("device", justify="right")
+    table.add_column("host", justify="right")
+    for key, value in est.items.items():
+        table.add_row(key, format_bytes(value), "-")
+    for key, value in est.host_items.items():
+        table.add_row(key, "-", format_bytes(value))
+    table.add_row("total", format_bytes(est.device_total), format_bytes(est.host_total))
+    console.print(table)
+    for note in est.notes:
+        console.print(f"note: {note}", highlight=False)
+    typer.echo(json.dumps(est.to_dict()))
 
 
 def _is_number(value: Any) -> bool:

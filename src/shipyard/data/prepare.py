@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,11 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from shipyard.config_base import TASKS, Task
+from shipyard.data.anonymize import Anonymizer
 from shipyard.data.config import DataConfig
 from shipyard.data.corpus import TokenWindows, default_cache_dir, tokenize_to_file
 from shipyard.data.datasets import ArrayDataset
+from shipyard.data.folds import fold_ids
 from shipyard.data.instructions import InstructionStats, instruction_rows, read_examples
 from shipyard.data.preprocessing import Preprocessor, encode_labels, fit_class_names
 from shipyard.data.sources import Table, load_table, load_texts, resolve_paths
@@ -31,6 +34,8 @@ class DataInfo:
     (block_size,) for token sequences. num_outputs: classes, regression target columns, or vocab.
     split_sizes counts rows per split, or tokens per split for language modeling.
     fingerprint: SHA-256 over the loaded source content, the data config, task, seed and block size.
+    anonymize: the `data.anonymize` rules applied to the rows, hash rules with their salt's id
+    (never the salt), so serving can apply them to requests.
     """
 
     task: str
@@ -41,11 +46,14 @@ class DataInfo:
     vocab_size: int | None
     split_sizes: dict[str, int]
     fingerprint: str
+    anonymize: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (input_shape becomes a list)."""
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
+        if self.anonymize is None:
+            del d["anonymize"]  # data without anonymisation keeps the section it always had
         return d
 
     @classmethod
@@ -114,6 +122,11 @@ def prepare_data(
     if task == "language-modeling" and config.is_instructions:
         return _prepare_instructions(config, seed, block_size, fingerprint, tokenizer)
     if task == "language-modeling":
+        if config.folds is not None:
+            raise DataError(
+                "cross-validation (data.folds) works for classification and regression, not "
+                "language-modeling"
+            )
         return _prepare_corpus(config, seed, block_size, cache_dir, fingerprint, tokenizer)
     if config.is_text_corpus:
         raise DataError(
@@ -177,38 +190,73 @@ def _prepare_instructions(
         stats.answer_tokens[name] = answers
     if "train" not in datasets:
         raise DataError("instruction data needs a train split")
-    info = DataInfo(
-        task="language-modeling",
-        input_shape=(block_size,),
-        num_outputs=tokenizer.vocab_size,
-        class_names=None,
-        feature_names=None,
-        vocab_size=tokenizer.vocab_size,
-        split_sizes=dict(stats.answer_tokens),
-        fingerprint=fingerprint.hexdigest(),
-    )
-    return PreparedData(
-        train=datasets["train"],
-        val=datasets.get("val"),
-        test=datasets.get("test"),
-        info=info,
-        tokenizer=tokenizer,
-        instructions=stats,
-    )
+    prepared = _lm_data(config, datasets, tokenizer, block_size, fingerprint, stats.answer_tokens)
+    prepared.instructions = stats
+    return prepared
 
 
 def _split_tables(config: DataConfig, task: str, seed: int) -> dict[str, Table]:
     if config.files is not None:
         specs = {name: getattr(config.files, name) for name in SPLITS}
-        return {
+        tables = {
             name: load_table(spec, config, task, seed)
             for name, spec in specs.items()
             if spec is not None
         }
-    assert config.source is not None
-    table = load_table(config.source, config, task, seed)
-    indices = split_indices(len(table), config.splits, seed, config.shuffle)
-    return {name: table.take(idx) for name, idx in indices.items()}
+    else:
+        assert config.source is not None
+        table = load_table(config.source, config, task, seed)
+        indices = split_indices(len(table), config.splits, seed, config.shuffle)
+        tables = {name: table.take(idx) for name, idx in indices.items()}
+    if config.group_column is not None and tables["train"].groups is None:
+        raise DataError(
+            f"data.group_column {config.group_column!r} needs a CSV or JSONL source with that "
+            "column; remove it for other sources"
+        )
+    if config.folds is not None:
+        tables = _fold_tables(tables, config, task, seed)
+    return tables
+
+
+def _fold_tables(
+    tables: dict[str, Table], config: DataConfig, task: str, seed: int
+) -> dict[str, Table]:
+    """Pool train+val and cut them by fold (see data.folds); the test table stays as it was.
+
+    A fold run gets no test table at all, so cross-validation never looks at it; the final run
+    (fold index null) trains on the whole pool and keeps the test table.
+    """
+    assert config.folds is not None
+    pool = _concat([tables[n] for n in ("train", "val") if n in tables])
+    labels = None
+    if task == "classification" and config.folds.stratify and pool.labels is not None:
+        labels = np.unique(np.asarray(pool.labels).astype(str), return_inverse=True)[1]
+    folds = fold_ids(len(pool), config.folds.k, seed, labels=labels, groups=pool.groups)
+    if config.folds.index is None:
+        out = {"train": pool}
+        if "test" in tables:
+            out["test"] = tables["test"]
+        return out
+    held = folds == config.folds.index
+    return {"train": pool.take(np.flatnonzero(~held)), "val": pool.take(np.flatnonzero(held))}
+
+
+def _concat(tables: list[Table]) -> Table:
+    if len(tables) == 1:
+        return tables[0]
+    first = tables[0]
+
+    def cat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if arrays[0] is None else np.concatenate(arrays)  # type: ignore[arg-type]
+
+    return Table(
+        x=cat([t.x for t in tables]),
+        labels=cat([t.labels for t in tables]),
+        feature_names=first.feature_names,
+        class_names=first.class_names,
+        texts=None if first.texts is None else [s for t in tables for s in t.texts or []],
+        groups=cat([t.groups for t in tables]),
+    )
 
 
 def _prepare_rows(
@@ -294,6 +342,7 @@ def _prepare_rows(
         vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
         split_sizes={n: len(ds) for n, ds in datasets.items()},
         fingerprint=fingerprint.hexdigest(),
+        anonymize=_describe_anonymize(config),
     )
     return PreparedData(
         train=datasets["train"],
@@ -303,6 +352,10 @@ def _prepare_rows(
         preprocessor=preprocessor,
         tokenizer=tokenizer,
     )
+
+
+def _describe_anonymize(config: DataConfig) -> list[dict[str, Any]] | None:
+    return Anonymizer(config.anonymize, {}).describe() if config.anonymize else None
 
 
 def _encode_padded(texts: list[str], tokenizer: Tokenizer, block_size: int) -> np.ndarray:
@@ -363,6 +416,19 @@ def _prepare_corpus(
         name: TokenWindows(toks, block_size, train_stride if name == "train" else block_size)
         for name, toks in tokens.items()
     }
+    sizes = {name: len(toks) for name, toks in tokens.items()}
+    return _lm_data(config, datasets, tokenizer, block_size, fingerprint, sizes)
+
+
+def _lm_data(
+    config: DataConfig,
+    datasets: Mapping[str, Dataset[Any]],
+    tokenizer: Tokenizer,
+    block_size: int,
+    fingerprint: Any,
+    split_sizes: Mapping[str, int],
+) -> PreparedData:
+    """A language model's prepared data: rows of `block_size` token ids over the vocabulary."""
     info = DataInfo(
         task="language-modeling",
         input_shape=(block_size,),
@@ -370,8 +436,9 @@ def _prepare_corpus(
         class_names=None,
         feature_names=None,
         vocab_size=tokenizer.vocab_size,
-        split_sizes={name: len(toks) for name, toks in tokens.items()},
+        split_sizes=dict(split_sizes),
         fingerprint=fingerprint.hexdigest(),
+        anonymize=_describe_anonymize(config),
     )
     return PreparedData(
         train=datasets["train"],

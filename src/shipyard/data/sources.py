@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from shipyard.data.anonymize import Anonymizer
 from shipyard.data.config import DataConfig
 from shipyard.errors import DataError
 
@@ -49,6 +50,7 @@ class Table:
     feature_names: list[str] | None = None
     class_names: list[str] | None = None
     texts: list[str] | None = None
+    groups: np.ndarray | None = None  # (N,) group of each row (data.group_column), as strings
 
     def __len__(self) -> int:
         if self.texts is not None:
@@ -64,6 +66,7 @@ class Table:
             feature_names=self.feature_names,
             class_names=self.class_names,
             texts=None if self.texts is None else [self.texts[i] for i in idx.tolist()],
+            groups=None if self.groups is None else self.groups[idx],
         )
 
     def update_hash(self, h: Any) -> None:
@@ -290,7 +293,10 @@ def _is_number(s: str) -> bool:
 
 
 def load_records(paths: Sequence[Path], fmt: str, config: DataConfig, task: str) -> Table:
-    """Rows of CSV/JSONL files: feature columns → float x, target column → labels, or texts."""
+    """Rows of CSV/JSONL files: feature columns → float x, target column → labels, or texts.
+
+    `data.anonymize` rules are applied to the rows first, before anything else reads them.
+    """
     header: list[str] | None = None
     rows: list[tuple[str, list[Any]]] = []
     for path in paths:
@@ -304,6 +310,9 @@ def load_records(paths: Sequence[Path], fmt: str, config: DataConfig, task: str)
     assert header is not None
     if not rows:
         raise DataError(f"{', '.join(map(str, paths))} has a header but no data rows")
+    anonymizer = Anonymizer(config.anonymize, {})
+    if config.anonymize:
+        header, rows = anonymizer.apply_rows(header, rows, ", ".join(map(str, paths)))
 
     def column(name: str, role: str) -> int:
         if name not in header:
@@ -333,12 +342,21 @@ def load_records(paths: Sequence[Path], fmt: str, config: DataConfig, task: str)
                 [[_parse_number(row[t], target, w)] for w, row in rows], dtype=np.float32
             )
 
+    groups: np.ndarray | None = None
+    if config.group_column is not None:
+        g = column(config.group_column, "group")
+        groups = np.asarray([str(row[g]) for _, row in rows], dtype=object)
+
     if config.text_column is not None:
         c = column(config.text_column, "text")
         texts = [str(row[c]) for _, row in rows]
-        return Table(x=None, labels=labels, texts=texts)
+        return Table(x=None, labels=labels, texts=texts, groups=groups)
 
-    features = config.features or [h for h in header if h != target]
+    features = config.features or [
+        h
+        for h in header
+        if h not in (target, config.group_column) and h not in anonymizer.text_columns
+    ]
     if not features:
         raise DataError(f"no feature columns: the only column is the target {target!r}")
     idx = [column(name, "feature") for name in features]
@@ -346,7 +364,7 @@ def load_records(paths: Sequence[Path], fmt: str, config: DataConfig, task: str)
     for r, (where, row) in enumerate(rows):
         for j, (c, name) in enumerate(zip(idx, features, strict=True)):
             x[r, j] = _parse_number(row[c], name, where)
-    return Table(x=x, labels=labels, feature_names=list(features))
+    return Table(x=x, labels=labels, feature_names=list(features), groups=groups)
 
 
 def load_npz(path: Path, config: DataConfig, task: str) -> Table:
@@ -445,6 +463,8 @@ def load_image_folder(root: Path, config: DataConfig) -> Table:
 
 def load_table(spec: str, config: DataConfig, task: str, seed: int) -> Table:
     """Load a builtin or user source (`spec`: builtin:NAME, path or glob) as a Table."""
+    if spec.startswith("builtin:"):
+        _no_anonymize(config, spec)
     if spec == "builtin:digits":
         return load_digits()
     if spec == "builtin:synthetic-regression":
@@ -455,6 +475,7 @@ def load_table(spec: str, config: DataConfig, task: str, seed: int) -> Table:
     fmt = detect_format(paths, config.format)
     if fmt in ("csv", "jsonl"):
         return load_records(paths, fmt, config, task)
+    _no_anonymize(config, fmt)
     if fmt == "npz":
         tables = [load_npz(p, config, task) for p in paths]
         if len(tables) == 1:
@@ -479,12 +500,14 @@ def load_table(spec: str, config: DataConfig, task: str, seed: int) -> Table:
 def load_texts(spec: str, config: DataConfig) -> list[str]:
     """Documents of a text source: builtin:python-stdlib, text files/globs, or a text column."""
     if spec == "builtin:python-stdlib":
+        _no_anonymize(config, spec)
         return load_python_stdlib(config.max_documents, config.max_chars)
     if spec.startswith("builtin:"):
         raise DataError(f"{spec} is not a text corpus; use builtin:python-stdlib or text files")
     paths = resolve_paths(spec)
     fmt = detect_format(paths, config.format)
     if fmt == "text":
+        _no_anonymize(config, fmt)
         dirs = [p for p in paths if p.is_dir()]
         if dirs:
             raise DataError(f"{str(dirs[0])!r} is a directory; give text files or a glob")
@@ -519,3 +542,11 @@ def read_documents_from_strings(
             docs.append(text)
             total += len(text)
     return docs
+
+
+def _no_anonymize(config: DataConfig, what: str) -> None:
+    if config.anonymize:
+        raise DataError(
+            f"data.anonymize works on CSV/JSONL columns, but the data is {what}; remove "
+            "data.anonymize or convert the data to CSV/JSONL"
+        )

@@ -37,7 +37,7 @@ PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN)
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # an HF tokenizer's settings, beside it
 SPECIAL_TOKEN_NAMES = (
     "bos_token",
     "eos_token",
@@ -345,7 +345,16 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise DataError(f"tokenizer file {str(path)!r} does not exist; save one with .save()")
-        return cls.from_json(path.read_text(encoding="utf-8"))
+        settings = path.with_name(TOKENIZER_CONFIG_FILE)
+        hf = None
+        if settings.is_file():  # written by `save` for an HF checkpoint's tokenizer
+            try:
+                hf = HFTokenizerConfig.from_dict(json.loads(settings.read_text(encoding="utf-8")))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise DataError(
+                    f"{settings}: not a tokenizer config shipyard wrote ({exc})"
+                ) from None
+        return cls.from_json(path.read_text(encoding="utf-8"), hf)
 
     # -- use ------------------------------------------------------------------------------------
 
@@ -490,11 +499,15 @@ class Tokenizer:
         return json.dumps(self.hf.to_dict(), indent=2, ensure_ascii=False) + "\n"
 
     def save(self, path: str | Path) -> Path:
-        """Write tokenizer.json to `path` (a file, or a directory to put tokenizer.json in)."""
+        """Write tokenizer.json to `path` (a file, or a directory to put tokenizer.json in); an
+        HF checkpoint's tokenizer also writes its settings to tokenizer_config.json beside it."""
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
         path.write_text(self.to_json(), encoding="utf-8")
+        settings = self.config_json()
+        if settings is not None:
+            path.with_name(TOKENIZER_CONFIG_FILE).write_text(settings, encoding="utf-8")
         return path
 
     def __eq__(self, other: object) -> bool:

@@ -23,16 +23,22 @@ from shipyard.generate.sequence import (
     new_request_id,
 )
 from shipyard.models.protocol import LanguageModel, language_module
+from shipyard.models.rnn import RNN, RNNState
+
+DecodingModel = LanguageModel | RNN
+"""What `generate`/`stream` decode from: a `LanguageModel` (KV cache), or an rnn language model,
+which carries its recurrent state instead (the batching `Engine` runs LanguageModels only)."""
 
 
 def encode_prompt(
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams,
-    block_size: int,
+    block_size: int | None,
     vocab_size: int,
 ) -> list[int]:
-    """Token ids of `prompt`, checked against the vocabulary and the model's context.
+    """Token ids of `prompt`, checked against the vocabulary and the model's context
+    (block_size None: no limit, e.g. a recurrent model).
 
     A text prompt gets the BOS token an imported checkpoint's tokenizer adds. An empty prompt
     becomes [eos_id]: end-of-text separates documents in training corpora, so it is the context
@@ -53,7 +59,7 @@ def encode_prompt(
             )
     if not ids:
         ids = [tokenizer.eos_id]
-    if len(ids) + params.max_tokens > block_size:
+    if block_size is not None and len(ids) + params.max_tokens > block_size:
         raise GenerationError(
             f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
             f"context of {block_size} tokens; shorten the prompt or lower max_tokens"
@@ -76,7 +82,7 @@ def autocast_context(
 
 
 def stream(
-    model: LanguageModel,
+    model: DecodingModel,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,
@@ -91,16 +97,17 @@ def stream(
     Raises GenerationError for a prompt that does not fit.
     """
     params = params or SamplingParams()
-    module = language_module(model)
+    module = model if isinstance(model, RNN) else language_module(model)
     V, device = model.vocab_size, model_device(module)
-    ids = encode_prompt(tokenizer, prompt, params, model.max_context, V)
+    context = None if isinstance(model, RNN) else model.max_context  # an rnn has no limit
+    ids = encode_prompt(tokenizer, prompt, params, context, V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
     prepare_decoding(module, weights)
     return _decode(model, state, device, autocast_dtype)
 
 
 def _decode(
-    model: LanguageModel,
+    model: DecodingModel,
     state: SequenceState,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
@@ -113,12 +120,14 @@ def _decode(
             if params.uses_penalties
             else None
         )
-        cache = BatchKVCache(model.n_layer)
+        cache: BatchKVCache | RNNState = (
+            model.new_state() if isinstance(model, RNN) else BatchKVCache(model.n_layer)
+        )
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
     while True:
         # inference_mode only around the work: a generator must not leak it into its caller.
         with torch.inference_mode(), autocast_context(device, autocast_dtype):
-            logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
+            logits = model(x, kv_cache=cache)[:, -1].float()  # type: ignore[arg-type]  # (1, V)
             tokens, logprobs = choose_tokens(
                 logits, batch, history, [state.generator], [params.top_logprobs]
             )
@@ -130,7 +139,7 @@ def _decode(
 
 
 def generate(
-    model: LanguageModel,
+    model: DecodingModel,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int],
     params: SamplingParams | None = None,

@@ -32,6 +32,7 @@ from shipyard.models.llama import (
 )
 from shipyard.models.mlp import MLP, MLPConfig
 from shipyard.models.protocol import KVCache, LanguageModel, is_language_model, language_module
+from shipyard.models.rnn import RNN, RNNConfig, RNNState
 
 ModelBuilder = Callable[..., nn.Module]
 """Called as builder(config, input_shape=..., num_outputs=..., vocab_size=...)."""
@@ -165,11 +166,28 @@ def _build_encoder(
     return Encoder(config, vocab, _require_outputs("encoder", num_outputs))
 
 
+@register_model("rnn", config=RNNConfig, takes_tokens=True)
+def _build_rnn(
+    config: RNNConfig,
+    *,
+    input_shape: tuple[int, ...] | None,
+    num_outputs: int | None,
+    vocab_size: int | None,
+) -> nn.Module:
+    vocab = _require_vocab("rnn", config.vocab_size, vocab_size)
+    if config.head == "lm":  # a language model's outputs are its vocabulary
+        return RNN(config, vocab, None)
+    return RNN(config, vocab, _require_outputs("rnn", num_outputs))
+
+
 register_family(ModelFamily("llama", LlamaConfig, build_llama, causal_lm=True, takes_tokens=True))
 
 MODEL_NAMES: tuple[str, ...] = tuple(FAMILIES)
 CAUSAL_MODELS = frozenset(f.name for f in FAMILIES.values() if f.causal_lm)  # next-token LMs
 TOKEN_MODELS = frozenset(f.name for f in FAMILIES.values() if f.takes_tokens)  # need a tokenizer
+# can be trained as language models: the causal ones, and rnn (a sequence model, or with
+# head "lm" a language model that decodes with its recurrent state instead of a KV cache)
+LANGUAGE_MODELS = CAUSAL_MODELS | {"rnn"}
 
 if TYPE_CHECKING:
     # The union below is built from the registry, which mypy cannot follow.
@@ -211,8 +229,10 @@ __all__ = [
     "CNN",
     "FAMILIES",
     "GPT",
+    "LANGUAGE_MODELS",
     "MLP",
     "MODEL_NAMES",
+    "RNN",
     "TOKEN_MODELS",
     "ArchitectureConfig",
     "CNNConfig",
@@ -227,6 +247,8 @@ __all__ = [
     "ModelBuilder",
     "ModelConfig",
     "ModelFamily",
+    "RNNConfig",
+    "RNNState",
     "build_model",
     "config_from_hf",
     "count_parameters",

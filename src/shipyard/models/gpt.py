@@ -227,6 +227,10 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def shard_blocks(self) -> list[nn.Module]:
+        """The repeated blocks that FSDP shards (and checkpoints) one by one."""
+        return list(self.transformer.h)
+
     @property
     def max_context(self) -> int:
         """Most tokens one sequence may hold (block_size: positions are learned)."""

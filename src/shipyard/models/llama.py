@@ -417,8 +417,11 @@ class Attention(nn.Module):
         k = k.view(B, T, nkv, hs)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)  # per head, before RoPE (qwen3)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hs)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, nkv, T, hs)
+        # Rotate in the projections' dtype (bf16 under autocast), so the cache holds that too.
+        dt = v.dtype
+        cos, sin = cos.to(dt), sin.to(dt)
+        q = apply_rope(q.transpose(1, 2).to(dt), cos, sin)  # (B, nh, T, hs)
+        k = apply_rope(k.transpose(1, 2).to(dt), cos, sin)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nkv, S, hs)
@@ -645,6 +648,8 @@ class Llama(nn.Module):
         kv_cache: keys/values of earlier tokens; this call appends the new ones to it.
         positions: (B, T) position ids; default T_cached, ..., T_cached + T - 1 for every row.
             Give them for left-padded batches, where a row's first real token is position 0.
+            RoPE has no position table, so positions past max_position_embeddings are computed
+            (as transformers does); generation keeps a sequence within `max_context`.
         attention_mask: (B, T_cached + T), True/1 for real tokens and False/0 for padding
             slots, which no query attends (a padding query attends only itself).
         """

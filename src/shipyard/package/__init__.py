@@ -5,7 +5,7 @@ Example::
     from shipyard.train import package_run
     from shipyard.package import load_package
     path = package_run("runs/digits-mlp/20261124-101500")      # → runs/.../package
-    loaded = load_package(path)                                 # verifies every file's SHA-256
+    loaded = load_package(path)                                 # verifies every file's hash
     loaded.predict([[0.0] * 64])                                # [{"label": "0", ...}]
 
 See docs/packages.md for the format and its safety guarantees.

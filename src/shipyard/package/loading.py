@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import load_file as load_safetensors_file
 from torch import nn
 
 from shipyard.data import DataInfo, Preprocessor, Tokenizer
+from shipyard.data.anonymize import Anonymizer
 from shipyard.data.tokenization import HFTokenizerConfig
 from shipyard.errors import ModelError, PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
@@ -41,12 +43,14 @@ from shipyard.package.manifest import (
     Quantization,
     Signature,
     check_file,
+    hash_bytes,
+    mismatch_error,
     read_manifest,
-    sha256_bytes,
     verify_package,
 )
 from shipyard.package.onnx_runtime import OnnxRuntimeModule
 from shipyard.package.security import decrypt_file, resolve_key
+from shipyard.package.weights_reader import read_verified_weights
 
 _MODEL_CONFIG: TypeAdapter[Any] = TypeAdapter(ModelConfig)
 
@@ -65,6 +69,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     path: Path
     device: torch.device
+    anonymizer: Anonymizer | None = None
 
     @property
     def task(self) -> str:
@@ -108,17 +113,27 @@ class LoadedModel:
 
     def predict(self, instances: Any) -> list[dict[str, Any]]:
         """JSON-friendly predictions for a list of instances (nested lists of numbers; strings
-        for token models, tokenized with the package's tokenizer)."""
+        for token models, tokenized with the package's tokenizer; records, i.e. dicts of
+        column -> value, anonymised as the training rows were)."""
         if not isinstance(instances, list | tuple | np.ndarray) or len(instances) == 0:
             raise InvalidInputError("instances must be a non-empty list")
-        x = self._encode_texts(instances) if isinstance(instances[0], str) else instances
+        if isinstance(instances[0], dict):
+            x: Any = self.records_to_array(instances)
+        elif isinstance(instances[0], str):
+            x = self.encode_texts(instances)
+        else:
+            x = instances
         try:
             arr = np.asarray(x, dtype=np.int64 if self._takes_tokens else np.float32)
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(
                 f"instances are not a rectangular array of numbers ({exc})"
             ) from None
-        out = self.predict_arrays(arr)
+        return self.format_predictions(self.predict_arrays(arr))
+
+    def format_predictions(self, out: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """`predict_arrays` outputs as `predict` answers them: one JSON object per row (the
+        server's :predict route answers in this format too)."""
         task = self.manifest.task
         if task == "classification":
             names = self.labels or [str(i) for i in range(out["probabilities"].shape[1])]
@@ -145,6 +160,47 @@ class LoadedModel:
         return result
 
     # ------------------------------------------------------------------ input handling
+
+    @property
+    def input_columns(self) -> list[str] | None:
+        """The record columns the model reads: its text column, or its feature columns."""
+        text_column = (self.manifest.config.get("data") or {}).get("text_column")
+        if text_column is not None and self.task != "language-modeling":
+            return [str(text_column)]
+        names = self.manifest.data.get("feature_names")
+        return [str(n) for n in names] if names else None
+
+    def records_to_array(self, records: Any) -> np.ndarray:
+        """Raw model inputs for records (dicts of column -> value, like the training CSV/JSONL
+        rows), after the package's anonymisation: token ids for a text column, else features.
+        """
+        columns = self.input_columns
+        if columns is None:
+            raise InvalidInputError(
+                "this model's inputs have no column names (e.g. images); send arrays of numbers"
+            )
+        if not all(isinstance(r, dict) for r in records):
+            raise InvalidInputError("instances mix records (objects) and other values")
+        anonymizer = self.anonymizer or Anonymizer([], {})
+        try:
+            rows = [anonymizer.apply_record(r, columns) for r in records]
+        except ShipyardError as exc:
+            raise InvalidInputError(str(exc)) from None
+        if self._takes_tokens:
+            return self.encode_texts([str(row[columns[0]]) for row in rows])
+        out = np.empty((len(rows), len(columns)), dtype=np.float32)
+        for i, row in enumerate(rows):
+            for j, name in enumerate(columns):
+                value = row[name]
+                try:
+                    if isinstance(value, bool):
+                        raise ValueError
+                    out[i, j] = float(value)
+                except (TypeError, ValueError):
+                    raise InvalidInputError(
+                        f"record {i}: column {name!r} must be a number, got {value!r}"
+                    ) from None
+        return out
 
     @property
     def _takes_tokens(self) -> bool:
@@ -187,7 +243,9 @@ class LoadedModel:
             arr = self.preprocessor.transform(arr)
         return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
 
-    def _encode_texts(self, texts: Any) -> np.ndarray:
+    def encode_texts(self, texts: Any) -> np.ndarray:
+        """Token ids (N, T) for texts, tokenized as `predict` does; InvalidInputError for a
+        model that takes numbers."""
         if self.tokenizer is None or not self._takes_tokens:
             raise InvalidInputError("this model takes numbers, not text")
         if self.task == "language-modeling":
@@ -217,8 +275,8 @@ def load_package(
     key: Any = None,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Verify a package (every file's SHA-256; the signature when `public_key` is given), rebuild
-    its model and return it ready to predict.
+    """Verify a package (every byte of every file against the manifest's BLAKE3 or SHA-256; the
+    signature when `public_key` is given), rebuild its model and return it ready to predict.
 
     public_key: Ed25519 public key (PEM path/bytes); required signature when given.
     key: decryption key for an encrypted package (bytes, hex/base64 text or a key-file path);
@@ -255,14 +313,36 @@ def load_package(
             raise PackageError(f"{root}/manifest.json: bad preprocessing section ({exc})") from None
     dev = torch.device(device)
     model = model.to(dev).eval()
-    return LoadedModel(
+    loaded = LoadedModel(
         manifest=manifest,
         model=model,
         preprocessor=preprocessor,
         tokenizer=tokenizer,
         path=root,
         device=dev,
+        anonymizer=_anonymizer(manifest, root),
     )
+    if loaded.anonymizer is not None:
+        # a salt the model's inputs need must be present and right before any request comes
+        for column in loaded.input_columns or []:
+            if column in loaded.anonymizer.text_columns and any(
+                r.column == column and r.method == "hash" for r in loaded.anonymizer.rules
+            ):
+                try:
+                    loaded.anonymizer.apply_value(column, "", "salt check")
+                except ShipyardError as exc:
+                    raise PackageError(f"{root}: {exc}") from None
+    return loaded
+
+
+def _anonymizer(manifest: Manifest, root: Path) -> Anonymizer | None:
+    described = manifest.data.get("anonymize")
+    if not described:
+        return None
+    try:
+        return Anonymizer.from_description(described)
+    except (ValidationError, TypeError, ValueError) as exc:
+        raise PackageError(f"{root}/manifest.json: bad data.anonymize section ({exc})") from None
 
 
 def _hf_tokenizer_config(root: Path, manifest: Manifest) -> HFTokenizerConfig | None:
@@ -280,17 +360,29 @@ def _hf_tokenizer_config(root: Path, manifest: Manifest) -> HFTokenizerConfig | 
 
 def _load_torch(root: Path, manifest: Manifest, info: DataInfo, raw_key: bytes | None) -> nn.Module:
     """Rebuild the architecture by name (int8 layers swapped in where the manifest says) and
-    load its safetensors weights, hashing them while reading."""
+    load its safetensors weights, hashing them while reading.
+
+    BLAKE3 weights (new packages) are read once, straight into the model's tensors, and hashed
+    as they arrive (`read_verified_weights`); SHA-256 weights (older packages) are hashed per
+    chunk on other threads while safetensors loads them.
+    """
     encryption = manifest.encryption
     encrypted_weights = encryption is not None and WEIGHTS in encryption.files
-    # verify the weights on other threads (hashlib drops the GIL) while we build and read
-    verifier = None if encrypted_weights else _Verifier(root, WEIGHTS, manifest.files[WEIGHTS])
+    entry = manifest.files[WEIGHTS]
+    read_once = not encrypted_weights and entry.algorithm == "blake3" and sys.byteorder == "little"
+    # verify SHA-256 weights on other threads (hashlib drops the GIL) while we build and read
+    verifier = None
+    if not encrypted_weights and not read_once:
+        verifier = _Verifier(root, WEIGHTS, entry)
     model = build_empty_model(manifest.architecture.config, info, manifest.architecture.name)
     if manifest.quantization is not None:
         swap_quantized_layers(model, manifest.quantization, where=f"{root}/manifest.json")
     if manifest.lora is not None:
         swap_lora_layers(model, manifest.lora, where=f"{root}/manifest.json")
-    if encryption is not None and encrypted_weights:
+    if read_once:
+        targets = model.state_dict(keep_vars=True)
+        tensors = read_verified_weights(root / WEIGHTS, entry, targets)
+    elif encryption is not None and encrypted_weights:
         check_file(root, WEIGHTS, manifest.files[WEIGHTS])
         data = decrypt_file(root, WEIGHTS, encryption, raw_key)
         try:
@@ -316,10 +408,8 @@ def _load_onnx(root: Path, manifest: Manifest, raw_key: bytes | None) -> nn.Modu
     else:
         file = root / ONNX_MODEL
         data = file.read_bytes()
-        if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
-            raise PackageError(
-                f"{file}: SHA-256 does not match the manifest; the file was changed or corrupted"
-            )
+        if len(data) != entry.size or hash_bytes(data, entry.algorithm) != entry.digest:
+            raise mismatch_error(file, entry.algorithm)
     return OnnxRuntimeModule(data, manifest.signature, where=str(root / ONNX_MODEL))
 
 

@@ -2,8 +2,8 @@
 
 A package is a flat directory with fixed file names:
 
-    manifest.json       what the model is (this module's `Manifest`) and the SHA-256 + size of
-                        every other file
+    manifest.json       what the model is (this module's `Manifest`) and the hash + size of
+                        every other file (BLAKE3 for new packages; SHA-256 in older ones)
     model.safetensors   the weights (backend "torch", the default)
     model.onnx          instead of the weights: an ONNX graph (backend "onnxruntime")
     tokenizer.json      optional: the tokenizer (token models)
@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+import blake3
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -51,9 +52,12 @@ from shipyard.package.files import TOKENIZER_CONFIG as TOKENIZER_CONFIG
 from shipyard.package.files import WEIGHTS as WEIGHTS
 from shipyard.package.signing import verify_signature
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file entries may be hashed with BLAKE3 (1: SHA-256 only)
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is metadata; anything larger is not one of ours
 
+HashAlgorithm = Literal["blake3", "sha256"]
+HASH_ALGORITHMS: tuple[HashAlgorithm, ...] = ("blake3", "sha256")
+DEFAULT_HASH: HashAlgorithm = "blake3"
 Backend = Literal["torch", "onnxruntime"]
 
 
@@ -153,22 +157,41 @@ class Quantization(_Model):
 
 
 class FileEntry(_Model):
-    """SHA-256 and size of a file exactly as stored (the ciphertext when encrypted).
+    """Hash and size of a file exactly as stored (the ciphertext when encrypted).
 
-    Files larger than one chunk also list the SHA-256 of each `chunk_size` piece, so loading can
-    verify them on every core at once (one SHA-256 stream runs on one core only); the chunk
-    hashes cover every byte, and the whole-file hash stays for tools that check files one by one.
+    The hash's key names its algorithm: `blake3` (new packages: tree-hashed, so one file is
+    verified on every core at once) or `sha256` (packages written before BLAKE3; they keep
+    loading). Large SHA-256 files also list the SHA-256 of each `chunk_size` piece, so loading
+    can verify them on every core (one SHA-256 stream runs on one core only); the chunk hashes
+    cover every byte, and the whole-file hash stays for tools that check files one by one.
     """
 
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    blake3: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
     chunk_size: int | None = Field(None, gt=0)
     chunks: list[str] | None = None
 
+    @property
+    def algorithm(self) -> HashAlgorithm:
+        """The algorithm of this entry's hash."""
+        return "blake3" if self.blake3 is not None else "sha256"
+
+    @property
+    def digest(self) -> str:
+        """The entry's hex hash (of the algorithm `algorithm`)."""
+        digest = self.blake3 if self.blake3 is not None else self.sha256
+        assert digest is not None  # the validator guarantees one
+        return digest
+
     @model_validator(mode="after")
-    def _chunks_cover_the_file(self) -> FileEntry:
+    def _one_hash_and_chunks_cover_the_file(self) -> FileEntry:
+        if (self.blake3 is None) == (self.sha256 is None):
+            raise ValueError("a file entry needs exactly one hash: blake3 or sha256")
         if (self.chunk_size is None) != (self.chunks is None):
             raise ValueError("chunk_size and chunks go together")
+        if self.chunks is not None and self.sha256 is None:
+            raise ValueError("chunk hashes are SHA-256 only (BLAKE3 needs none)")
         if self.chunk_size is not None and self.chunks is not None:
             expected = -(-self.size // self.chunk_size)
             if len(self.chunks) != expected:
@@ -181,29 +204,50 @@ class FileEntry(_Model):
         return self
 
     @model_serializer(mode="wrap")
-    def _omit_unchunked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # small files keep the two-field entry they always had
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # only the entry's own hash is written; small SHA-256 files keep their two-field entry
         data: dict[str, Any] = handler(self)
-        if self.chunks is None:
-            data.pop("chunk_size", None)
-            data.pop("chunks", None)
+        for key in ("blake3", "sha256", "chunk_size", "chunks"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
 class EncryptedFile(_Model):
-    """Per-file encryption record: nonce prefix and the plaintext's SHA-256 and size (and the
-    plaintext entry's hash chunk size, so decrypting restores the original manifest exactly)."""
+    """Per-file encryption record: nonce prefix and the plaintext's hash (BLAKE3 or SHA-256, as
+    its entry had) and size (and the plaintext entry's SHA-256 chunk size, so decrypting restores
+    the original manifest exactly)."""
 
     nonce: str = Field(pattern=r"^[0-9a-f]{16}$")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    blake3: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
     hash_chunk_size: int | None = Field(None, gt=0)
 
+    @property
+    def algorithm(self) -> HashAlgorithm:
+        """The algorithm of the plaintext's hash."""
+        return "blake3" if self.blake3 is not None else "sha256"
+
+    @property
+    def digest(self) -> str:
+        """The plaintext's hex hash."""
+        digest = self.blake3 if self.blake3 is not None else self.sha256
+        assert digest is not None  # the validator guarantees one
+        return digest
+
+    @model_validator(mode="after")
+    def _one_hash(self) -> EncryptedFile:
+        if (self.blake3 is None) == (self.sha256 is None):
+            raise ValueError("an encryption record needs exactly one hash: blake3 or sha256")
+        return self
+
     @model_serializer(mode="wrap")
-    def _omit_unchunked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if self.hash_chunk_size is None:
-            data.pop("hash_chunk_size", None)
+        for key in ("blake3", "sha256", "hash_chunk_size"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -216,9 +260,9 @@ class Encryption(_Model):
 
 
 class Manifest(_Model):
-    """The contents of manifest.json (format version 1)."""
+    """The contents of manifest.json (format version 1 or 2; see `to_json`)."""
 
-    format_version: Literal[1] = 1
+    format_version: Literal[1, 2] = 1
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
     task: Task
@@ -242,14 +286,26 @@ class Manifest(_Model):
         """The manifest.json text (stable field order, so equal manifests give equal bytes).
 
         `backend` and `quantization` are written only when set, so plain packages keep the
-        manifest they always had.
+        manifest they always had. The format version is the lowest that can hold the manifest:
+        2 when any hash is BLAKE3 (so an older shipyard asks for an upgrade instead of calling
+        it malformed), else 1 (SHA-256 packages stay readable by every version).
         """
         omit = {"backend"} if self.backend == "torch" else set()
         if self.quantization is None:
             omit.add("quantization")
         if self.lora is None:
             omit.add("lora")
-        return self.model_dump_json(indent=2, exclude=omit) + "\n"
+        records = self.encryption.files.values() if self.encryption is not None else []
+        uses_blake3 = any(e.blake3 is not None for e in self.files.values()) or any(
+            r.blake3 is not None for r in records
+        )
+        version = 2 if uses_blake3 else 1
+        manifest = (
+            self
+            if version == self.format_version
+            else self.model_copy(update={"format_version": version})
+        )
+        return manifest.model_dump_json(indent=2, exclude=omit) + "\n"
 
 
 # ------------------------------------------------------------------------------------------
@@ -262,17 +318,68 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-HASH_CHUNK = 16 << 20  # files above this get per-chunk hashes (parallel verification)
+HASH_CHUNK = 16 << 20  # SHA-256 files above this get per-chunk hashes (parallel verification)
 
 
-def hash_file(path: Path, *, chunk_size: int | Literal["auto"] | None = "auto") -> FileEntry:
-    """The manifest entry of a file: size, SHA-256, and per-chunk SHA-256 for large files.
+class Hasher:
+    """One incremental hash of `algorithm`; BLAKE3 runs on every core (it drops the GIL).
 
-    chunk_size: "auto" = HASH_CHUNK; None = whole-file hash only.
+    threads: BLAKE3's threads for each large update (None: one per core).
     """
+
+    def __init__(self, algorithm: HashAlgorithm, *, threads: int | None = None) -> None:
+        self.algorithm = algorithm
+        self._hash: Any = (
+            blake3.blake3(max_threads=threads or blake3.blake3.AUTO)
+            if algorithm == "blake3"
+            else hashlib.sha256()
+        )
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        digest: str = self._hash.hexdigest()
+        return digest
+
+
+def hash_bytes(data: bytes | bytearray | memoryview, algorithm: HashAlgorithm) -> str:
+    """Hex hash of bytes in memory."""
+    hasher = Hasher(algorithm)
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def digest_file(path: Path, algorithm: HashAlgorithm) -> str:
+    """Hex hash of a whole file: BLAKE3 over a memory map on every core, SHA-256 streamed."""
+    if algorithm == "sha256":
+        return sha256_file(path)
+    if path.stat().st_size == 0:  # an empty file cannot be memory-mapped
+        return hash_bytes(b"", algorithm)
+    digest: str = blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
+    return digest
+
+
+def hash_file(
+    path: Path,
+    *,
+    algorithm: HashAlgorithm = DEFAULT_HASH,
+    chunk_size: int | Literal["auto"] | None = "auto",
+) -> FileEntry:
+    """The manifest entry of a file: size and hash (per-chunk too for large SHA-256 files).
+
+    algorithm: "blake3" (the default) or "sha256" (what packages used before BLAKE3).
+    chunk_size: SHA-256 only: "auto" = HASH_CHUNK; None = whole-file hash only.
+    """
+    if algorithm not in HASH_ALGORITHMS:
+        raise PackageError(
+            f"unknown hash algorithm {algorithm!r}; use one of {', '.join(HASH_ALGORITHMS)}"
+        )
+    size = path.stat().st_size
+    if algorithm == "blake3":
+        return FileEntry(blake3=digest_file(path, "blake3"), size=size)
     if chunk_size == "auto":
         chunk_size = HASH_CHUNK
-    size = path.stat().st_size
     whole = hashlib.sha256()
     if chunk_size is None or size <= chunk_size:
         with path.open("rb") as fh:
@@ -304,6 +411,15 @@ def _chunks_match(path: Path, entry: FileEntry, workers: int | None = None) -> b
             return all(pool.map(check, range(len(expected))))
     finally:
         os.close(fd)
+
+
+def mismatch_error(file: Path | str, algorithm: HashAlgorithm) -> PackageError:
+    """The error for a file whose hash is not the manifest's."""
+    name = {"blake3": "BLAKE3", "sha256": "SHA-256"}[algorithm]
+    return PackageError(
+        f"{file}: {name} hash does not match the manifest; the file was changed or corrupted "
+        "(re-download or re-create the package)"
+    )
 
 
 def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -354,11 +470,11 @@ def parse_manifest(raw: bytes, where: str = MANIFEST) -> Manifest:
     if version > FORMAT_VERSION:
         raise PackageError(
             f"{where}: written by a newer shipyard (format {version}); upgrade shipyard "
-            f"(this one reads format {FORMAT_VERSION})"
+            f"(this one reads formats 1 to {FORMAT_VERSION})"
         )
-    if version != FORMAT_VERSION:
+    if version < 1:
         raise PackageError(
-            f"{where}: unknown format_version {version}; this shipyard reads {FORMAT_VERSION}"
+            f"{where}: unknown format_version {version}; this shipyard reads 1 to {FORMAT_VERSION}"
         )
     try:
         manifest = Manifest.model_validate(data)
@@ -406,7 +522,10 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[Manifest, bytes]:
 
 
 def check_file(root: Path, name: str, entry: FileEntry, *, digest: str | None = None) -> None:
-    """Size and SHA-256 of one package file against its manifest entry."""
+    """Size and hash of one package file against its manifest entry.
+
+    digest: the file's hash (of the entry's algorithm) when the caller computed it already.
+    """
     file = root / name
     size = file.stat().st_size
     if size != entry.size:
@@ -417,11 +536,9 @@ def check_file(root: Path, name: str, entry: FileEntry, *, digest: str | None = 
     if digest is None and entry.chunks is not None:
         ok = _chunks_match(file, entry)
     else:
-        ok = (digest or sha256_file(file)) == entry.sha256
+        ok = (digest or digest_file(file, entry.algorithm)) == entry.digest
     if not ok:
-        raise PackageError(
-            f"{file}: SHA-256 does not match the manifest; the file was changed or corrupted"
-        )
+        raise mismatch_error(file, entry.algorithm)
 
 
 def verify_package(
@@ -429,10 +546,11 @@ def verify_package(
 ) -> Manifest:
     """Check a package directory against its manifest and return the manifest.
 
-    Every listed file's size and SHA-256 is checked (ciphertext for encrypted files, so no key is
-    needed). public_key: an Ed25519 public key (PEM file path, PEM bytes or key object); when
-    given, manifest.sig must be a valid signature by it. skip: names whose hash the caller
-    checks itself (load_package hashes the weights while loading them).
+    Every listed file's size and hash (BLAKE3 or SHA-256, as its entry says) is checked
+    (ciphertext for encrypted files, so no key is needed). public_key: an Ed25519 public key
+    (PEM file path, PEM bytes or key object); when given, manifest.sig must be a valid signature
+    by it. skip: names whose hash the caller checks itself (load_package hashes the weights while
+    loading them).
     """
     root = Path(path)
     manifest, raw = read_manifest(root)

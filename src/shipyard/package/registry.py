@@ -62,7 +62,7 @@ from shipyard.package.storage import (
     shipyard_home,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STAGES = ("staging", "production", "archived")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9-]{0,63}$")
 LATEST = "latest"  # virtual alias: always the newest version; cannot be assigned
@@ -151,6 +151,10 @@ class AliasHistoryRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     created: Mapped[datetime]
     undone: Mapped[bool] = mapped_column(Boolean, default=False)
+    # v3: who made the change (an API key's name, a user) and what it was ('promote' or
+    # 'rollback'); rollback rows are stored with undone=True so they never join the stack
+    actor: Mapped[str | None] = mapped_column(String(128))
+    action: Mapped[str | None] = mapped_column(String(16))
 
 
 def _migrate_v1_to_v2(conn: Connection) -> None:
@@ -164,8 +168,18 @@ def _migrate_v1_to_v2(conn: Connection) -> None:
     )
 
 
+def _migrate_v2_to_v3(conn: Connection) -> None:
+    """v3 records who changed an alias and how (older rows: actor unknown, action promote)."""
+    conn.execute(text("ALTER TABLE alias_history ADD COLUMN actor VARCHAR(128)"))
+    conn.execute(text("ALTER TABLE alias_history ADD COLUMN action VARCHAR(16)"))
+    conn.execute(text("UPDATE alias_history SET action = 'promote'"))
+
+
 # MIGRATIONS[n] upgrades a database at schema version n to n + 1, inside one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1_to_v2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _migrate_v1_to_v2,
+    2: _migrate_v2_to_v3,
+}
 
 
 # -------------------------------------------------------------------------------- public data
@@ -220,6 +234,25 @@ class ModelInfo:
         return out
 
 
+@dataclass(frozen=True)
+class AliasEvent:
+    """One change of an alias: a promotion or a rollback, when and by whom."""
+
+    name: str
+    alias: str
+    version: int
+    action: str  # "promote" or "rollback"
+    actor: str | None
+    created: datetime
+    undone: bool = False  # a promotion later rolled back
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (timestamps as ISO 8601)."""
+        out = asdict(self)
+        out["created"] = self.created.isoformat()
+        return out
+
+
 def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
     """Split `NAME`, `NAME:VERSION` or `NAME@ALIAS` into (name, version or None, alias or None)."""
     if not isinstance(ref, str) or not ref:
@@ -257,6 +290,12 @@ def _check_alias(alias: str) -> str:
 def default_registry_url() -> str:
     """`$SHIPYARD_REGISTRY_URL`, or the SQLite file `$SHIPYARD_HOME/registry.db`."""
     return os.environ.get("SHIPYARD_REGISTRY_URL") or f"sqlite:///{shipyard_home() / 'registry.db'}"
+
+
+def registry_database_url(url: str | None = None) -> str:
+    """The SQLAlchemy URL the registry uses for `url` (default: `default_registry_url()`), with
+    `postgresql://` mapped to the psycopg (v3) driver; other tools (tuning studies) share it."""
+    return _normalise_url(url or default_registry_url())
 
 
 # ----------------------------------------------------------------------------------- registry
@@ -512,8 +551,13 @@ class Registry:
 
     # ------------------------------------------------------------------------------ aliases
 
-    def promote(self, name: str, version: int, alias: str) -> ModelVersion:
-        """Point `alias` (e.g. `production`) of `name` at `version`; the old target is kept."""
+    def promote(
+        self, name: str, version: int, alias: str, *, actor: str | None = None
+    ) -> ModelVersion:
+        """Point `alias` (e.g. `production`) of `name` at `version`; the old target is kept.
+
+        actor: who asked (an API key's name, a user name); recorded in the alias history.
+        """
         _check_alias(alias)
         if alias == LATEST:
             raise RegistryError(
@@ -531,12 +575,24 @@ class Registry:
                 else:
                     row.version, row.updated = version, _now()
                 s.add(
-                    AliasHistoryRow(model_id=model.id, alias=alias, version=version, created=_now())
+                    AliasHistoryRow(
+                        model_id=model.id,
+                        alias=alias,
+                        version=version,
+                        created=_now(),
+                        actor=_actor(actor),
+                        action="promote",
+                    )
                 )
         return self.get(f"{name}:{version}")
 
-    def rollback(self, name: str, alias: str = "production") -> ModelVersion:
-        """Point `alias` back at the version it pointed to before its latest promotion."""
+    def rollback(
+        self, name: str, alias: str = "production", *, actor: str | None = None
+    ) -> ModelVersion:
+        """Point `alias` back at the version it pointed to before its latest promotion.
+
+        actor: who asked; recorded in the alias history.
+        """
         _check_alias(alias)
         with self._session() as s:
             model = self._model(s, check_model_name(name), lock=True)
@@ -571,7 +627,41 @@ class Registry:
                 s.add(AliasRow(model_id=model.id, alias=alias, version=target, updated=_now()))
             else:
                 current.version, current.updated = target, _now()
+            s.add(
+                AliasHistoryRow(
+                    model_id=model.id,
+                    alias=alias,
+                    version=target,
+                    created=_now(),
+                    undone=True,  # an audit record, not a stack entry
+                    actor=_actor(actor),
+                    action="rollback",
+                )
+            )
         return self.get(f"{name}:{target}")
+
+    def history(self, name: str, alias: str | None = None) -> list[AliasEvent]:
+        """Every promotion and rollback of `name`'s aliases (or of one alias), newest first."""
+        if alias is not None:
+            _check_alias(alias)
+        with self._session() as s:
+            model = self._model(s, check_model_name(name))
+            query = select(AliasHistoryRow).where(AliasHistoryRow.model_id == model.id)
+            if alias is not None:
+                query = query.where(AliasHistoryRow.alias == alias)
+            rows = s.scalars(query.order_by(AliasHistoryRow.id.desc())).all()
+            return [
+                AliasEvent(
+                    name=model.name,
+                    alias=r.alias,
+                    version=r.version,
+                    action=r.action or "promote",
+                    actor=r.actor,
+                    created=r.created,
+                    undone=bool(r.undone) and (r.action or "promote") == "promote",
+                )
+                for r in rows
+            ]
 
     # ------------------------------------------------------------------------------- delete
 
@@ -817,6 +907,13 @@ def _check_tags(tags: Mapping[str, str]) -> dict[str, str]:
         if len(out[key]) > 512:
             raise RegistryError(f"tag {key!r} is longer than 512 characters")
     return out
+
+
+def _actor(actor: str | None) -> str | None:
+    if actor is None:
+        return None
+    clean = " ".join(str(actor).split())[:128]
+    return clean or None
 
 
 def _str_or_none(value: Any) -> str | None:

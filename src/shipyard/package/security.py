@@ -10,7 +10,7 @@ Encryption: model.safetensors (and tokenizer.json) are replaced by ciphertext un
 Each chunk is AES-256-GCM over `chunk_size` plaintext bytes (the last one shorter, possibly empty)
 with nonce = prefix | chunk index (4 bytes) and associated data binding the file name, the index
 and a last-chunk flag, so chunks cannot be reordered, truncated or swapped between files. The
-manifest keeps the ciphertext's SHA-256 under `files` (verification needs no key) and the
+manifest keeps the ciphertext's hash under `files` (verification needs no key) and the
 plaintext's under `encryption.files` (checked after decryption).
 """
 
@@ -39,9 +39,9 @@ from shipyard.package.manifest import (
     WEIGHTS,
     EncryptedFile,
     Encryption,
+    hash_bytes,
     hash_file,
     read_manifest,
-    sha256_bytes,
     staged_package,
     verify_package,
 )
@@ -153,11 +153,12 @@ def encrypt_package(
                 _encrypt_stream(aead, name, prefix, fin, fout)
             records[name] = EncryptedFile(
                 nonce=prefix.hex(),
+                blake3=entry.blake3,
                 sha256=entry.sha256,
                 size=entry.size,
                 hash_chunk_size=entry.chunk_size,
             )
-            files[name] = hash_file(tmp / name)
+            files[name] = hash_file(tmp / name, algorithm=entry.algorithm)
         encrypted = manifest.model_copy(
             update={
                 "files": files,
@@ -186,7 +187,9 @@ def decrypt_package(
                 data = decrypt_file(src_dir, name, manifest.encryption, raw_key)
                 (tmp / name).write_bytes(data)
                 record = manifest.encryption.files[name]
-                files[name] = hash_file(tmp / name, chunk_size=record.hash_chunk_size)
+                files[name] = hash_file(
+                    tmp / name, algorithm=record.algorithm, chunk_size=record.hash_chunk_size
+                )
             else:
                 shutil.copyfile(src_dir / name, tmp / name)
         plain = manifest.model_copy(update={"files": files, "encryption": None})
@@ -195,14 +198,14 @@ def decrypt_package(
 
 
 def decrypt_file(root: Path, name: str, encryption: Encryption, key: bytes | None) -> bytes:
-    """Decrypt one package file in memory and check its plaintext SHA-256 and size."""
+    """Decrypt one package file in memory and check its plaintext hash and size."""
     if key is None:
         raise PackageError(f"{root / name}: {_NO_KEY}")
     record = encryption.files[name]
     aead = AESGCM(key)
     with (root / name).open("rb") as fh:
         data = _decrypt_stream(aead, name, bytes.fromhex(record.nonce), fh, root / name)
-    if len(data) != record.size or sha256_bytes(data) != record.sha256:
+    if len(data) != record.size or hash_bytes(data, record.algorithm) != record.digest:
         raise PackageError(f"{root / name}: decrypted content does not match the manifest")
     return data
 

@@ -2,8 +2,9 @@
 
 The root is a local folder (default `$SHIPYARD_HOME/artifacts`) or an object-store URL such as
 `s3://bucket/prefix` (needs the `registry-s3` extra). Every byte that goes up or comes down is
-checked against the package manifest: each file's SHA-256 and size, hashed while it is copied and
-hashed again where it landed, so a corrupt or tampered artifact is refused, never half-used.
+checked against the package manifest: each file's hash (BLAKE3 or SHA-256, as its entry names)
+and size, hashed while it is copied and hashed again where it landed, so a corrupt or tampered
+artifact is refused, never half-used.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shipyard.errors import RegistryError
+from shipyard.package.manifest import HASH_ALGORITHMS, HashAlgorithm, Hasher
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -51,8 +53,9 @@ def check_model_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class _Expected:
-    sha256: str
+    digest: str
     size: int
+    algorithm: HashAlgorithm = "sha256"
 
 
 class ArtifactStore:
@@ -157,15 +160,16 @@ class ArtifactStore:
     def _put_checked(self, src: Path, dest: str, want: _Expected, rel: str) -> None:
         if not src.is_file():
             raise RegistryError(f"{src}: listed in the manifest but missing; re-create the package")
-        digest = hashlib.sha256()
+        digest = Hasher(want.algorithm)
         size = 0
         with src.open("rb") as fin, self.fs.open(dest, "wb") as fout:
             while chunk := fin.read(_CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
                 fout.write(chunk)
-        _compare(rel, _Expected(digest.hexdigest(), size), want, "local package file")
-        _compare(rel, self._hash_remote(dest), want, "uploaded copy")
+        got = _Expected(digest.hexdigest(), size, want.algorithm)
+        _compare(rel, got, want, "local package file")
+        _compare(rel, self._hash_remote(dest, want.algorithm), want, "uploaded copy")
 
     def _put_bytes_checked(self, data: bytes, dest: str, rel: str) -> None:
         want = _Expected(hashlib.sha256(data).hexdigest(), len(data))
@@ -173,15 +177,15 @@ class ArtifactStore:
             fout.write(data)
         _compare(rel, self._hash_remote(dest), want, "uploaded copy")
 
-    def _hash_remote(self, path: str) -> _Expected:
+    def _hash_remote(self, path: str, algorithm: HashAlgorithm = "sha256") -> _Expected:
         self._invalidate(path)
-        digest = hashlib.sha256()
+        digest = Hasher(algorithm)
         size = 0
         with self.fs.open(path, "rb") as fin:
             while chunk := fin.read(_CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
-        return _Expected(digest.hexdigest(), size)
+        return _Expected(digest.hexdigest(), size, algorithm)
 
     # -------------------------------------------------------------------------------- download
 
@@ -247,7 +251,7 @@ class ArtifactStore:
 
     def _get_checked(self, src: str, dest: Path, want: _Expected, label: str) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
+        digest = Hasher(want.algorithm)
         size = 0
         try:
             with self.fs.open(src, "rb") as fin, dest.open("wb") as fout:
@@ -259,7 +263,7 @@ class ArtifactStore:
             raise RegistryError(
                 f"{label}: listed in the manifest but missing from the store"
             ) from None
-        _compare(label, _Expected(digest.hexdigest(), size), want, "stored file")
+        _compare(label, _Expected(digest.hexdigest(), size, want.algorithm), want, "stored file")
 
     # ---------------------------------------------------------------------------------- delete
 
@@ -338,12 +342,7 @@ def _expected_files(manifest_bytes: bytes, *, where: str) -> dict[str, _Expected
     """The `files` table of a manifest as {relative path: expected hash and size}, paths checked."""
     try:
         files = json.loads(manifest_bytes)["files"]
-        out = {
-            _safe_relpath(str(rel), where): _Expected(
-                str(entry["sha256"]).lower(), int(entry["size"])
-            )
-            for rel, entry in files.items()
-        }
+        out = {_safe_relpath(str(rel), where): _entry_hash(entry) for rel, entry in files.items()}
     except RegistryError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -351,6 +350,14 @@ def _expected_files(manifest_bytes: bytes, *, where: str) -> dict[str, _Expected
     if not out:
         raise RegistryError(f"{where}: the manifest lists no files")
     return out
+
+
+def _entry_hash(entry: dict[str, Any]) -> _Expected:
+    """The hash a manifest entry names (its key is the algorithm) and the file's size."""
+    for algorithm in HASH_ALGORITHMS:
+        if algorithm in entry:
+            return _Expected(str(entry[algorithm]).lower(), int(entry["size"]), algorithm)
+    raise KeyError(f"no hash ({' or '.join(HASH_ALGORITHMS)}) in a file entry")
 
 
 def _safe_relpath(rel: str, where: str) -> str:
@@ -372,24 +379,25 @@ def _compare(label: str, got: _Expected, want: _Expected, what: str) -> None:
             f"{label}: {what} is {got.size} bytes, the manifest says {want.size}; the artifact is "
             "corrupt or was modified"
         )
-    if got.sha256 != want.sha256:
+    if got.digest != want.digest:
+        name = {"blake3": "BLAKE3", "sha256": "SHA-256"}[want.algorithm]
         raise RegistryError(
-            f"{label}: {what} has SHA-256 {got.sha256[:16]}..., the manifest says "
-            f"{want.sha256[:16]}...; the artifact is corrupt or was modified"
+            f"{label}: {what} has {name} {got.digest[:16]}..., the manifest says "
+            f"{want.digest[:16]}...; the artifact is corrupt or was modified"
         )
 
 
 def _verify_written(root: Path, expected: dict[str, _Expected]) -> None:
     """Re-hash what was written locally (guards against a short or failed write)."""
     for rel, want in expected.items():
-        _compare(rel, _hash_file(root / rel), want, "downloaded copy")
+        _compare(rel, _hash_file(root / rel, want.algorithm), want, "downloaded copy")
 
 
-def _hash_file(path: Path) -> _Expected:
-    digest = hashlib.sha256()
+def _hash_file(path: Path, algorithm: HashAlgorithm) -> _Expected:
+    digest = Hasher(algorithm)
     size = 0
     with path.open("rb") as fin:
         for chunk in iter(lambda: fin.read(_CHUNK), b""):
             digest.update(chunk)
             size += len(chunk)
-    return _Expected(digest.hexdigest(), size)
+    return _Expected(digest.hexdigest(), size, algorithm)

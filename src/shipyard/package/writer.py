@@ -21,6 +21,7 @@ from shipyard.errors import PackageError
 from shipyard.models import TOKEN_MODELS
 from shipyard.package.loading import pretrained_architecture
 from shipyard.package.manifest import (
+    DEFAULT_HASH,
     MANIFEST,
     ONNX_MODEL,
     TOKENIZER,
@@ -28,7 +29,7 @@ from shipyard.package.manifest import (
     WEIGHTS,
     Architecture,
     Derivation,
-    FileEntry,
+    HashAlgorithm,
     Lineage,
     LoRASpec,
     Manifest,
@@ -82,6 +83,7 @@ def write_package(
     quantization: Quantization | Mapping[str, Any] | None = None,
     lora: LoRASpec | Mapping[str, Any] | None = None,
     onnx_model: bytes | None = None,
+    hash_algorithm: HashAlgorithm = DEFAULT_HASH,
 ) -> Path:
     """Write a package directory for `model` and return its path.
 
@@ -97,6 +99,8 @@ def write_package(
         can swap them in before reading the tensors.
     onnx_model: an ONNX graph (bytes) to store as model.onnx instead of `model`'s weights; the
         package's backend is then "onnxruntime" (`model` must be None).
+    hash_algorithm: "blake3" (default; fast verification on every core) or "sha256" (the
+        format-1 manifest that shipyard versions before BLAKE3 can read).
     """
     if (model is None) == (onnx_model is None):
         raise PackageError("write_package needs exactly one of model or onnx_model")
@@ -124,18 +128,20 @@ def write_package(
     with staged_package(out, replace=True) as tmp:
         if onnx_model is not None:
             (tmp / ONNX_MODEL).write_bytes(onnx_model)
-            files = {ONNX_MODEL: _entry(tmp / ONNX_MODEL)}
+            files = {ONNX_MODEL: hash_file(tmp / ONNX_MODEL, algorithm=hash_algorithm)}
         else:
             assert model is not None
             save_model(model, str(tmp / WEIGHTS))
-            files = {WEIGHTS: _entry(tmp / WEIGHTS)}
+            files = {WEIGHTS: hash_file(tmp / WEIGHTS, algorithm=hash_algorithm)}
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
-            files[TOKENIZER] = _entry(tmp / TOKENIZER)
+            files[TOKENIZER] = hash_file(tmp / TOKENIZER, algorithm=hash_algorithm)
             tok_config = tokenizer.config_json()
             if tok_config is not None:
                 (tmp / TOKENIZER_CONFIG).write_text(tok_config, encoding="utf-8")
-                files[TOKENIZER_CONFIG] = _entry(tmp / TOKENIZER_CONFIG)
+                files[TOKENIZER_CONFIG] = hash_file(
+                    tmp / TOKENIZER_CONFIG, algorithm=hash_algorithm
+                )
         manifest = Manifest(
             name=name or config.name,
             version=version,
@@ -161,10 +167,6 @@ def write_package(
         for file in tmp.iterdir():
             _fsync(file)
     return out
-
-
-def _entry(path: Path) -> FileEntry:
-    return hash_file(path)
 
 
 def _scalar_metrics(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:

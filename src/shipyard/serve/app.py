@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shipyard import __version__
@@ -29,6 +29,7 @@ from shipyard.serve.core import ModelRepository
 from shipyard.serve.errors import RequestError
 from shipyard.serve.fastlane import InferenceFastLane
 from shipyard.serve.http import ServerState, require, server_state
+from shipyard.serve.openapi import install, responses
 from shipyard.serve.protocols import kserve_v2, openai, simple
 from shipyard.serve.settings import ServeSettings, is_loopback
 
@@ -125,13 +126,20 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
         if not metrics_open:
             await admin_only(request)
 
-    @app.get("/metrics", tags=["observability"])
+    @app.get(
+        "/metrics",
+        tags=["observability"],
+        summary="Prometheus metrics (text exposition format)",
+        response_class=PlainTextResponse,
+        responses=responses(401, 403, 429),
+    )
     async def prometheus_metrics(
         _: None = Depends(metrics_guard), s: ServerState = Depends(server_state)
     ) -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    install(app)
     return app
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shipyard.serve.errors import BadRequest, InferenceFailed, RequestError, Unavailable
+from shipyard.serve.settings import default
 
 log = logging.getLogger("shipyard.serve")
 
@@ -62,9 +63,9 @@ class Batcher:
         name: str,
         fn: ForwardFn,
         *,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
-        max_queue: int = 256,
+        max_batch_size: int = default("max_batch_size"),
+        max_wait_ms: float = default("max_wait_ms"),
+        max_queue: int = default("max_queue"),
         on_batch: BatchHook | None = None,
         on_queue_time: Callable[[float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,

@@ -13,11 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shipyard.serve.errors import RequestError
+from shipyard.serve.http import ServerState, authorize, state_of
 
 Endpoint = Callable[..., Awaitable[Response]]
 ErrorRenderer = Callable[[RequestError], Response]
@@ -37,14 +39,52 @@ def _template_regex(path: str) -> re.Pattern[str]:
 
 @dataclass
 class FastRoute:
-    """A `POST` route template and its endpoint, called as `endpoint(request, **params)`."""
+    """A `POST` route template and its endpoint, called as `endpoint(request, **params)`.
+
+    `openapi` holds what FastAPI's `add_api_route` takes to document it (`summary`,
+    `responses`, `openapi_extra`, ...): the lane itself never looks at it.
+    """
 
     path: str  # the template; also what metrics and the access log report as the route
     endpoint: Endpoint
+    openapi: dict[str, Any] = field(default_factory=dict)
     regex: re.Pattern[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.regex = _template_regex(self.path)
+
+
+ModelHandler = Callable[[Request, ServerState, str, str | None], Awaitable[Response]]
+
+
+def model_routes(
+    default: str, versioned: str, handler: ModelHandler, summary: str, openapi: dict[str, Any]
+) -> list[FastRoute]:
+    """The two routes of one inference operation: `default` (the model's default version) and
+    `versioned` (with `{version}`). Both check the `infer` scope, then call
+    `handler(request, state, model_name, version or None)`."""
+
+    async def default_version(request: Request, model_name: str) -> Response:
+        await authorize(request, "infer")
+        return await handler(request, state_of(request), model_name, None)
+
+    async def one_version(request: Request, model_name: str, version: str) -> Response:
+        await authorize(request, "infer")
+        return await handler(request, state_of(request), model_name, version)
+
+    return [
+        FastRoute(default, default_version, {"summary": f"{summary} (default version)", **openapi}),
+        FastRoute(versioned, one_version, {"summary": f"{summary} (one version)", **openapi}),
+    ]
+
+
+def document(router: APIRouter, routes: Sequence[FastRoute]) -> None:
+    """Declare `routes` on `router` too: FastAPI then documents them and answers 405 for other
+    methods, while the lane serves their `POST`s."""
+    for route in routes:
+        router.add_api_route(
+            route.path, route.endpoint, methods=["POST"], response_model=None, **route.openapi
+        )
 
 
 class InferenceFastLane:

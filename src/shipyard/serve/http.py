@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from fastapi import Request
 
 from shipyard.serve.auth import ApiKey, KeyStore, RateLimiter, require_scope
-from shipyard.serve.core import ModelRepository
+from shipyard.serve.batching import Outputs
+from shipyard.serve.core import ModelRepository, ServedModel
 from shipyard.serve.errors import BadRequest, PayloadTooLarge
 from shipyard.serve.settings import ServeSettings
 
@@ -94,6 +98,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     if len(out) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
     return out
+
+
+async def model_request_body(
+    request: Request, state: ServerState, model_name: str, version: str | None
+) -> bytes:
+    """The body of a request to one model: 404 before reading a body for nothing, and the
+    request tagged with its model (metrics, access log)."""
+    state.repo.get(model_name, version)
+    request.state.model = model_name
+    return await read_body(request, state.settings.max_body_bytes)
+
+
+def parse_json(body: bytes) -> Any:
+    """The JSON value of a request body; BadRequest when it is not JSON."""
+    try:
+        return orjson.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise BadRequest("request body is not valid JSON") from None
+
+
+async def run_model(request: Request, state: ServerState, served: ServedModel, x: Any) -> Outputs:
+    """`served.infer(x)` under the server's timeout, withdrawn if the client goes away."""
+    return await served.infer(
+        x, timeout_s=state.settings.timeout_s, disconnected=lambda: disconnected(request)
+    )
 
 
 async def disconnected(request: Request) -> None:

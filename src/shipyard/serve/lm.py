@@ -12,7 +12,9 @@ from shipyard.config_base import LM_TASK
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
 from shipyard.generate import Engine, EngineObserver, GenerationResult
+from shipyard.generate.single import DecodingModel
 from shipyard.models.protocol import LanguageModel, is_language_model
+from shipyard.models.rnn import RNN
 from shipyard.package import LoadedModel
 from shipyard.serve import metrics
 from shipyard.serve.settings import ServeSettings
@@ -34,6 +36,14 @@ def language_model(loaded: LoadedModel) -> tuple[LanguageModel, Tokenizer]:
             "tokenizer; generate from the torch package it was exported from"
         )
     return model, loaded.tokenizer
+
+
+def decoding_model(loaded: LoadedModel) -> tuple[DecodingModel, Tokenizer]:
+    """The model and tokenizer `shipyard generate` decodes from: a LanguageModel, or an rnn LM
+    (which the batching engine, and so the OpenAI routes, do not serve yet)."""
+    if loaded.task == LM_TASK and isinstance(loaded.model, RNN) and loaded.tokenizer is not None:
+        return loaded.model, loaded.tokenizer
+    return language_model(loaded)
 
 
 def supports_generation(loaded: LoadedModel) -> bool:

@@ -17,7 +17,6 @@ Changes apply to the process that handles the call; with `--workers N > 1` they 
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -27,7 +26,8 @@ from shipyard.errors import PackageError, RegistryError
 from shipyard.serve.auth import ApiKey
 from shipyard.serve.core import ServedModel, check_model_name
 from shipyard.serve.errors import BadRequest, Conflict, NotFound
-from shipyard.serve.http import ServerState, read_body, require, server_state
+from shipyard.serve.http import ServerState, parse_json, read_body, require, server_state
+from shipyard.serve.openapi import json_body, responses
 
 _Body = TypeVar("_Body", bound=BaseModel)
 
@@ -69,11 +69,10 @@ def _version(served: ServedModel) -> dict[str, Any]:
 
 
 async def _parse(request: Request, model: type[_Body]) -> _Body:
-    body = await read_body(request, 64 << 10)
+    raw = parse_json(await read_body(request, 64 << 10) or b"{}")
     try:
-        return model.model_validate(json.loads(body or b"{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
+        # strict: "make_default": "yes" is a mistake to name, not a true to guess
+        return model.model_validate(raw, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
@@ -93,13 +92,22 @@ def build_router() -> APIRouter:
     router = APIRouter(prefix="/v2/admin", tags=["management"])
     admin = Depends(require("admin"))
 
-    @router.get("/models")
+    @router.get(
+        "/models",
+        summary="Loaded models, versions and defaults",
+        responses=responses(401, 403, 429),
+    )
     async def list_models(
         state: ServerState = Depends(server_state), key: ApiKey | None = admin
     ) -> dict[str, Any]:
         return {"models": [_describe(state, n) for n in state.repo.names()]}
 
-    @router.post("/models/load")
+    @router.post(
+        "/models/load",
+        summary="Load a model version from the registry",
+        openapi_extra=json_body(LoadRequest),
+        responses=responses(400, 401, 403, 404, 409, 413, 429),
+    )
     async def load(
         request: Request, state: ServerState = Depends(server_state), key: ApiKey | None = admin
     ) -> dict[str, Any]:
@@ -113,7 +121,12 @@ def build_router() -> APIRouter:
             raise Conflict(f"cannot load {body.ref!r}: {exc}") from None
         return {"loaded": _version(served), "model": _describe(state, served.name)}
 
-    @router.post("/models/{model_name}/default")
+    @router.post(
+        "/models/{model_name}/default",
+        summary="Route unversioned requests to a version",
+        openapi_extra=json_body(DefaultRequest),
+        responses=responses(400, 401, 403, 404, 409, 413, 429),
+    )
     async def set_default(
         request: Request,
         model_name: str,
@@ -129,7 +142,11 @@ def build_router() -> APIRouter:
             await state.repo.remove(model_name, previous)
         return _describe(state, model_name)
 
-    @router.post("/models/{model_name}/versions/{version}/unload")
+    @router.post(
+        "/models/{model_name}/versions/{version}/unload",
+        summary="Drain and unload a version",
+        responses=responses(401, 403, 404, 409, 429),
+    )
     async def unload(
         model_name: str,
         version: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -97,6 +97,12 @@ class ServeSettings(BaseModel):
         if not raw:
             raise ServeError(f"{SETTINGS_ENV} is not set: start workers with `shipyard serve`")
         return cls.model_validate_json(raw)
+
+
+def default(name: str) -> Any:
+    """The default of one setting: `shipyard serve`'s options and the batcher take theirs from
+    here, so each default is written once (in `ServeSettings`)."""
+    return ServeSettings.model_fields[name].get_default(call_default_factory=True)
 
 
 def is_loopback(host: str) -> bool:

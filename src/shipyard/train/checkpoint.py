@@ -7,6 +7,19 @@ A checkpoint is a directory `checkpoints/step-00000010/` holding
                         loaded with `torch.load(weights_only=True)`
     meta.json           step, epoch, metrics, config hash and the SHA-256 of the two files above
 
+A run with `train.strategy: fsdp` adds
+
+    dcp/                the sharded model and optimizer tensors, written by every rank through
+                        `torch.distributed.checkpoint` (DCP), so they load on any number of
+                        processes; `model.safetensors` still holds the whole weights (for
+                        packaging and evaluation) and `state.pt` everything else
+
+DCP's `.metadata` file is a pickle. It is read here with an allow-list unpickler (only DCP's own
+metadata classes, torch sizes and dtypes), the tensor files with `torch.load(weights_only=True)`,
+and a checkpoint holding DCP "bytes" entries (which DCP unpickles freely) is refused; every file's
+SHA-256 is checked against `meta.json` first. Still, a checkpoint is run state, trusted like the
+code that wrote it: packages, which are shared, never contain DCP files.
+
 It is written under a temporary name, every file fsync'ed, then renamed into place in one
 `os.rename`, so a kill at any moment leaves either the complete new checkpoint or none at all: the
 previous one is always loadable. `meta.json` hashes let `find_latest` skip a damaged directory.
@@ -15,8 +28,10 @@ previous one is always loadable. `meta.json` hashes let `find_latest` skip a dam
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -25,8 +40,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from shipyard.errors import CheckpointError
 
@@ -36,6 +54,7 @@ _TMP_PREFIX = ".tmp-"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 META = "meta.json"
+DCP_DIR = "dcp"
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,132 @@ def save_checkpoint(
     os.rename(tmp, final)
     _fsync_dir(directory)
     return final
+
+
+def temp_checkpoint_dir(directory: Path, step: int) -> Path:
+    """Where a checkpoint is written before its rename (this process's own temp name)."""
+    return directory / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+
+
+def write_sharded_part(tmp: Path, tensors: dict[str, Any]) -> None:
+    """Every rank: write its shards of `tensors` (nested dicts of tensors only) under tmp/dcp."""
+    _require_tensors(tensors, "")
+    (tmp / DCP_DIR).mkdir(parents=True, exist_ok=True)
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR)))
+
+
+def finish_sharded_checkpoint(
+    directory: Path,
+    tmp: Path,
+    *,
+    step: int,
+    write_weights: Any,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Rank 0, after every rank's `write_sharded_part`: add the whole weights (`write_weights(path)`
+    writes them), the state and meta.json to `tmp`, fsync, and rename it into place."""
+    write_weights(tmp / WEIGHTS)
+    torch.save(state, tmp / STATE)
+    shards = sorted(str(p.relative_to(tmp)) for p in (tmp / DCP_DIR).rglob("*") if p.is_file())
+    names = [WEIGHTS, STATE, *shards]
+    files = {name: _sha256(tmp / name) for name in names}
+    full_meta = {"format": CHECKPOINT_FORMAT, "step": step, **meta, "files": files}
+    (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+    for name in [*names, META]:
+        _fsync(tmp / name)
+    _fsync_dir(tmp / DCP_DIR)
+    final = directory / checkpoint_name(step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(directory)
+    return final
+
+
+def load_sharded_part(path: Path, tensors: dict[str, Any]) -> None:
+    """Every rank: fill `tensors` (the sharded state dicts of this run's layout) in place from a
+    checkpoint's dcp/ directory, whatever number of processes wrote it."""
+    if not (path / DCP_DIR).is_dir():
+        raise CheckpointError(
+            f"{path}: no sharded state ({DCP_DIR}/); it was not written with train.strategy fsdp"
+        )
+    try:
+        dcp.load(tensors, storage_reader=_SafeReader(str(path / DCP_DIR)))
+    except CheckpointException as exc:  # a BaseException that wraps each rank's error
+        first = next(iter(exc.failures.values()), None)
+        why = str(first[0]) if isinstance(first, tuple) else str(exc)
+        raise CheckpointError(f"{path / DCP_DIR}: cannot load the sharded state: {why}") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path / DCP_DIR}: cannot load the sharded state ({exc})") from None
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with an allow-list unpickler for the metadata and no bytes entries."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        raw = (Path(str(self.path)) / ".metadata").read_bytes()
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{self.path}/.metadata: refused ({exc})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{self.path}/.metadata: not DCP metadata")
+        for key, entry in metadata.state_dict_metadata.items():
+            if isinstance(entry, BytesStorageMetadata):
+                raise CheckpointError(
+                    f"{self.path}: entry {key!r} is pickled bytes, which shipyard never writes "
+                    "and does not load"
+                )
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+        return metadata
+
+
+_ALLOWED_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.distributed.checkpoint.planner", "LoadItemType"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "strided"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("pathlib", "PosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+
+
+def _require_tensors(tree: Any, prefix: str) -> None:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            _require_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif not isinstance(tree, torch.Tensor):
+        raise CheckpointError(
+            f"sharded state {prefix!r} is a {type(tree).__name__}; only tensors go through DCP"
+        )
 
 
 def read_checkpoint(path: Path, *, verify: bool = True) -> CheckpointInfo:

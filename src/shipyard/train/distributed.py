@@ -48,6 +48,20 @@ def setup_distributed(device_type: str) -> DistEnv:
     return env
 
 
+def setup_single_process_group(device_type: str) -> None:
+    """A one-process group (FSDP needs a group even on one process); no-op if one exists."""
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def all_gather_floats(value: float, env: DistEnv, device: torch.device) -> list[float]:
+    """Every rank's `value`, in rank order (on every rank)."""
+    values = torch.zeros(env.world_size, dtype=torch.float64, device=device)
+    values[env.rank] = value
+    return [float(v) for v in all_reduce_sum(values, env).tolist()]
+
+
 def teardown_distributed() -> None:
     """Leave the process group. No barrier here: after an error on one rank the others may never
     arrive; a finished run has already met every rank at the end of `Trainer._finish`."""

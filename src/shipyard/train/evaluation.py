@@ -37,8 +37,13 @@ def evaluate_model(
     device: torch.device | None = None,
     env: DistEnv | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    lockstep: bool = False,
 ) -> dict[str, Any]:
-    """Streaming metrics of `model` on one split; each rank takes every world_size-th row."""
+    """Streaming metrics of `model` on one split; each rank takes every world_size-th row.
+
+    lockstep: every rank runs the same number of forward passes (a sharded model's forward is
+    a collective); a rank with fewer batches repeats a row and discards the output.
+    """
     dataset = getattr(data, split)
     if dataset is None or len(dataset) == 0:
         return {}
@@ -61,6 +66,14 @@ def evaluate_model(
     model.eval()
     mine = torch.arange(len(dataset))[env.rank :: env.world_size]
     batches = torch.split(mine, config.eval.batch_size)
+    if lockstep:
+        most = -(-len(dataset) // env.world_size)
+        n_batches = -(-most // config.eval.batch_size)
+        if config.eval.max_batches is not None:
+            n_batches = min(n_batches, config.eval.max_batches)
+        for _ in range(n_batches - min(len(batches), n_batches)):
+            x, _y = gather(dataset, torch.zeros(1, dtype=torch.long))
+            model(x.to(device))
     if config.eval.max_batches is not None:
         batches = batches[: config.eval.max_batches]
     for idx in batches:
@@ -92,9 +105,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     return {"checkpoint": str(path), "split": split, "metrics": results}
 
 
-def build_data_and_model(config: RunConfig) -> tuple[PreparedData, nn.Module]:
+def build_data_and_model(
+    config: RunConfig, *, meta_model: bool = False
+) -> tuple[PreparedData, nn.Module]:
     """Prepare the data and build the model a config describes: untrained, or the pretrained
-    package's (with its tokenizer), with LoRA adapters swapped in when `finetune` says so."""
+    package's (with its tokenizer), with LoRA adapters swapped in when `finetune` says so.
+
+    meta_model: build an untrained model on the meta device (shapes only, no memory); a
+    pretrained base is always loaded with its weights.
+    """
     base = load_base(config)
     if base is not None:
         data = prepare_data(
@@ -114,12 +133,13 @@ def build_data_and_model(config: RunConfig) -> tuple[PreparedData, nn.Module]:
         block_size = getattr(config.model, "block_size", None) if token_model else None
         data = prepare_data(config.data, config.task, config.seed, block_size=block_size)
         info = data.info
-        model = build_model(
-            config.model,
-            input_shape=tuple(info.input_shape),
-            num_outputs=info.num_outputs,
-            vocab_size=info.vocab_size,
-        )
+        with torch.device("meta") if meta_model else contextlib.nullcontext():
+            model = build_model(
+                config.model,
+                input_shape=tuple(info.input_shape),
+                num_outputs=info.num_outputs,
+                vocab_size=info.vocab_size,
+            )
     prepare_for_finetune(model, config)
     return data, model
 

@@ -3,7 +3,8 @@
     runs/NAME/RUN-ID/
       config.yaml      the resolved run config (CONFIG_FILE)
       data.json        DataInfo + fitted preprocessing, written at the start (DATA_FILE)
-      tokenizer.json   the tokenizer, for token models (TOKENIZER_FILE)
+      tokenizer.json   the tokenizer, for token models (TOKENIZER_FILE; an imported model's
+                       settings and chat template in tokenizer_config.json)
       metrics.jsonl    one JSON line per logging step (METRICS_FILE)
       checkpoints/     step-N/ directories (CHECKPOINTS_DIR; see checkpoint.py)
       report.json/md   final metrics and plots (REPORT_FILE; written by shipyard.evaluate.report)
@@ -37,6 +38,7 @@ from shipyard.train.finetune import lora_spec, prepare_for_finetune
 CONFIG_FILE = "config.yaml"
 DATA_FILE = "data.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # beside it, for an HF checkpoint's tokenizer
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -175,6 +177,10 @@ def package_run(
     metrics = {
         split: report[split] for split in ("val", "test") if isinstance(report.get(split), dict)
     }
+    lineage_extra: dict[str, Any] = {"run_dir": str(run.resolve()), "checkpoint_step": step}
+    run_summary = report.get("run")
+    if isinstance(run_summary, dict) and isinstance(run_summary.get("privacy"), dict):
+        lineage_extra["privacy"] = run_summary["privacy"]  # the (ε, δ) the training spent
     return write_package(
         Path(out_dir) if out_dir is not None else run / PACKAGE_DIR,
         model=model,
@@ -184,7 +190,7 @@ def package_run(
         tokenizer=tokenizer,
         metrics=metrics,
         version=run.resolve().name,
-        lineage_extra={"run_dir": str(run.resolve()), "checkpoint_step": step},
+        lineage_extra=lineage_extra,
         lora=lora,
         parent=config.model.path if isinstance(config.model, PretrainedConfig) else None,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,10 +22,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from shipyard.config import GDConfig, RunConfig, dump_config
+from shipyard.data.augmentation import Augmenter
 from shipyard.data.datasets import gather
+from shipyard.data.instructions import IGNORE_INDEX
 from shipyard.errors import CheckpointError, ShipyardError, TrainError
 from shipyard.evaluate.metrics import primary_metric
 from shipyard.evaluate.report import read_history, write_report
@@ -35,10 +40,12 @@ from shipyard.train.devices import device_peak_flops, pick_device, pick_precisio
 from shipyard.train.distill import DistillParams, distillation_loss
 from shipyard.train.distributed import (
     DistEnv,
+    all_gather_floats,
     all_reduce_sum,
     barrier,
     broadcast_text,
     setup_distributed,
+    setup_single_process_group,
     teardown_distributed,
 )
 from shipyard.train.evaluation import (
@@ -47,7 +54,9 @@ from shipyard.train.evaluation import (
     unigram_loss,
 )
 from shipyard.train.losses import build_loss
+from shipyard.train.memory import state_bytes, summarize_ranks
 from shipyard.train.optim import build_optimizer
+from shipyard.train.privacy import PrivateTraining, make_private_model
 from shipyard.train.progress import TrainProgress
 from shipyard.train.regularization import penalty
 from shipyard.train.rundir import (
@@ -55,6 +64,7 @@ from shipyard.train.rundir import (
     CONFIG_FILE,
     DATA_FILE,
     METRICS_FILE,
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     JsonlLog,
     config_differences,
@@ -62,6 +72,16 @@ from shipyard.train.rundir import (
     package_run,
 )
 from shipyard.train.schedules import build_schedule
+from shipyard.train.sharding import (
+    apply_activation_checkpointing,
+    full_state_dict,
+    load_full_weights,
+    materialize_from_rank0,
+    save_full_weights,
+    shard_model,
+    tied_names,
+)
+from shipyard.train.sharding import grad_norm as sharded_grad_norm
 
 
 @dataclass
@@ -72,6 +92,7 @@ class StepInfo:
     epoch: int
     loss: float | None
     run_dir: Path
+    val: dict[str, float] | None = None  # validation metrics, when this step validated
 
 
 @dataclass
@@ -166,7 +187,15 @@ class Trainer:
         self.env: DistEnv = setup_distributed(self.device.type)
         if self.env.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.env.local_rank)
+        self.fsdp = config.train.strategy == "fsdp"
+        if self.fsdp:
+            self._check_fsdp_options(weight_masks)
+        if self.fsdp and not self.env.enabled:
+            setup_single_process_group(self.device.type)
         self.amp_dtype = pick_precision(config.train.precision, self.device)
+        # FSDP on CUDA computes in bf16 through its MixedPrecisionPolicy instead of autocast
+        self.fsdp_param_dtype = self.amp_dtype if self.fsdp and self.device.type == "cuda" else None
+        self.autocast_dtype = None if self.fsdp_param_dtype is not None else self.amp_dtype
         seed_everything(config.seed + self.env.rank)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -175,8 +204,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         self.resume_from = resume_from
 
-        # data, model, optimisation
-        self.data, model = build_data_and_model(config)
+        # data, model, optimisation; under FSDP only rank 0 materialises the initial weights
+        on_meta = self.fsdp and self.env.rank != 0
+        self.data, model = build_data_and_model(config, meta_model=on_meta)
         info = self.data.info
         if init_weights is not None:
             try:
@@ -185,7 +215,40 @@ class Trainer:
                 raise TrainError(
                     f"init_weights do not fit the model of this config: {exc}"
                 ) from None
-        self.model = model.to(self.device)
+        self.n_params = count_parameters(model)
+        self.n_trainable = count_parameters(model, trainable_only=True)
+        self.aliases = tied_names(model)
+        if self.fsdp:
+            full = model.state_dict() if not on_meta else {}
+            buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+            if config.train.activation_checkpointing:
+                apply_activation_checkpointing(model)
+            fsdp_cfg = config.train.fsdp
+            shard_model(
+                model,
+                device=self.device,
+                world_size=self.env.world_size,
+                param_dtype=self.fsdp_param_dtype,
+                cpu_offload=fsdp_cfg.cpu_offload,
+                reshard_after_forward=fsdp_cfg.reshard_after_forward,
+            )
+            materialize_from_rank0(
+                model, full, buffers, device=self.device, cpu_offload=fsdp_cfg.cpu_offload
+            )
+            del full, buffers
+            self.model = model
+        else:
+            if config.train.activation_checkpointing:
+                apply_activation_checkpointing(model)
+            self.model = model.to(self.device)
+        privacy = config.train.privacy
+        if privacy is not None:
+            if self.env.enabled:
+                raise TrainError(
+                    "train.privacy runs in one process; drop --nproc (DP-SGD across processes "
+                    "is not supported yet)"
+                )
+            self.model = make_private_model(self.model)  # before the optimizer sees it
         self.masks = self._resolve_masks(weight_masks)
         self.apply_masks()
         self.teacher: nn.Module | None = None
@@ -198,8 +261,8 @@ class Trainer:
             self.distill = distill or DistillParams()
         elif distill is not None:
             raise TrainError("distill parameters were given without a teacher")
-        self.n_params = count_parameters(self.model)
-        self.n_trainable = count_parameters(self.model, trainable_only=True)
+        aug = config.data.augmentation
+        self.augmenter = Augmenter(aug, info.input_shape, config.task) if aug is not None else None
         self.is_lm = config.task == "language-modeling"
         block_size = (
             self.data.info.input_shape[0]
@@ -216,19 +279,27 @@ class Trainer:
         self.optimizer = build_optimizer(config.optim, self.model)
         self.full_batch = isinstance(config.optim, GDConfig)
         self.n_train = len(self.data.train)  # type: ignore[arg-type]
-        self.global_batch = (
-            self.n_train
-            if self.full_batch
-            else config.train.batch_size * config.train.grad_accum * self.env.world_size
-        )
+        self.global_batch = self.n_train if self.full_batch else config.train.batch_size
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self._total_steps()
         self.schedule = build_schedule(config.schedule, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.forward_model: nn.Module = self.model
+        self.private: PrivateTraining | None = None
+        if privacy is not None:
+            self.private = PrivateTraining(
+                privacy,
+                self.model,
+                self.optimizer,
+                n_train=self.n_train,
+                batch_size=self.global_batch,
+                total_steps=self.total_steps,
+            )
+            self.forward_model = self.private.module
+            self.optimizer = self.private.optimizer  # the schedule shares its param groups
         if config.train.compile:
             self.forward_model = torch.compile(self.model)  # type: ignore[assignment]
-        if self.env.enabled:
+        if self.env.enabled and not self.fsdp:
             self.forward_model = DistributedDataParallel(
                 self.forward_model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -248,6 +319,19 @@ class Trainer:
         self.bad_evals = 0
         self.stopped_early = False
         self.last_val: dict[str, Any] = {}
+        self.memory: dict[str, int] | None = None
+
+    def _check_fsdp_options(self, weight_masks: Mapping[str, torch.Tensor] | None) -> None:
+        reg = self.config.regularization
+        if weight_masks:
+            raise TrainError(
+                "weight masks (pruned fine-tuning) need train.strategy ddp; set train.strategy=ddp"
+            )
+        if reg.l1 or reg.l2:
+            raise TrainError(
+                f"regularization.l1/l2 ({reg.l1}/{reg.l2}) are not supported with train.strategy "
+                "fsdp; use the optimizer's weight_decay instead"
+            )
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -322,8 +406,12 @@ class Trainer:
         if steps == 0:
             raise TrainError(
                 f"the train split has {n} examples, fewer than one optimizer step needs "
-                f"({self.global_batch} = batch_size x grad_accum x processes); lower "
-                "train.batch_size or train.grad_accum"
+                f"(train.batch_size={self.global_batch}); lower train.batch_size"
+            )
+        if self.global_batch < self.env.world_size:
+            raise TrainError(
+                f"train.batch_size={self.global_batch} is the global batch and must be at least "
+                f"the number of processes ({self.env.world_size}); raise it or use fewer processes"
             )
         return steps
 
@@ -347,15 +435,30 @@ class Trainer:
             order = torch.arange(n)
         if self.full_batch:
             return [order]
+        if self.private is not None:
+            # Poisson sampling, as the privacy accountant assumes; seeded, so resume is exact
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            return [self.private.poisson_rows(n, gen) for _ in range(self.steps_per_epoch)]
         g = self.global_batch
         return [order[i * g : (i + 1) * g] for i in range(self.steps_per_epoch)]
 
     def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """This rank's share of one step's rows, cut into micro-batches."""
+        """This rank's share of one step's rows, cut into micro-batches.
+
+        The step's rows are the global batch; processes only split them, so any number of
+        processes takes the same optimizer step. Under FSDP every rank runs the same number of
+        micro-batches (each forward is a collective), so a short share may get an empty one.
+        """
+        t = self.config.train
         mine = torch.tensor_split(rows, self.env.world_size)[self.env.rank]
-        if self.full_batch:
-            return [m for m in torch.split(mine, self.config.train.batch_size) if len(m)]
-        return [m for m in torch.tensor_split(mine, self.config.train.grad_accum) if len(m)]
+        size = t.micro_batch_size or (t.batch_size if self.full_batch else None)
+        if size is not None:
+            largest = math.ceil(len(rows) / self.env.world_size)
+            parts = math.ceil(largest / size)
+        else:
+            parts = t.grad_accum
+        chunks = list(torch.tensor_split(mine, parts))
+        return chunks if self.fsdp else [m for m in chunks if len(m)]
 
     # ------------------------------------------------------------------ the run
 
@@ -401,7 +504,7 @@ class Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     window_loss += loss_sum
-                    window_count += len(rows) * self.tokens_per_row
+                    window_count += self._scored_count(rows)
                     window_rows += len(rows)
                     end_of_epoch = self.step_in_epoch == len(plan)
                     last = self.step >= self.total_steps
@@ -427,8 +530,14 @@ class Trainer:
                         or last
                     )
                     saved = False
+                    val_now: dict[str, float] | None = None
                     if validate:
                         improved = self._validate(log)
+                        val_now = {
+                            k: float(v)
+                            for k, v in self.last_val.items()
+                            if isinstance(v, int | float)
+                        } or None
                         if improved or ckpt_every is None:
                             self._save()
                             saved = True
@@ -437,7 +546,7 @@ class Trainer:
                     ):
                         self._save()
                     for callback in self.callbacks:
-                        callback(StepInfo(self.step, self.epoch, loss_value, self.run_dir))
+                        callback(StepInfo(self.step, self.epoch, loss_value, self.run_dir, val_now))
                     if last or self.stopped_early:
                         done = True
                         break
@@ -457,6 +566,17 @@ class Trainer:
         atomic_write(self.run_dir / DATA_FILE, json.dumps(data, indent=2))
         if self.data.tokenizer is not None:
             atomic_write(self.run_dir / TOKENIZER_FILE, self.data.tokenizer.to_json())
+            settings = self.data.tokenizer.config_json()  # an HF checkpoint's tokenizer
+            if settings is not None:
+                atomic_write(self.run_dir / TOKENIZER_CONFIG_FILE, settings)
+
+    def _scored_count(self, rows: torch.Tensor) -> int:
+        """Targets the loss scores over one step's rows (all ranks): every token of a window,
+        but only the answer tokens of instruction data (the others are IGNORE_INDEX)."""
+        if self.data.instructions is None:
+            return len(rows) * self.tokens_per_row
+        targets = self.data.train.y[rows]  # type: ignore[attr-defined]  # ArrayDataset
+        return max(1, int((targets != IGNORE_INDEX).sum()))
 
     def _train_step(self, rows: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         """One optimizer step over `rows` (all ranks, all micro-batches)."""
@@ -464,29 +584,43 @@ class Trainer:
         model = self.forward_model
         model.train()
         micro = self._micro_batches(rows)
-        global_count = len(rows) * self.tokens_per_row
+        # DP-SGD averages over the expected batch size, whatever the Poisson draw gave
+        if self.private is not None:
+            global_count = self.global_batch * self.tokens_per_row
+            if not micro:
+                self.private.empty_step()
+        else:
+            global_count = self._scored_count(rows)
         # DDP averages gradients over ranks, so each rank scales by world / global count
         scale = self.env.world_size / global_count
         reg = cfg.regularization
         loss_sum_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, idx in enumerate(micro):
             x, y = self._batch(self.data.train, idx)
+            y_mix, lam = None, 1.0
+            if self.augmenter is not None:
+                # keyed by step, micro-batch and rank: the same batches again on resume
+                batch = self.augmenter(x, y, (cfg.seed, self.step, i, self.env.rank))
+                x, y, y_mix, lam = batch.x, batch.y, batch.y_mix, batch.lam
             final = i == len(micro) - 1
-            sync = (
-                model.no_sync()  # type: ignore[operator]
-                if self.env.enabled and not final
-                else contextlib.nullcontext()
-            )
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if self.fsdp:
+                # reduce-scatter gradients only after the last micro-batch
+                model.set_requires_gradient_sync(final)  # type: ignore[operator]
+            elif self.env.enabled and not final:
+                sync = model.no_sync()  # type: ignore[operator]
             with sync:
                 with self._autocast():
                     out = model(x)
                     loss_sum, _ = self.loss_fn(out, y)
+                    if y_mix is not None:  # mixup for classification: blend the two losses
+                        loss_sum = lam * loss_sum + (1.0 - lam) * self.loss_fn(out, y_mix)[0]
                     if self.teacher is not None and self.distill is not None:
                         with torch.no_grad():
                             target = self.teacher(x)
                         loss_sum = distillation_loss(out, target, loss_sum, cfg.task, self.distill)
                 loss = loss_sum.float() * scale
-                if final:
+                if final and not self.fsdp:
                     extra = penalty(self.model, l1=reg.l1, l2=reg.l2, batch_size=len(rows))
                     if extra is not None:
                         loss = loss + extra
@@ -500,14 +634,24 @@ class Trainer:
         grad_norm: float | None = None
         if reg.grad_clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), reg.grad_clip_norm)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
             grad_norm = float(norm)
+        elif self.private is not None:
+            pass  # the un-noised gradient's norm is not private: not logged
         elif self.step % cfg.train.log_every == cfg.train.log_every - 1:
-            grad_norm = _grad_norm(self.model)
+            grad_norm = (
+                float(sharded_grad_norm(self.model)) if self.fsdp else _grad_norm(self.model)
+            )
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.private is not None:
+            self.private.after_step()
+        if self.memory is None:
+            self.memory = state_bytes(self.model, self.optimizer)
         self.apply_masks()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
@@ -519,9 +663,9 @@ class Trainer:
         return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _train_record(
         self, loss: float, grad_norm: float | None, rows: int, elapsed: float, steps: int
@@ -565,6 +709,7 @@ class Trainer:
             device=self.device,
             env=self.env,
             autocast=self._autocast,
+            lockstep=self.fsdp,
         )
 
     def _validate(self, log: JsonlLog) -> bool:
@@ -605,42 +750,77 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self) -> None:
+    def _resume_state(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "rng": ckpt.rng_state(),
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early,
+            **({"privacy": self.private.state_dict()} if self.private is not None else {}),
+        }
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        val = {k: v for k, v in self.last_val.items() if isinstance(v, int | float)}
+        return {
+            "epoch": self.epoch,
+            "val": val,
+            "config": self.config.model_dump(mode="json"),
+            "strategy": self.config.train.strategy,
+            "processes": self.env.world_size,
+        }
+
+    def _prune(self) -> None:
+        keep = {self.best_step} if (self.best_step is not None) else set()
+        if not self.config.train.checkpoint.keep_best and self.config.train.early_stopping is None:
+            keep = set()
+        ckpt.prune_checkpoints(
+            self.ckpt_dir, keep_last=self.config.train.checkpoint.keep_last, keep=keep
+        )
+
+    def _save_sharded(self) -> None:
+        """Every rank writes its shards through DCP; rank 0 adds the whole weights, the state
+        and meta.json, then renames the directory into place."""
+        weights = full_state_dict(self.model)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        tmp = Path(
+            broadcast_text(
+                str(ckpt.temp_checkpoint_dir(self.ckpt_dir, self.step)), self.env, self.device
+            )
+        )
+        ckpt.write_sharded_part(tmp, {"model": model_sd, "optim": optim_sd["state"]})
+        barrier(self.env)
         if self.env.is_main:
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "step": self.step,
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "rng": ckpt.rng_state(),
-                "best_value": self.best_value,
-                "best_step": self.best_step,
-                "bad_evals": self.bad_evals,
-                "stopped_early": self.stopped_early,
-            }
-            val = {k: v for k, v in self.last_val.items() if isinstance(v, int | float)}
+            state = {**self._resume_state(), "param_groups": optim_sd["param_groups"]}
+            ckpt.finish_sharded_checkpoint(
+                self.ckpt_dir,
+                tmp,
+                step=self.step,
+                write_weights=lambda path: save_full_weights(weights, self.aliases, path),
+                state=state,
+                meta=self._checkpoint_meta(),
+            )
+            self._prune()
+        barrier(self.env)
+
+    def _save(self) -> None:
+        if self.fsdp:
+            self._save_sharded()
+            return
+        if self.env.is_main:
             ckpt.save_checkpoint(
                 self.ckpt_dir,
                 step=self.step,
                 model=self.model,
-                state=state,
-                meta={
-                    "epoch": self.epoch,
-                    "val": val,
-                    "config": self.config.model_dump(mode="json"),
-                },
+                state={"optimizer": self.optimizer.state_dict(), **self._resume_state()},
+                meta=self._checkpoint_meta(),
             )
-            keep = {self.best_step} if (self.best_step is not None) else set()
-            if (
-                not self.config.train.checkpoint.keep_best
-                and self.config.train.early_stopping is None
-            ):
-                keep = set()
-            ckpt.prune_checkpoints(
-                self.ckpt_dir, keep_last=self.config.train.checkpoint.keep_last, keep=keep
-            )
+            self._prune()
         barrier(self.env)
 
     def _restore(self, path: Path) -> None:
@@ -653,9 +833,26 @@ class Trainer:
                     f"cannot resume {path}: the config changes the model or data: "
                     + "; ".join(diffs)
                 )
-        ckpt.load_weights(path, self.model)
+        written_by = info.meta.get("strategy", "ddp")
+        if written_by != self.config.train.strategy:
+            raise TrainError(
+                f"cannot resume {path}: it was written with train.strategy {written_by}; set "
+                f"train.strategy={written_by}"
+            )
         state = ckpt.load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            tree: dict[str, Any] = {"model": model_sd, "optim": optim_sd["state"]}
+            ckpt.load_sharded_part(path, tree)
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=tree["model"],
+                optim_state_dict={"state": tree["optim"], "param_groups": state["param_groups"]},
+            )
+        else:
+            ckpt.load_weights(path, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -667,6 +864,8 @@ class Trainer:
         self.best_step = state["best_step"]
         self.bad_evals = int(state["bad_evals"])
         self.stopped_early = bool(state["stopped_early"])
+        if self.private is not None:
+            self.private.load_state_dict(state.get("privacy") or {})
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
@@ -676,6 +875,29 @@ class Trainer:
             seed_everything(self.config.seed + self.env.rank + self.step)
 
     # ------------------------------------------------------------------ the end
+
+    def _memory_summary(self) -> dict[str, Any]:
+        """Every rank's memory (gathered, so not just rank 0's), the largest and its rank."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            reserved = torch.cuda.max_memory_reserved(self.device)
+            out = summarize_ranks(
+                all_gather_floats(peak, self.env, self.device), "cuda max_memory_allocated"
+            )
+            out["reserved_per_rank_bytes"] = [
+                int(v) for v in all_gather_floats(reserved, self.env, self.device)
+            ]
+            return out
+        mem = self.memory or state_bytes(self.model, self.optimizer)
+        out = summarize_ranks(
+            all_gather_floats(mem["total"], self.env, self.device),
+            "parameter + gradient + optimizer-state bytes (local shards)",
+        )
+        for part in ("params", "grads", "optimizer"):
+            out[f"{part}_per_rank_bytes"] = [
+                int(v) for v in all_gather_floats(mem[part], self.env, self.device)
+            ]
+        return out
 
     def _write_package(self) -> None:
         """Package the best checkpoint into run_dir/package (rank 0); a failure only warns, since
@@ -693,7 +915,10 @@ class Trainer:
         if best is not None and best != self.step:
             best_path = self.ckpt_dir / ckpt.checkpoint_name(best)
             try:
-                ckpt.load_weights(best_path, self.model)
+                if self.fsdp:
+                    load_full_weights(self.model, best_path / ckpt.WEIGHTS, self.aliases)
+                else:
+                    ckpt.load_weights(best_path, self.model)
             except CheckpointError as exc:
                 _warn(f"could not restore the best weights ({exc}); keeping the last", self.env)
                 best = self.step
@@ -719,12 +944,17 @@ class Trainer:
             "device": str(self.device),
             "processes": self.env.world_size,
         }
+        summary["strategy"] = self.config.train.strategy
+        summary["memory"] = self._memory_summary()
         last_train = log.last.get("train", {})
         for key in ("samples_per_s", "tokens_per_s", "mfu"):
             if last_train.get(key) is not None:
                 summary[key] = last_train[key]
         if self.is_lm:
             summary["unigram_loss"] = unigram_loss(self.data)
+        if self.private is not None:
+            # over every step taken (the packaged best checkpoint may come earlier: it spent less)
+            summary["privacy"] = self.private.spent().to_dict()
         if self.env.is_main:
             log.write({"kind": "final", "step": self.step, **_scalars(results)})
             write_report(

@@ -15,26 +15,26 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
 
 from shipyard import __version__
 from shipyard.serve.auth import ApiKey
 from shipyard.serve.core import V2_TO_NUMPY, ServedModel, v2_datatype
 from shipyard.serve.errors import BadRequest
-from shipyard.serve.fastlane import FastRoute
+from shipyard.serve.fastlane import document, model_routes
 from shipyard.serve.http import (
     ServerState,
-    authorize,
-    disconnected,
-    read_body,
+    model_request_body,
     require,
+    run_model,
     server_state,
-    state_of,
 )
+from shipyard.serve.openapi import json_body, ok, responses
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 16
@@ -69,6 +69,145 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None
     binary_output: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ schemas
+# What the published OpenAPI document says about the bodies (`decode_request` is the parser).
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+
+class TensorParameters(BaseModel):
+    """Per-tensor parameters (binary tensor data extension)."""
+
+    binary_data_size: int | None = Field(
+        None, ge=0, description="Bytes of this tensor in the binary part of the body."
+    )
+
+
+class InferInputTensor(BaseModel):
+    """One input tensor: row-major `data` (nested or flat), or its bytes in the binary part."""
+
+    name: str = Field(min_length=1)
+    datatype: Datatype
+    shape: list[int] = Field(max_length=MAX_DIMS, json_schema_extra={"items": {"minimum": 0}})
+    data: list[Any] | None = Field(
+        None, description="Required unless parameters.binary_data_size is given."
+    )
+    parameters: TensorParameters | None = None
+
+
+class OutputParameters(BaseModel):
+    """Per-output parameters."""
+
+    binary_data: bool | None = Field(None, description="Send this output in the binary part.")
+    classification: int | None = Field(
+        None, ge=0, description="Answer the top N classes as 'value:index:label' instead."
+    )
+
+
+class RequestedOutputSpec(BaseModel):
+    """An output the request asks for (by default: all of them)."""
+
+    name: str
+    parameters: OutputParameters | None = None
+
+
+class InferParameters(BaseModel):
+    """Request parameters."""
+
+    binary_data_output: bool | None = Field(None, description="Send every output binary.")
+
+
+class InferRequestBody(BaseModel):
+    """A KServe V2 inference request (JSON; with the binary extension, the JSON header)."""
+
+    id: str | None = Field(None, description="Echoed in the response.")
+    parameters: InferParameters | None = None
+    inputs: list[InferInputTensor] = Field(min_length=1)
+    outputs: list[RequestedOutputSpec] | None = None
+
+
+class OutputTensor(BaseModel):
+    """One output tensor: `data`, or its byte length in the binary part."""
+
+    name: str
+    datatype: Datatype
+    shape: list[int]
+    data: list[Any] | None = None
+    parameters: TensorParameters | None = None
+
+
+class InferResponseBody(BaseModel):
+    """A KServe V2 inference response (with binary outputs: the JSON header)."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
+
+class TensorMeta(BaseModel):
+    """A tensor in the model's signature (-1: any size)."""
+
+    name: str
+    datatype: Datatype
+    shape: list[int]
+
+
+class Ready(BaseModel):
+    """Server readiness."""
+
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    """A model (version) that answers is ready."""
+
+    name: str
+    version: str | None = None
+    ready: bool
+
+
+class ModelMetadata(BaseModel):
+    """The V2 model metadata object."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+
+
+_INFER_DOC = (
+    "Run the model on one input tensor. The body is JSON, or with the binary tensor data "
+    "extension a JSON header followed by raw tensors (send `Inference-Header-Content-Length`). "
+    "The answer is JSON, or `application/octet-stream` with `Inference-Header-Content-Length` "
+    "when binary outputs were asked for."
+)
+_INFER_OPENAPI = {
+    **json_body(InferRequestBody),
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "description": "Length of the JSON header when binary tensors follow it.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    ],
+}
+_INFER_RESPONSES = responses(
+    400, 401, 403, 404, 413, 429, 500, 503, 504,
+    ok=ok(
+        InferResponseBody,
+        media={"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    ),
+)  # fmt: skip
+_MODEL_ERRORS = (401, 403, 404, 429)
 
 
 # ------------------------------------------------------------------------------ BYTES
@@ -163,6 +302,22 @@ def _json_tensor(data: Any, datatype: str, shape: list[int], where: str) -> np.n
         raise BadRequest(f"{where}: 'data' cannot be read as {datatype}") from None
 
 
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """An optional JSON object (absent or null: empty); BadRequest for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be an object")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool | None:
+    """An optional boolean; BadRequest for anything else ("yes" or 1 is not taken as true)."""
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{where} must be true or false, got {json.dumps(value)[:32]}")
+    return value
+
+
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
     """Parse an inference request body (JSON, or JSON header + binary tensors)."""
     if header_length is not None:
@@ -181,9 +336,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         ) from None
     if not isinstance(header, dict):
         raise BadRequest("request body must be a JSON object with 'inputs'")
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object")
+    params = _object(header.get("parameters"), "'parameters'")
+    binary_output = _flag(params.get("binary_data_output"), "parameters.binary_data_output")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
@@ -207,9 +361,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             )
         shape = _shape(raw.get("shape"), where)
         count = math.prod(shape)
-        iparams = raw.get("parameters") or {}
-        if not isinstance(iparams, dict):
-            raise BadRequest(f"{where}: 'parameters' must be an object")
+        iparams = _object(raw.get("parameters"), f"{where}: 'parameters'")
         size = iparams.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -255,9 +407,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         for i, raw in enumerate(raw_outputs):
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise BadRequest(f"outputs[{i}] must be an object with a 'name'")
-            oparams = raw.get("parameters") or {}
-            if not isinstance(oparams, dict):
-                raise BadRequest(f"outputs[{i}]: 'parameters' must be an object")
+            oparams = _object(raw.get("parameters"), f"outputs[{i}]: 'parameters'")
             class_count = oparams.get("classification")
             if class_count is not None and (
                 not isinstance(class_count, int) or isinstance(class_count, bool) or class_count < 0
@@ -266,7 +416,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
                     f"outputs[{i}]: parameters.classification must be an integer >= 0 (the "
                     f"number of top classes), got {json.dumps(class_count)[:32]}"
                 )
-            binary_flag = oparams.get("binary_data")
+            binary_flag = _flag(oparams.get("binary_data"), f"outputs[{i}]: binary_data")
             outputs.append(
                 RequestedOutput(
                     raw["name"],
@@ -278,7 +428,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         inputs=inputs,
         id=request_id,
         outputs=outputs,
-        binary_output=bool(params.get("binary_data_output", False)),
+        binary_output=bool(binary_output),
         parameters=params,
     )
 
@@ -446,18 +596,26 @@ def build_router() -> APIRouter:
     """The /v2 routes."""
     router = APIRouter(tags=["kserve-v2"])
 
-    @router.get("/v2/health/live")
+    @router.get("/v2/health/live", summary="Liveness")
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @router.get("/v2/health/ready")
+    @router.get(
+        "/v2/health/ready",
+        summary="Readiness: every configured model is loaded",
+        response_model=None,
+        responses={
+            200: ok(Ready, description="Ready."),
+            503: {"description": "Not ready (starting or shutting down).", "model": Ready},
+        },
+    )
     async def ready(state: ServerState = Depends(server_state)) -> Response:
         ok = state.repo.ready and not state.shutting_down
         return Response(
             json.dumps({"ready": ok}), status_code=200 if ok else 503, media_type="application/json"
         )
 
-    @router.get("/v2")
+    @router.get("/v2", summary="Server metadata")
     async def server_metadata() -> dict[str, Any]:
         return {
             "name": "shipyard",
@@ -465,7 +623,16 @@ def build_router() -> APIRouter:
             "extensions": ["binary_tensor_data", "classification"],
         }
 
-    @router.get("/v2/models/{model_name}")
+    meta: dict[str, Any] = {
+        "response_model": None,
+        "responses": responses(*_MODEL_ERRORS, ok=ok(ModelMetadata)),
+    }
+    ready_doc: dict[str, Any] = {
+        "response_model": None,
+        "responses": responses(*_MODEL_ERRORS, ok=ok(ModelReady)),
+    }
+
+    @router.get("/v2/models/{model_name}", summary="Model metadata", **meta)
     async def metadata(
         model_name: str,
         state: ServerState = Depends(server_state),
@@ -473,7 +640,7 @@ def build_router() -> APIRouter:
     ) -> dict[str, Any]:
         return model_metadata(state, state.repo.get(model_name))
 
-    @router.get("/v2/models/{model_name}/versions/{version}")
+    @router.get("/v2/models/{model_name}/versions/{version}", summary="Version metadata", **meta)
     async def version_metadata(
         model_name: str,
         version: str,
@@ -482,7 +649,7 @@ def build_router() -> APIRouter:
     ) -> dict[str, Any]:
         return model_metadata(state, state.repo.get(model_name, version))
 
-    @router.get("/v2/models/{model_name}/ready")
+    @router.get("/v2/models/{model_name}/ready", summary="Model readiness", **ready_doc)
     async def model_ready(
         model_name: str,
         state: ServerState = Depends(server_state),
@@ -491,7 +658,9 @@ def build_router() -> APIRouter:
         served = state.repo.get(model_name)
         return {"name": served.name, "ready": True}
 
-    @router.get("/v2/models/{model_name}/versions/{version}/ready")
+    @router.get(
+        "/v2/models/{model_name}/versions/{version}/ready", summary="Version readiness", **ready_doc
+    )
     async def version_ready(
         model_name: str,
         version: str,
@@ -501,22 +670,9 @@ def build_router() -> APIRouter:
         served = state.repo.get(model_name, version)
         return {"name": served.name, "version": served.version, "ready": True}
 
-    for route in FAST_ROUTES:
-        router.add_api_route(route.path, route.endpoint, methods=["POST"], response_model=None)
+    document(router, FAST_ROUTES)
 
     return router
-
-
-async def infer(request: Request, model_name: str) -> Response:
-    """`POST /v2/models/{model_name}/infer` (default version)."""
-    await authorize(request, "infer")
-    return await _infer(request, state_of(request), model_name, None)
-
-
-async def infer_version(request: Request, model_name: str, version: str) -> Response:
-    """`POST /v2/models/{model_name}/versions/{version}/infer`."""
-    await authorize(request, "infer")
-    return await _infer(request, state_of(request), model_name, version)
 
 
 def _class_labels(served: ServedModel) -> dict[str, list[str]]:
@@ -533,17 +689,10 @@ def _class_labels(served: ServedModel) -> dict[str, list[str]]:
 
 
 # The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
-FAST_ROUTES = [
-    FastRoute("/v2/models/{model_name}/infer", infer),
-    FastRoute("/v2/models/{model_name}/versions/{version}/infer", infer_version),
-]
-
-
 async def _infer(
     request: Request, state: ServerState, model_name: str, version: str | None
 ) -> Response:
-    state.repo.get(model_name, version)  # 404 before reading a body for nothing
-    request.state.model = model_name
+    body = await model_request_body(request, state, model_name, version)
     raw_length = request.headers.get(HEADER_LENGTH)
     header_length: int | None = None
     if raw_length is not None:
@@ -551,7 +700,6 @@ async def _infer(
             header_length = int(raw_length)
         except ValueError:
             raise BadRequest(f"{HEADER_LENGTH} must be an integer") from None
-    body = await read_body(request, state.settings.max_body_bytes)
     req = decode_request(body, header_length)
     if len(req.inputs) != 1:
         raise BadRequest(f"this model takes exactly one input; got {len(req.inputs)}")
@@ -563,9 +711,7 @@ async def _infer(
     for want in req.outputs or []:
         if want.name not in names:
             raise BadRequest(f"unknown output {want.name[:64]!r}; outputs: {', '.join(names)}")
-    outputs = await served.infer(
-        x, timeout_s=state.settings.timeout_s, disconnected=lambda: disconnected(request)
-    )
+    outputs = await run_model(request, state, served, x)
     payload, head_len = encode_response(
         outputs,
         model_name=served.name,
@@ -582,3 +728,13 @@ async def _infer(
     return Response(
         payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(head_len)}
     )
+
+
+# The hot routes: the server's fast lane calls these endpoints directly (see serve/fastlane.py).
+FAST_ROUTES = model_routes(
+    "/v2/models/{model_name}/infer",
+    "/v2/models/{model_name}/versions/{version}/infer",
+    _infer,
+    "Inference",
+    {"description": _INFER_DOC, "openapi_extra": _INFER_OPENAPI, "responses": _INFER_RESPONSES},
+)

@@ -1,0 +1,99 @@
+"""`shipyard ui` and `shipyard serve --ui` as real processes on ephemeral loopback ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.ui_support import ROOT, digits_runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return digits_runs(tmp_path_factory.getbasetemp())
+
+
+@contextmanager
+def started(*args: str) -> Iterator[tuple[str, str]]:
+    """Run `python -m shipyard ARGS --port 0`; yield (base URL, the lines it printed first)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shipyard", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        second = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", first)
+        assert match, (first, proc.stderr.read() if proc.stderr else "")
+        url = f"http://127.0.0.1:{match.group(1)}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        yield url, first + second
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_shipyard_ui_serves_the_runs(runs: Path) -> None:
+    with started("ui", "--runs", str(runs)) as (url, printed):
+        assert f"dashboard: {url}/ui/" in printed
+        page = httpx.get(f"{url}/", follow_redirects=True)
+        assert (
+            page.status_code == 200
+            and "default-src 'none'" in page.headers["content-security-policy"]
+        )
+        ids = sorted(r["id"] for r in httpx.get(f"{url}/ui/api/runs").json()["runs"])
+        assert ids == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]
+
+
+def test_serve_with_ui_mounts_the_dashboard_beside_the_model(runs: Path) -> None:
+    package = runs / "digits-mlp" / "lr-3e-3" / "package"
+    with started("serve", str(package), "--ui", "--runs", str(runs)) as (url, _):
+        models = httpx.get(f"{url}/ui/api/server").json()["models"]
+        assert [m["name"] for m in models] == ["digits-mlp"]
+        meta = httpx.get(f"{url}/ui/api/server/models/digits-mlp").json()
+        assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8] and len(meta["labels"]) == 10
+        # the inference routes are untouched by the dashboard's headers
+        assert "content-security-policy" not in httpx.get(f"{url}/v2/models/digits-mlp").headers
+
+
+def test_ui_refuses_bad_arguments_with_one_line(runs: Path, tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "shipyard", "ui", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "SHIPYARD_HOME": str(tmp_path / "home")},
+        )
+
+    out = run("--runs", str(runs), "--host", "0.0.0.0", "--port", "0")
+    assert out.returncode == 2 and "refusing to bind '0.0.0.0' without API keys" in out.stderr
+    out = run("--runs", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "no such folder of runs; pass --runs DIR" in out.stderr
+    assert "Traceback" not in out.stderr
+    shutil.rmtree(tmp_path / "home", ignore_errors=True)
