@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 import torch
@@ -24,6 +19,7 @@ from tests.hf_support import MESSAGES
 from tests.integration.test_hf_checkpoints import build_checkpoint
 
 from shipyard.compress import import_hf
+from shipyard.serve.launch import serve_command, served
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.integration
@@ -52,36 +48,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any
 
 @pytest.fixture(scope="module")
 def url(checkpoint: tuple[Path, Any, Any, Path]) -> Iterator[str]:
-    package = checkpoint[3]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shipyard", "serve", str(package), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert match, (line, proc.stderr.read() if proc.stderr else "")
-        base = f"http://127.0.0.1:{match.group(1)}"
-        with httpx.Client(timeout=WAIT_S) as c:
-            # readiness: the request waits on the server's own startup, no polling sleeps
-            for _ in range(600):
-                try:
-                    if c.get(f"{base}/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    if proc.poll() is not None:
-                        raise AssertionError(proc.stderr.read() if proc.stderr else "") from None
-                    threading.Event().wait(0.05)  # the server is still loading the model
+    with served(serve_command(str(checkpoint[3])), env=env, cwd=ROOT) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=WAIT_S)
 
 
 @pytest.fixture(scope="module")
