@@ -182,6 +182,8 @@ def test_schema_upgrade_on_postgres(pg_url: str, package_src: Path, tmp_path: Pa
     # turn it back into a v1 database by hand
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE models DROP COLUMN last_version")
+        conn.execute("ALTER TABLE alias_history DROP COLUMN actor")  # v3's columns
+        conn.execute("ALTER TABLE alias_history DROP COLUMN action")
         conn.execute("UPDATE schema_version SET version = 1")
     with Registry(pg_url, store) as registry:
         assert registry.schema_version() == SCHEMA_VERSION
