@@ -9,7 +9,10 @@ same logits). Every generation produces exactly N tokens (EOS ignored), greedily
 1. single stream: tokens/s of one request (shipyard `generate` vs HF `generate`);
 2. batch of 16: aggregate tokens/s of 16 concurrent HTTP streams to a real `shipyard serve`
    (continuous batching) vs HF `generate` on one left-padded batch of the same 16 prompts;
-3. time to first token: one HTTP streaming request to shipyard vs HF prefill + first token.
+3. time to first token: one HTTP streaming request to shipyard vs HF prefill + first token;
+4. shipyard with int8 decoding (`--decode-weights int8`: per-channel int8 weights, the x86 int8
+   GEMM where this CPU has one): single stream and 16 HTTP streams, rounds interleaved with fp32,
+   and how often its greedy tokens equal fp32's.
 
     python benchmarks/generate_throughput.py            # N=128 new tokens, 3 repeats
     python benchmarks/generate_throughput.py --quick    # N=32, 1 repeat
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import platform
@@ -117,10 +121,65 @@ def hf_generate(hf: Any, batch: list[list[int]], n: int, pad_id: int) -> tuple[f
     return elapsed, out[:, width:]
 
 
+# ------------------------------------------------------------------------------ CTranslate2
+
+
+def ct2_generators(hf: Any, work: Path, threads: int) -> dict[str, Any]:
+    """CTranslate2 fp32 and int8 generators converted from the same weights ({} if not installed).
+
+    `pip install shipyard[bench]`. The HF model is saved locally and converted with CTranslate2's
+    transformers converter; its vocabulary is the token ids spelled "<id>" (no tokenizer files).
+    """
+    try:
+        import ctranslate2
+        from ctranslate2.converters.transformers import TransformersConverter
+    except ImportError:
+        return {}
+    n_vocab = hf.config.vocab_size
+
+    class IdVocab:
+        bos_token, eos_token, unk_token = "<0>", "<1>", "<0>"
+
+        def get_vocab(self) -> dict[str, int]:
+            return {f"<{i}>": i for i in range(n_vocab)}
+
+    class Converter(TransformersConverter):  # type: ignore[misc]
+        def load_tokenizer(self, tokenizer_class: Any, path: str, **kwargs: Any) -> Any:
+            return IdVocab()
+
+    hf.save_pretrained(work / "ct2-hf")
+    generators = {}
+    for name, quantization in (("fp32", "float32"), ("int8", "int8")):
+        Converter(str(work / "ct2-hf")).convert(
+            str(work / f"ct2-{name}"), quantization=quantization, force=True
+        )
+        generators[name] = ctranslate2.Generator(
+            str(work / f"ct2-{name}"), device="cpu", intra_threads=threads, inter_threads=1
+        )
+    return generators
+
+
+def ct2_generate(generator: Any, batch: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+    """Seconds and token ids for CTranslate2 greedy generation of exactly n tokens per prompt."""
+    tokens = [[f"<{i}>" for i in p] for p in batch]
+    start = time.perf_counter()
+    results = generator.generate_batch(
+        tokens,
+        max_length=n,
+        min_length=n,
+        include_prompt_in_result=False,
+        sampling_topk=1,
+        end_token=[],
+    )
+    return time.perf_counter() - start, [r.sequences_ids[0] for r in results]
+
+
 # ------------------------------------------------------------------------------ shipyard
 
 
-def start_shipyard(package: Path, threads: int) -> tuple[subprocess.Popen[str], str]:
+def start_shipyard(
+    package: Path, threads: int, decode_weights: str = "auto"
+) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = serve_command(
         str(package),
@@ -128,6 +187,8 @@ def start_shipyard(package: Path, threads: int) -> tuple[subprocess.Popen[str], 
         str(threads),
         "--max-running-seqs",
         str(BATCH),
+        "--decode-weights",
+        decode_weights,
         "--log-level",
         "warning",
     )
@@ -203,6 +264,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from shipyard.generate import SamplingParams, generate
+    from shipyard.generate.packed import cpu_flags
     from shipyard.package import load_package
 
     package = build_package(args.work)
@@ -216,10 +278,25 @@ def main() -> None:
     # 1. single stream, in process
     generate(gpt, tok, single, params)
     hf_generate(hf, [single], 4, tok.pad_id)
-    ours_s = [generate(gpt, tok, single, params) for _ in range(repeats)]
+    gpt8 = copy.deepcopy(gpt)
+    generate(gpt8, tok, single, params, weights="int8")
+    ct2 = ct2_generators(hf, args.work, args.threads)
+    for g in ct2.values():
+        ct2_generate(g, [single], 4)
+    ours_s, int8_s = [], []
+    ct2_s: dict[str, list[tuple[float, list[list[int]]]]] = {k: [] for k in ct2}
+    for _ in range(repeats):  # interleaved rounds: a shared machine's noise hits all alike
+        ours_s.append(generate(gpt, tok, single, params))
+        int8_s.append(generate(gpt8, tok, single, params, weights="int8"))
+        for name, g in ct2.items():
+            ct2_s[name].append(ct2_generate(g, [single], n))
     hf_s = [hf_generate(hf, [single], n, tok.pad_id) for _ in range(repeats)]
     same = ours_s[0].token_ids == hf_s[0][1][0].tolist()
+    int8_agree = sum(
+        a == b for a, b in zip(ours_s[0].token_ids, int8_s[0].token_ids, strict=True)
+    ) / len(ours_s[0].token_ids)
     ours_single = n / statistics.median(r.total_s for r in ours_s)
+    int8_single = n / statistics.median(r.total_s for r in int8_s)
     hf_single = n / statistics.median(t for t, _ in hf_s)
 
     # 3. (HF side) time to first token: prefill + one token
@@ -231,15 +308,23 @@ def main() -> None:
     hf_batch = BATCH * n / statistics.median(hf_b)
 
     proc, url = start_shipyard(package, args.threads)
+    proc8, url8 = start_shipyard(package, args.threads, "int8")
     try:
         asyncio.run(http_batch(url, batch, 8))  # warm-up
-        runs = [asyncio.run(http_batch(url, batch, n)) for _ in range(repeats)]
-        assert all(tokens == BATCH * n for _, tokens in runs), runs
+        asyncio.run(http_batch(url8, batch, 8))
+        runs, runs8 = [], []
+        for _ in range(repeats):  # interleaved
+            runs.append(asyncio.run(http_batch(url, batch, n)))
+            runs8.append(asyncio.run(http_batch(url8, batch, n)))
+        assert all(tokens == BATCH * n for _, tokens in runs + runs8), (runs, runs8)
         ours_batch = BATCH * n / statistics.median(t for t, _ in runs)
+        int8_batch = BATCH * n / statistics.median(t for t, _ in runs8)
         ours_ttft = asyncio.run(http_ttft(url, single, 5))
+        int8_ttft = asyncio.run(http_ttft(url8, single, 5))
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        for p in (proc, proc8):
+            p.terminate()
+            p.wait(timeout=60)
 
     rows = [
         ("single stream (tokens/s)", ours_single, hf_single, ours_single / hf_single, 5.0),
@@ -251,13 +336,40 @@ def main() -> None:
             2.0,
         ),
         ("time to first token (ms)", ours_ttft * 1000, hf_ttft * 1000, hf_ttft / ours_ttft, 1.0),
+        ("int8: single stream (tokens/s)", int8_single, hf_single, int8_single / hf_single, 5.0),
+        (
+            f"int8: {BATCH} streams (tokens/s)",
+            int8_batch,
+            hf_batch,
+            int8_batch / hf_batch,
+            2.0,
+        ),
+        (
+            "int8: time to first token (ms)",
+            int8_ttft * 1000,
+            hf_ttft * 1000,
+            hf_ttft / int8_ttft,
+            1.0,
+        ),
     ]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\nGPT {MODEL}, byte vocab, prompt {len(single)} tokens (batch: 8-38), N={n} new")
     print(
         f"machine: {machine}; torch threads {args.threads}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
-    print(f"greedy tokens identical (single stream): {same}\n")
+    print(f"greedy tokens identical (single stream): {same}")
+    print(f"int8 greedy tokens equal to fp32's: {int8_agree:.0%}")
+    ct2_single = {k: n / statistics.median(t for t, _ in v) for k, v in ct2_s.items()}
+    for name, runs_ in ct2_s.items():
+        ids = runs_[0][1][0]
+        agree = sum(a == b for a, b in zip(ids, ours_s[0].token_ids, strict=True)) / n
+        print(
+            f"CTranslate2 {name}: single stream {ct2_single[name]:.1f} tokens/s "
+            f"(shipyard {ours_single if name == 'fp32' else int8_single:.1f}); "
+            f"greedy tokens equal to shipyard fp32's: {agree:.0%}"
+        )
+    print(f"int8 vs fp32 shipyard: single {int8_single / ours_single:.2f}x, ", end="")
+    print(f"{BATCH} streams {int8_batch / ours_batch:.2f}x\n")
     print(f"| {'measure':<32} | {'shipyard':>9} | {'HF':>9} | {'ratio':>6} | target |")
     print(f"|{'-' * 34}|{'-' * 11}:|{'-' * 11}:|{'-' * 8}:|{'-' * 8}|")
     for name, ours, theirs, ratio, target in rows:
@@ -283,6 +395,11 @@ def main() -> None:
         "new_tokens": n,
         "repeats": repeats,
         "greedy_tokens_identical": same,
+        "int8_greedy_agreement": int8_agree,
+        "ctranslate2_single_stream_tokens_per_s": ct2_single,
+        "cpu_flags": sorted(
+            cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"}
+        ),
         "rows": [
             {"measure": name, "shipyard": ours, "hf": theirs, "ratio": ratio, "target": target}
             for name, ours, theirs, ratio, target in rows

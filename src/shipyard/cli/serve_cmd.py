@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from shipyard.cli.api_keys_cmd import KEYS_FILE_HELP
+from shipyard.generate.packed import DECODE_WEIGHTS
 from shipyard.serve.settings import ServeError, ServeSettings, default
 
 if TYPE_CHECKING:
@@ -57,6 +58,11 @@ def serve(
         min=1,
         help="Language models: sequences decoded together.",
     ),
+    decode_weights: str = typer.Option(
+        "auto",
+        "--decode-weights",
+        help="Language models: auto (package's weights), int8 (quantize for decoding) or fp32.",
+    ),
     timeout_s: float = typer.Option(
         default("timeout_s"), "--timeout-s", help="Per-request deadline → 504."
     ),
@@ -91,6 +97,11 @@ def serve(
     packages = list(packages or [])
     if not packages and not registry:
         raise ServeError("nothing to serve: give PACKAGE_DIR arguments or --registry NAME[@ALIAS]")
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ServeError(
+            f"unknown --decode-weights {decode_weights!r}; "
+            f"choose one of {', '.join(DECODE_WEIGHTS)}"
+        )
     if keys_file is None and not insecure_no_auth:
         default = _default_keys_file()
         keys_file = default if default.is_file() else None
@@ -110,6 +121,7 @@ def serve(
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
             max_running_seqs=max_running_seqs,
+            decode_weights=decode_weights,
             timeout_s=timeout_s,
             max_body_bytes=max_body_bytes,
             rate_limit=rate_limit,

@@ -18,6 +18,7 @@ requests are accepted at once; beyond that `submit` raises `EngineOverloaded` (H
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -32,7 +33,7 @@ import torch
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import EngineOverloaded, GenerationError
 from shipyard.generate.cache import BatchKVCache
-from shipyard.generate.packed import pack_linears
+from shipyard.generate.packed import prepare_decoding
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
 from shipyard.generate.sequence import (
@@ -44,6 +45,8 @@ from shipyard.generate.sequence import (
 )
 from shipyard.generate.single import autocast_context, encode_prompt, model_device
 from shipyard.models.protocol import LanguageModel, language_module
+
+log = logging.getLogger("shipyard.generate")
 
 LogitsHook = Callable[[str, int, torch.Tensor], None]
 """Called as hook(request_id, token_index, raw_logits (V,)) on the engine thread (debugging)."""
@@ -248,7 +251,10 @@ class Engine:
     max_queue: accepted requests beyond the running ones; more raise `EngineOverloaded`.
     prefill_chunk: most prompt tokens prefilled per iteration (bounds the stall of the batch).
     device: move the model there (default: where it is). The model is put in eval mode and its
-        Linear layers are packed for oneDNN (`pack_linears`; training it later is unaffected).
+        layers get decode kernels by the CPU's features (`prepare_decoding`, logged at start-up
+        and kept in `self.kernels`; training it later is unaffected).
+    weights: "auto" (the package's weights on their fastest exact kernel), "int8" (quantize
+        fp32 Linear layers to int8 in place and decode with the int8 GEMM) or "fp32".
     autocast_dtype: e.g. torch.bfloat16 to run the model under autocast (GPU); None = as is.
     observer: metrics hooks; logits_hook: see `LogitsHook` (tests, debugging).
     start: start the engine thread now (else call `start()`).
@@ -268,6 +274,7 @@ class Engine:
         observer: EngineObserver | None = None,
         logits_hook: LogitsHook | None = None,
         start: bool = True,
+        weights: str = "auto",
     ) -> None:
         block_size = model.max_context
         module = language_module(model)
@@ -282,8 +289,8 @@ class Engine:
             raise GenerationError(f"max_cached_tokens must be >= 2, got {max_cached_tokens}")
         if device is not None:
             module.to(device)
-        module.eval()
-        pack_linears(module)
+        self.kernels = prepare_decoding(module, weights)
+        log.info(self.kernels)
         self.model = model
         self.tokenizer = tokenizer
         self.device = model_device(module)

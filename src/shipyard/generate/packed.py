@@ -6,6 +6,9 @@ Decoding is a stream of tiny matmuls (one row per sequence) against every weight
 and ~9.5 ms at batch 16. oneDNN with weights packed once (what `torch.compile` freezing does)
 takes ~3.0 ms and ~5.1 ms. `benchmarks/generate_throughput.py` measures the effect end to end.
 
+`prepare_decoding` picks every layer's kernel for generation (fp32 oneDNN, int8 GEMM) by what the
+CPU and this PyTorch build offer; $SHIPYARD_DISABLE_KERNELS=onednn,int8-gemm forces fallbacks.
+
 `pack_linears` swaps the class of a model's `nn.Linear` layers in place (swap parts, don't fork
 the model): parameters, hooks and `state_dict` are untouched, and a `PackedLinear` runs plain
 `F.linear` whenever packing does not apply (training, autograd, autocast, GPU, not float32), so
@@ -22,11 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shipyard.errors import GenerationError
+from shipyard.models.quantized import (
+    Int8Linear,
+    int8_gemm_available,
+    kernel_disabled,
+    quantizable_linears,
+    replace_module,
+)
+
 
 def onednn_available() -> bool:
     """True when this PyTorch build has oneDNN and its prepacked linear ops (x86/ARM CPU builds)."""
     return (
-        torch.backends.mkldnn.is_available()
+        not kernel_disabled("onednn")
+        and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
@@ -85,3 +98,74 @@ def pack_linears(model: nn.Module) -> int:
             module.__class__ = PackedLinear
             count += 1
     return count
+
+
+DECODE_WEIGHTS = ("auto", "fp32", "int8")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
+    """Pick the decode kernels of `module` in place (eval mode first); return a one-line summary.
+
+    weights: "auto" keeps the package's weights and runs each on its fastest kernel that is
+        exact for them: int8 layers (`Int8Linear`) on the int8 GEMM where the CPU has one, fp32
+        layers on oneDNN with prepacked weights. "int8" first quantizes every fp32 Linear that is
+        not weight-tied (per-output-channel int8, as `shipyard compress --quantize weight-int8`),
+        so an fp32 package decodes with 4x fewer weight bytes. "fp32" runs int8 layers on their
+        dequantized fp32 weights (the reference numerics of the package's weights).
+    Every kernel falls back: no oneDNN -> `F.linear`; no int8 GEMM -> cached dequantized weights.
+    """
+    if weights not in DECODE_WEIGHTS:
+        raise GenerationError(
+            f"unknown decode weights {weights!r}; choose one of {', '.join(DECODE_WEIGHTS)}"
+        )
+    module.eval()
+    if weights == "int8":
+        for name in quantizable_linears(module):
+            linear = module.get_submodule(name)
+            if isinstance(linear, nn.Linear) and linear.weight.device.type == "cpu":
+                replace_module(module, name, Int8Linear.from_linear(linear).eval())
+    int8_layers = [m for m in module.modules() if isinstance(m, Int8Linear)]
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    int8_kernel = "dequantized"
+    if weights != "fp32" and on_cpu and int8_gemm_available():
+        int8_kernel = "int8-gemm"
+    for layer in int8_layers:
+        layer.set_kernel(int8_kernel)
+    packed = pack_linears(module) if on_cpu else 0
+    fp32_kernel = "onednn-packed" if packed else "F.linear"
+    flags = sorted(cpu_flags() & _REPORTED_FLAGS)
+    parts = [f"{packed or _count_linears(module)} fp32 linear(s): {fp32_kernel}"]
+    if int8_layers:
+        parts.append(f"{len(int8_layers)} int8 linear(s): {int8_kernel}")
+    return f"decode kernels: {'; '.join(parts)} (cpu flags: {' '.join(flags) or 'none'})"
+
+
+_REPORTED_FLAGS = {
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+    "amx_tile",
+    "asimd",
+    "sve",
+}
+
+
+def _count_linears(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if type(m) is nn.Linear)

@@ -13,7 +13,7 @@ import torch
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
 from shipyard.generate.cache import BatchKVCache
-from shipyard.generate.packed import pack_linears
+from shipyard.generate.packed import prepare_decoding
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
 from shipyard.generate.sequence import (
@@ -89,10 +89,11 @@ def stream(
     *,
     request_id: str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    weights: str = "auto",
 ) -> Iterator[TokenEvent]:
     """Yield one `TokenEvent` per generated token; the last has finish_reason and the result.
 
-    Puts the model in eval mode and packs its Linear layers for oneDNN (`pack_linears`).
+    Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`).
     Raises GenerationError for a prompt that does not fit.
     """
     params = params or SamplingParams()
@@ -101,8 +102,7 @@ def stream(
     context = None if isinstance(model, RNN) else model.max_context  # an rnn has no limit
     ids = encode_prompt(tokenizer, prompt, params, context, V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
-    module.eval()
-    pack_linears(module)
+    prepare_decoding(module, weights)
     return _decode(model, state, device, autocast_dtype)
 
 
@@ -146,14 +146,21 @@ def generate(
     *,
     request_id: str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    weights: str = "auto",
 ) -> GenerationResult:
     """Generate a completion of `prompt` (text or token ids) and return it with usage and timings.
 
-    Puts the model in eval mode and packs its Linear layers for oneDNN (`pack_linears`). Raises
+    Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`). Raises
     GenerationError for bad parameters or a prompt that does not fit the model's context.
     """
     for event in stream(
-        model, tokenizer, prompt, params, request_id=request_id, autocast_dtype=autocast_dtype
+        model,
+        tokenizer,
+        prompt,
+        params,
+        request_id=request_id,
+        autocast_dtype=autocast_dtype,
+        weights=weights,
     ):
         if event.result is not None:
             return event.result

@@ -5,8 +5,13 @@ saved with safetensors and rebuilt without pickle: build the architecture by nam
 layers the manifest lists (`replace_module` with an empty layer), then load the tensors.
 They live with the models because the package loader (below compress/) rebuilds them.
 
-- `Int8Linear` (scheme "weight-int8"): symmetric per-output-channel int8 weights and fp32 scales,
-  dequantized on the fly. 4x smaller weights; compute stays fp32. For GPT-style models.
+- `Int8Linear` (scheme "weight-int8"): symmetric per-output-channel int8 weights and fp32 scales.
+  4x smaller weights. How it multiplies is its *kernel* (`set_kernel`, chosen by the generation
+  engine from the CPU's features): "dequantize" (default: rebuild the fp32 weight per call, so
+  training, export and GPU use see plain fp32 math), "dequantized" (fp32 weight rebuilt once and
+  cached: same numbers, no per-call cost) or "int8-gemm" (PyTorch's x86 int8 GEMM, fbgemm with
+  AVX2 / AVX-512 / VNNI: activations quantized per call to 8 bits, int32 accumulation; the
+  fast CPU decode path, see `int8_gemm_available`).
 - `DynamicInt8Linear` (scheme "dynamic-int8"): the same int8 weights run through PyTorch's
   dynamic quantized kernels (`torch.ao.nn.quantized.dynamic.Linear`): activations are quantized
   per batch at run time, the matmul is int8. Smaller and faster for MLPs on CPU.
@@ -14,6 +19,7 @@ They live with the models because the package loader (below compress/) rebuilds 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +32,56 @@ from torch import nn
 from shipyard.errors import ModelError
 
 SCHEMES = ("dynamic-int8", "weight-int8")
+INT8_KERNELS = ("dequantize", "dequantized", "int8-gemm")
+DISABLE_ENV = "SHIPYARD_DISABLE_KERNELS"
+"""Comma-separated kernels to treat as unavailable (e.g. "int8-gemm,onednn"): forces fallbacks."""
+
+
+def kernel_disabled(name: str) -> bool:
+    """True when `name` is listed in $SHIPYARD_DISABLE_KERNELS."""
+    listed = os.environ.get(DISABLE_ENV, "")
+    return name in {part.strip() for part in listed.split(",")}
+
+
+_INT8_GEMM_PROBE: list[bool] = []  # memo of the one-time probe below
+
+
+def int8_gemm_available() -> bool:
+    """True when PyTorch's x86 int8 GEMM (`quantized::linear_dynamic`) runs on this machine.
+
+    Probed once by running a tiny layer (a build without fbgemm, or a CPU it does not support,
+    raises there); $SHIPYARD_DISABLE_KERNELS=int8-gemm forces False.
+    """
+    if kernel_disabled("int8-gemm"):
+        return False
+    if not _INT8_GEMM_PROBE:
+        ok = False
+        engines = torch.backends.quantized.supported_engines
+        if "x86" in engines or "fbgemm" in engines:
+            try:
+                layer = Int8Linear(4, 2)
+                layer.weight_int8.fill_(1)
+                packed = _prepack_int8(layer)
+                with torch.inference_mode():
+                    out = torch.ops.quantized.linear_dynamic(torch.ones(1, 4), packed, True)
+                ok = bool(torch.allclose(out, torch.full((1, 2), 4.0), atol=0.1))
+            except (RuntimeError, AttributeError, NotImplementedError):
+                ok = False
+        _INT8_GEMM_PROBE.append(ok)
+    return _INT8_GEMM_PROBE[0]
+
+
+def _prepack_int8(layer: Int8Linear) -> Any:
+    """The opaque packed weight `quantized::linear_dynamic` takes (per-channel int8, fp32 bias)."""
+    with _quiet_quantized_api():
+        qweight = torch._make_per_channel_quantized_tensor(
+            layer.weight_int8.cpu(),
+            layer.weight_scale.detach().cpu().double(),
+            torch.zeros(layer.out_features, dtype=torch.int64),
+            0,
+        )
+        bias = layer.bias.detach().float().cpu() if layer.bias is not None else None
+        return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
 def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +98,11 @@ def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class Int8Linear(nn.Module):
-    """`nn.Linear` with int8 weights and per-output-channel scales, dequantized per call."""
+    """`nn.Linear` with int8 weights and per-output-channel scales (kernel: see `set_kernel`)."""
+
+    # "dequantize" | "dequantized" | "int8-gemm"; and what that kernel caches (never saved)
+    _kernel: str = "dequantize"
+    _cache: Any = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
@@ -53,9 +113,46 @@ class Int8Linear(nn.Module):
         )
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_load_state_dict_post_hook(_drop_cache)
 
     weight_int8: torch.Tensor
     weight_scale: torch.Tensor
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("_kernel", "_cache"):  # plain attributes: not buffers, never in state_dict
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a packed int8 weight is an opaque object: a copy rebuilds it on first use
+        state = dict(super().__getstate__())
+        state.pop("_cache", None)
+        return state
+
+    @property
+    def kernel(self) -> str:
+        """The kernel inference runs with (see `set_kernel`)."""
+        return self._kernel
+
+    def set_kernel(self, kernel: str) -> None:
+        """Choose how inference multiplies: "dequantize", "dequantized" or "int8-gemm".
+
+        Training, autograd and non-CPU inputs always use "dequantize". Raises ModelError for an
+        unknown name, or "int8-gemm" where `int8_gemm_available()` is False.
+        """
+        if kernel not in INT8_KERNELS:
+            raise ModelError(
+                f"unknown int8 kernel {kernel!r}; choose one of {', '.join(INT8_KERNELS)}"
+            )
+        if kernel == "int8-gemm" and not int8_gemm_available():
+            raise ModelError(
+                "int8-gemm is not available here (no x86/fbgemm quantized engine, or disabled"
+                f" by ${DISABLE_ENV}); use kernel 'dequantized'"
+            )
+        if kernel != self._kernel:  # same kernel: keep its packed weight (no repacking)
+            self._kernel = kernel
+            self._cache = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -74,7 +171,31 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (*, in_features) to (*, out_features)."""
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        kernel = self._kernel
+        if (
+            kernel == "dequantize"
+            or self.training
+            or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or self._bias_needs_grad()))
+        ):
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        cache = self._cache
+        if cache is None:
+            with torch.no_grad():
+                cache = _prepack_int8(self) if kernel == "int8-gemm" else self.dequantized_weight()
+            self._cache = cache
+        if kernel == "int8-gemm":
+            # reduce_range: 7-bit activations, so AVX2's u8 x s8 pair sums cannot saturate
+            out = torch.ops.quantized.linear_dynamic(x.float(), cache, True)
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
+        return F.linear(x, cache.to(x.dtype), self.bias)
+
+    def _bias_needs_grad(self) -> bool:
+        return self.bias is not None and self.bias.requires_grad
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Int8Linear:
+        self._cache = None  # .to() / .float() change the buffers: rebuild on next use
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
@@ -170,6 +291,10 @@ class DynamicInt8Linear(nn.Module):
 
 def _drop_packed(module: nn.Module, incompatible_keys: Any) -> None:
     object.__setattr__(module, "_packed", None)
+
+
+def _drop_cache(module: nn.Module, incompatible_keys: Any) -> None:
+    object.__setattr__(module, "_cache", None)
 
 
 LAYER_TYPES: dict[str, type[Int8Linear] | type[DynamicInt8Linear]] = {

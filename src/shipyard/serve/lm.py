@@ -107,6 +107,7 @@ def start_engine(loaded: LoadedModel, name: str, version: str, settings: ServeSe
         max_batch_size=settings.max_running_seqs,
         max_queue=settings.max_queue,
         observer=observer,
+        weights=settings.decode_weights,
     )
     observer.engine = engine
     return engine

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,6 +45,11 @@ class ServeSettings(BaseModel):
     # language models (continuous batching engine, one per LM model version)
     max_running_seqs: int = Field(
         16, ge=1, le=4096, description="Sequences a language model decodes together."
+    )
+    decode_weights: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="Language models: auto (the package's weights, fastest exact kernel), "
+        "int8 (quantize fp32 weights to int8 for decoding) or fp32.",
     )
     # limits
     max_queue: int = Field(
