@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import torch
 from tests.lm_support import lm_package
+from typer.testing import CliRunner
 
+from shipyard.cli import app
 from shipyard.compress import export
 from shipyard.config import load_config
 from shipyard.errors import ShipyardError
@@ -105,7 +107,10 @@ def test_peft_loads_the_export_on_the_transformers_base(
     peft = pytest.importorskip("peft")
     pkg = lora_run.run_dir / "package"
     base_hf, _ = export(base, tmp_path / "base-hf", format="hf")
-    adapter, _ = export(pkg, tmp_path / "adapter", format="peft")
+    adapter = tmp_path / "adapter"
+    cli = CliRunner().invoke(app, ["export", str(pkg), "--format", "peft", "-o", str(adapter)])
+    assert cli.exit_code == 0, cli.output
+    assert "exported peft adapter" in cli.output and "4 layers" in cli.output
     merged_hf, _ = export(pkg, tmp_path / "merged-hf", format="hf")
     ids = torch.tensor([list(range(40, 72)), list(range(72, 104))])
     with torch.inference_mode():
@@ -123,6 +128,10 @@ def test_peft_loads_the_export_on_the_transformers_base(
 def test_peft_export_needs_an_adapter(base: Path, tmp_path: Path) -> None:
     with pytest.raises(ShipyardError, match="holds no LoRA adapter"):
         export(base, tmp_path / "x", format="peft")
+    cli = CliRunner().invoke(
+        app, ["export", str(base), "--format", "peft", "-o", str(tmp_path / "y")]
+    )
+    assert cli.exit_code == 2 and "holds no LoRA adapter" in cli.output
 
 
 def test_lora_run_resumes_exactly(base: Path, corpus: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from tests.integration.test_hf_checkpoints import build_checkpoint
 from shipyard.compress import import_hf
 from shipyard.config import load_config
 from shipyard.data.instructions import IGNORE_INDEX, chat_tokens, instruction_rows
-from shipyard.errors import ConfigError, DataError
+from shipyard.errors import ConfigError, DataError, TrainError
 from shipyard.package import load_package
 from shipyard.train import build_data_and_model, evaluate_model, fit
 
@@ -121,7 +121,12 @@ def test_overlong_examples_are_cut_dropped_or_refused(base: tuple[Path, Any]) ->
         instruction_rows(recs, "prompt-completion", tokenizer, 16, overlong="error")
 
 
-def test_bad_instruction_data_is_a_clear_error(base: tuple[Path, Any], tmp_path: Path) -> None:
+def test_bad_instruction_data_is_a_clear_error(
+    base: tuple[Path, Any], chats: Path, tmp_path: Path
+) -> None:
+    too_long = load_config(_config(base[0], chats), ["data.block_size=100000"])
+    with pytest.raises(TrainError, match=r"data\.block_size 100000 is longer than the model's"):
+        build_data_and_model(too_long)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     config = load_config(_config(base[0], bad))

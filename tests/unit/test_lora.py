@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
 from shipyard.config import load_config
-from shipyard.errors import ConfigError, ModelError
+from shipyard.errors import ConfigError, ModelError, TrainError
 from shipyard.models import GPT, GPTConfig
 from shipyard.models.lora import (
     LoRAConfig,
@@ -16,6 +19,8 @@ from shipyard.models.lora import (
     apply_lora,
     merge_lora,
 )
+from shipyard.package import load_package
+from shipyard.train import fit
 
 
 def _linear(seed: int = 0) -> nn.Linear:
@@ -95,3 +100,43 @@ def test_pretrained_model_brings_its_own_tokenizer() -> None:
     assert ok.finetune is not None and ok.finetune.scale == 16.0 / 4
     with pytest.raises(ConfigError, match=r"finetune\.method"):
         load_config(config, ["finetune.method=qlora"])
+
+
+def _from(package: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "ft",
+        "task": "regression",
+        "data": {"source": "builtin:synthetic-regression", "n_samples": 200, "n_features": 4},
+        "model": {"name": "pretrained", "path": str(package)},
+        "train": {"epochs": None, "max_steps": 2, "batch_size": 16},
+        **extra,
+    }
+
+
+def test_a_run_starts_from_the_package_weights(package_src: Path, tmp_path: Path) -> None:
+    config = load_config(_from(package_src, optim={"name": "sgd", "lr": 1e-12}))
+    result = fit(config, run_dir=tmp_path / "run", progress=False)
+    tuned = load_package(result.run_dir / "package")
+    base = load_package(package_src)
+    assert tuned.manifest.architecture == base.manifest.architecture  # not "pretrained"
+    assert tuned.manifest.lineage.parent is not None
+    assert tuned.manifest.lineage.parent.name == base.manifest.name
+    for (name, a), (_, b) in zip(
+        tuned.model.state_dict().items(), base.model.state_dict().items(), strict=True
+    ):
+        # lr 1e-12: the weights are still the base's (not a fresh initialisation)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
+
+
+def test_a_pretrained_model_of_another_task_is_refused(package_src: Path, tmp_path: Path) -> None:
+    config = load_config(
+        {**_from(package_src), "task": "classification", "data": {"source": "builtin:digits"}}
+    )
+    with pytest.raises(TrainError, match="is a regression model but the run's task is classif"):
+        fit(config, run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(TrainError, match="LoRA target 'nope' matches no Linear"):
+        fit(
+            load_config(_from(package_src, finetune={"targets": ["nope"]})),
+            run_dir=tmp_path / "run2",
+            progress=False,
+        )

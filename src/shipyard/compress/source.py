@@ -12,11 +12,12 @@ import torch
 
 from shipyard.compress.errors import CompressError
 from shipyard.config import PretrainedConfig, RunConfig, validate_config
-from shipyard.data import DataInfo, PreparedData, Tokenizer, prepare_data
+from shipyard.data import DataInfo, PreparedData, prepare_data
 from shipyard.data.datasets import gather
 from shipyard.errors import ShipyardError
 from shipyard.models import TOKEN_MODELS
 from shipyard.package import LoadedModel, ParentRef, load_package, manifest_sha256
+from shipyard.train.finetune import pretrained_block_size
 
 
 @dataclass
@@ -60,12 +61,7 @@ class Parent:
                     "splits to measure quality on; this step needs a package trained by shipyard "
                     "(export --format hf works on imported packages)"
                 )
-            self._data = rebuild_data(
-                self.config,
-                fingerprint,
-                architecture=self.loaded.manifest.architecture.config,
-                tokenizer=self.loaded.tokenizer,
-            )
+            self._data = rebuild_data(self.config, fingerprint, pretrained=self.loaded)
         return self._data
 
 
@@ -73,25 +69,23 @@ def rebuild_data(
     config: RunConfig,
     fingerprint: str | None = None,
     *,
-    architecture: dict[str, Any] | None = None,
-    tokenizer: Tokenizer | None = None,
+    pretrained: LoadedModel | None = None,
 ) -> PreparedData:
     """Prepare the data a run config describes; refuse if its fingerprint differs from the
     package's (the source changed, so the held-out split would not be the same rows).
 
-    architecture, tokenizer: the package's; used when the run started from a pretrained model,
-    whose architecture and tokenizer came from that model instead of the config.
+    pretrained: the package, for a run that started from a pretrained model: its block size
+    and tokenizer came from that model instead of the config, as in training.
     """
     if isinstance(config.model, PretrainedConfig):
-        size = config.data.block_size or (architecture or {}).get("block_size")
-        if size is None:
-            size = (architecture or {}).get("max_position_embeddings")
+        if pretrained is None:
+            raise CompressError("a run on a pretrained model needs its package to rebuild data")
         data = prepare_data(
             config.data,
             config.task,
             config.seed,
-            block_size=int(size) if size is not None else None,
-            tokenizer=tokenizer,
+            block_size=pretrained_block_size(pretrained, config.data.block_size),
+            tokenizer=pretrained.tokenizer,
         )
     else:
         token_model = config.model.name in TOKEN_MODELS

@@ -26,7 +26,7 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
-from shipyard.models.quantized import replace_module
+from shipyard.models.quantized import replace_module, shared_parameters
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 
@@ -144,20 +144,12 @@ class LoRALinear(nn.Module):
         )
 
 
-def _shared_params(model: nn.Module) -> set[int]:
-    counts: dict[int, int] = {}
-    for _, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            counts[id(param)] = counts.get(id(param), 0) + 1
-    return {pid for pid, n in counts.items() if n > 1}
-
-
 def lora_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Module paths of the Linear layers `targets` names; ModelError if a target matches none.
 
     A Linear whose weight is shared (an LM head tied to the embedding) cannot be adapted alone.
     """
-    shared = _shared_params(model)
+    shared = shared_parameters(model)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen: list[str] = []
     for target in targets:

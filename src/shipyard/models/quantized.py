@@ -309,15 +309,21 @@ def quantizable_linears(model: nn.Module) -> list[str]:
     A Linear whose weight is shared with another module (GPT's LM head tied to the token
     embedding) is left in fp32: quantizing it would untie and duplicate the weights.
     """
+    shared = shared_parameters(model)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and id(module.weight) not in shared
+    ]
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds (tied weights)."""
     counts: dict[int, int] = {}
     for _, module in model.named_modules():
         for param in module.parameters(recurse=False):
             counts[id(param)] = counts.get(id(param), 0) + 1
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and counts.get(id(module.weight), 0) == 1
-    ]
+    return {pid for pid, n in counts.items() if n > 1}
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

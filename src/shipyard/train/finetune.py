@@ -35,19 +35,24 @@ class Base:
         return self.loaded.tokenizer
 
     def block_size(self, wanted: int | None) -> int | None:
-        """Tokens per example: `wanted` (data.block_size), at most the base's context length;
-        the context length when not given. None for models that take features."""
-        context = getattr(self.loaded.model, "max_context", None)
-        if context is None:
-            size = self.loaded.manifest.architecture.config.get("block_size")
-            context = int(size) if size is not None else None
-        if wanted is None or context is None:
-            return context
-        if wanted > context:
-            raise TrainError(
-                f"data.block_size {wanted} is longer than the model's context ({context} tokens)"
-            )
-        return wanted
+        """Tokens per example for this base (see `pretrained_block_size`)."""
+        return pretrained_block_size(self.loaded, wanted)
+
+
+def pretrained_block_size(loaded: LoadedModel, wanted: int | None) -> int | None:
+    """Tokens per example of a run on a pretrained model: `wanted` (data.block_size), at most the
+    model's context length, which is the default. None for models that take features."""
+    context = getattr(loaded.model, "max_context", None)
+    if context is None:
+        size = loaded.manifest.architecture.config.get("block_size")
+        context = int(size) if size is not None else None
+    if wanted is None or context is None:
+        return context
+    if wanted > context:
+        raise TrainError(
+            f"data.block_size {wanted} is longer than the model's context ({context} tokens)"
+        )
+    return wanted
 
 
 def load_base(config: RunConfig) -> Base | None:
