@@ -89,6 +89,8 @@ def test_package_keeps_the_adapter_and_the_base_fingerprint(base: Path, lora_run
         f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")
     ]
     assert manifest.lora.base.manifest_sha256 == manifest_sha256(base)
+    entry = verify_package(base).files["model.safetensors"]
+    assert manifest.lora.base.weights_hash == f"{entry.algorithm}:{entry.digest}"
     assert manifest.lineage.parent is not None and manifest.lineage.parent.name == "tiny-lm"
     assert manifest.architecture.name == "gpt"  # the base's architecture, not "pretrained"
     loaded = load_package(pkg)

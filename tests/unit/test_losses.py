@@ -54,6 +54,18 @@ def test_language_modeling_counts_tokens() -> None:
     assert (total / count).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_ignored_targets_are_neither_scored_nor_counted() -> None:
+    # instruction data: prompt tokens and padding carry -100; only the answers count
+    torch.manual_seed(0)
+    outputs = torch.randn(2, 5, 7)
+    targets = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, -100, -100]])
+    total, count = build_loss("language-modeling", "auto")(outputs, targets)
+    assert int(count) == 4
+    scored = targets != -100
+    expected = F.cross_entropy(outputs[scored], targets[scored], reduction="sum")
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 REG_OUT = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 REG_TGT = torch.tensor([[1.0, 0.0], [0.0, 4.0]])  # errors: (0, 2), (3, 0)
 

@@ -123,8 +123,9 @@ class BaseRef(_Model):
     name: str
     version: str
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    weights_sha256: str = Field(
-        description="hash of the base's weights file, as its manifest lists"
+    weights_hash: str = Field(
+        pattern=r"^(blake3|sha256):[0-9a-f]{64}$",
+        description="ALGORITHM:HEX hash of the base's weights file, as its manifest lists it",
     )
 
 

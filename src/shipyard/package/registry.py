@@ -142,7 +142,7 @@ class AliasRow(Base):
 
 
 class AliasHistoryRow(Base):
-    """Every assignment of an alias; the rows not yet undone form a stack that rollback pops."""
+    """Every assignment of an alias; the promotions not yet undone form the stack rollback pops."""
 
     __tablename__ = "alias_history"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -152,7 +152,7 @@ class AliasHistoryRow(Base):
     created: Mapped[datetime]
     undone: Mapped[bool] = mapped_column(Boolean, default=False)
     # v3: who made the change (an API key's name, a user) and what it was ('promote' or
-    # 'rollback'); rollback rows are stored with undone=True so they never join the stack
+    # 'rollback'; the v3 migration marks older rows 'promote')
     actor: Mapped[str | None] = mapped_column(String(128))
     action: Mapped[str | None] = mapped_column(String(16))
 
@@ -605,6 +605,7 @@ class Registry:
                     .where(
                         AliasHistoryRow.model_id == model.id,
                         AliasHistoryRow.alias == alias,
+                        AliasHistoryRow.action == "promote",
                         AliasHistoryRow.undone.is_(False),
                     )
                     .order_by(AliasHistoryRow.id)
@@ -633,7 +634,6 @@ class Registry:
                     alias=alias,
                     version=target,
                     created=_now(),
-                    undone=True,  # an audit record, not a stack entry
                     actor=_actor(actor),
                     action="rollback",
                 )
@@ -655,10 +655,10 @@ class Registry:
                     name=model.name,
                     alias=r.alias,
                     version=r.version,
-                    action=r.action or "promote",
+                    action=r.action or "promote",  # None only in a hand-edited database
                     actor=r.actor,
                     created=r.created,
-                    undone=bool(r.undone) and (r.action or "promote") == "promote",
+                    undone=bool(r.undone),
                 )
                 for r in rows
             ]

@@ -82,7 +82,8 @@ def evaluate_model(
         with autocast() if autocast is not None else contextlib.nullcontext():
             out = model(x)
         out = out.float()
-        loss_sum, count = loss_fn(out, y)
+        loss_sum, scored = loss_fn(out, y)
+        count = int(scored)
         if config.task == "regression" and data.preprocessor is not None:
             out = data.preprocessor.inverse_transform_target(out)
             y = data.preprocessor.inverse_transform_target(y)

@@ -19,7 +19,7 @@ from shipyard.errors import ModelError, TrainError
 from shipyard.models.lora import apply_lora, lora_layers
 from shipyard.package import LoadedModel, load_package, manifest_sha256
 from shipyard.package.files import WEIGHTS
-from shipyard.package.manifest import BaseRef, LoRASpec, read_manifest, sha256_file
+from shipyard.package.manifest import BaseRef, LoRASpec, read_manifest
 
 
 @dataclass
@@ -114,11 +114,9 @@ def base_ref(config: RunConfig) -> BaseRef:
     path = Path(config.model.path)
     manifest, _ = read_manifest(path)
     entry = manifest.files[WEIGHTS]
-    # new packages list BLAKE3; the field is the weights' SHA-256, so compute it if not listed
-    weights_sha256 = entry.sha256 if entry.sha256 is not None else sha256_file(path / WEIGHTS)
     return BaseRef(
         name=manifest.name,
         version=manifest.version,
         manifest_sha256=manifest_sha256(path),
-        weights_sha256=weights_sha256,
+        weights_hash=f"{entry.algorithm}:{entry.digest}",
     )

@@ -53,14 +53,14 @@ class LossFn:
     def __repr__(self) -> str:
         return f"LossFn(name={self.name!r}, task={self.task!r})"
 
-    def __call__(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+    def __call__(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int | Tensor]:
         if self.name == "cross-entropy":
             return self._cross_entropy(outputs, targets)
         if self.name == "bce":
             return self._bce(outputs, targets)
         return self._regression(outputs, targets)
 
-    def _cross_entropy(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+    def _cross_entropy(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int | Tensor]:
         if outputs.ndim != targets.ndim + 1 or outputs.shape[:-1] != targets.shape:
             raise TrainError(
                 f"cross-entropy needs logits (B, C) with targets (B,), or (B, T, V) with (B, T); "
@@ -76,10 +76,11 @@ class LossFn:
             label_smoothing=self.label_smoothing,
             ignore_index=IGNORE_INDEX,
         )
-        # targets of IGNORE_INDEX (padding, prompt tokens of instruction data) are not scored
-        return total, int((flat != IGNORE_INDEX).sum())
+        # targets of IGNORE_INDEX (padding, prompt tokens of instruction data) are not scored;
+        # the count stays a tensor so a training step does not wait for the device here
+        return total, (flat != IGNORE_INDEX).sum()
 
-    def _bce(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+    def _bce(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int | Tensor]:
         self._check_width(outputs)
         if outputs.ndim == 1 or (outputs.ndim == 2 and outputs.shape[1] == 1):
             if targets.numel() != outputs.shape[0]:
@@ -101,7 +102,7 @@ class LossFn:
         )  # (B, C)
         return per_label.mean(dim=1).sum(), logits.shape[0]
 
-    def _regression(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+    def _regression(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int | Tensor]:
         if outputs.ndim == 0 or outputs.numel() != targets.numel():
             raise TrainError(
                 f"{self.name} needs outputs and targets with the same number of values per row; "
