@@ -3,6 +3,8 @@ the adapter → PEFT export that `peft` loads on the `transformers` base with th
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +132,14 @@ def test_peft_loads_the_export_on_the_transformers_base(
 def test_peft_export_needs_an_adapter(base: Path, tmp_path: Path) -> None:
     with pytest.raises(ShipyardError, match="holds no LoRA adapter"):
         export(base, tmp_path / "x", format="peft")
-    cli = CliRunner().invoke(
-        app, ["export", str(base), "--format", "peft", "-o", str(tmp_path / "y")]
+    args = ["export", str(base), "--format", "peft", "-o", str(tmp_path / "y")]
+    cli = subprocess.run(  # the console script: project errors are one line and exit 2
+        [sys.executable, "-m", "shipyard", *args],
+        capture_output=True,
+        text=True,
     )
-    assert cli.exit_code == 2 and "holds no LoRA adapter" in cli.output
+    assert cli.returncode == 2 and "holds no LoRA adapter" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and not (tmp_path / "y").exists()
 
 
 def test_lora_run_resumes_exactly(base: Path, corpus: Path, tmp_path: Path) -> None:
