@@ -21,7 +21,7 @@ from shipyard.serve.auth import add_key
 from shipyard.serve.settings import ServeSettings
 from shipyard.ui import UISettings, config_diff, create_ui_app, downsample
 from shipyard.ui.api import metrics_snapshot
-from shipyard.ui.runs import RunStore
+from shipyard.ui.runs import RunStore, watched_metric
 
 # ------------------------------------------------------------------------------- fixtures
 
@@ -396,3 +396,47 @@ def test_versions_link_back_to_their_run(
         (2, None),  # packaged from a run directory outside the runs folder
         (1, None),
     ]
+
+
+def test_the_watched_metric_is_the_trainers_choice(tmp_path: Path) -> None:
+    # without early stopping the trainer keeps the checkpoint with the task's primary metric
+    assert watched_metric({"task": "classification", "train": {"early_stopping": None}}) == (
+        "accuracy",
+        "max",
+    )
+    assert watched_metric({"task": "regression", "train": {}}) == ("mse", "min")
+    assert watched_metric({"task": "language-modeling"}) == ("loss", "min")
+    assert watched_metric(
+        {"task": "classification", "train": {"early_stopping": {"metric": "loss", "mode": "min"}}}
+    ) == ("loss", "min")
+    assert watched_metric({"name": "hand-written"}) == ("loss", "min")
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: r\ntask: classification\n")
+    append_records(
+        run,
+        [
+            {"kind": "val", "step": 1, "loss": 0.5, "accuracy": 0.8},
+            {"kind": "val", "step": 2, "loss": 0.4, "accuracy": 0.7},
+        ],
+    )
+    best = RunStore(tmp_path).summary(run)["best"]
+    assert best == {"metric": "accuracy", "value": 0.8, "step": 1}
+
+
+def test_run_store_rereads_a_metrics_file_replaced_by_a_longer_one(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: r\n")
+    append_records(run, [{"kind": "train", "step": s, "loss": 1.0} for s in (1, 2)])
+    store = RunStore(tmp_path)
+    assert [r["step"] for r in store.records(run)] == [1, 2]
+    # a resume rewrites the file atomically (a new inode) and it grows before the next read
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text(
+        "".join(json.dumps({"kind": "train", "step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3, 4))
+    )
+    replacement.replace(run / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in store.records(run)] == [(s, 0.5) for s in (1, 2, 3, 4)]
+    assert store.series(run, ["loss"])["series"]["loss"]["y"] == [0.5] * 4
