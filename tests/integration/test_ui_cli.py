@@ -97,3 +97,21 @@ def test_ui_refuses_bad_arguments_with_one_line(runs: Path, tmp_path: Path) -> N
     assert out.returncode == 2 and "no such folder of runs; pass --runs DIR" in out.stderr
     assert "Traceback" not in out.stderr
     shutil.rmtree(tmp_path / "home", ignore_errors=True)
+
+
+def test_ui_refuses_a_keys_file_without_active_keys(tmp_path: Path) -> None:
+    from shipyard.serve.auth import add_key, revoke_key
+
+    keys = tmp_path / "keys.json"
+    add_key(keys, "admin", "alice")
+    revoke_key(keys, "alice")
+    (tmp_path / "runs").mkdir()
+    args = ["--runs", str(tmp_path / "runs"), "--keys-file", str(keys), "--port", "0"]
+    out = subprocess.run(
+        [sys.executable, "-m", "shipyard", "ui", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no active keys (add one: shipyard api-keys add)" in out.stderr

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 from rich.console import Console
 
 from shipyard.cli.compress_cmd import report_table
 from shipyard.cli.tables import print_rows, table_width
+from shipyard.cli.tuning_cmd import cv_table, trials_table
 from shipyard.compress.measure import report_rows
 
 
@@ -68,3 +70,32 @@ def test_narrow_rows_stay_a_table() -> None:
     text = _render(header, rows)
     assert "┃ id " in text and "│ 4e93078e │" in text  # one header line, one row line
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_cv_and_tune_tables_fit_80_columns() -> None:
+    folds = [
+        SimpleNamespace(fold=i, metrics={"accuracy": 0.9 + i / 1000, "macro_f1": 0.8})
+        for i in range(10)
+    ]
+    cv = SimpleNamespace(
+        folds=folds,
+        mean={"accuracy": 0.9045, "macro_f1": 0.8},
+        std={"accuracy": 0.0029, "macro_f1": 0.0},
+    )
+    header, rows = cv_table(cv)  # type: ignore[arg-type]
+    assert table_width(header, rows) > 80  # ten folds: a plain table would cut cells to "…"
+    text = _render(header, rows)
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "fold 9" in text and "0.9090" in text and "0.9045 ± 0.0029" in text
+
+    params = {"optim.lr": 0.0031622776, "model.hidden": 256, "optim.weight_decay": 1e-4}
+    trials = [
+        {"number": n, "value": v, "params": params}
+        for n, v in ((0, 0.91), (1, None), (2, 0.95), (3, 0.93))
+    ]
+    study = SimpleNamespace(trials=trials, direction="maximize", metric="accuracy")
+    header, rows = trials_table(study)  # type: ignore[arg-type]
+    assert [r[0] for r in rows] == ["2", "3", "0"]  # best first, unfinished left out
+    text = _render(header, rows)
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "optim.weight_decay=0.0001" in text and "0.9500" in text

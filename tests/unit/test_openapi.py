@@ -4,6 +4,7 @@ where the schema promises it (Schemathesis checks the whole of it in the integra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from shipyard.serve.errors import BadRequest
 from shipyard.serve.protocols.kserve_v2 import decode_request
 from shipyard.serve.protocols.openai.parsing import CHAT_PARAMS, COMPLETION_PARAMS
 from shipyard.serve.protocols.openai.schemas import ChatCompletionRequest, CompletionRequest
+from shipyard.ui import UISettings, create_ui_app
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,40 @@ def test_statuses_and_error_bodies(doc: dict[str, Any]) -> None:
         if "422" in op["responses"]
     ]
     assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+def test_422_is_listed_exactly_where_a_request_can_get_one(tmp_path: Path) -> None:
+    ui = UISettings(runs_dir=tmp_path)
+    with TestClient(create_ui_app(ServeSettings(access_log=False), ui)) as client:
+        doc = client.get("/openapi.json").json()
+        listed = {
+            (m, p)
+            for p, ops in doc["paths"].items()
+            for m, op in ops.items()
+            if "422" in op["responses"]
+        }
+        # the dashboard's typed query parameters; every other parameter takes any string, and the
+        # KServe header is read (and refused with 400) by the route itself
+        assert listed == {
+            ("get", "/ui/api/runs/{run_id}/series"),
+            ("get", "/ui/api/runs/{run_id}/tail"),
+            ("get", "/ui/api/compare"),
+        }
+        for url in (
+            "/ui/api/runs/r/series?max_points=many",
+            "/ui/api/runs/r/tail?offset=end",
+            "/ui/api/compare?run=a&run=b&full=perhaps",
+        ):
+            r = client.get(url)
+            assert r.status_code == 422, url
+            assert r.json()["error"].startswith("query.")  # the documented ErrorBody
+        answer = doc["paths"]["/ui/api/compare"]["get"]["responses"]["422"]
+        assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+        assert "HTTPValidationError" not in doc["components"]["schemas"]
+        r = client.post(
+            "/v2/models/m/infer", content=b"{}", headers={"Inference-Header-Content-Length": "x"}
+        )
+        assert r.status_code in (400, 404)  # the route reads the header itself: never 422
 
 
 def test_openai_schemas_list_exactly_the_parameters_the_parser_takes() -> None:

@@ -21,7 +21,7 @@ from shipyard.serve.auth import add_key
 from shipyard.serve.settings import ServeSettings
 from shipyard.ui import UISettings, config_diff, create_ui_app, downsample
 from shipyard.ui.api import metrics_snapshot
-from shipyard.ui.runs import RunStore
+from shipyard.ui.runs import RunStore, watched_metric
 
 # ------------------------------------------------------------------------------- fixtures
 
@@ -139,6 +139,8 @@ def test_series_errors_name_the_bad_value(client: TestClient) -> None:
     assert r.status_code == 400 and "2..100000" in r.json()["error"]
     r = client.get("/ui/api/runs/digits-mlp/nope")
     assert r.status_code == 404 and "no run 'digits-mlp/nope'" in r.json()["error"]
+    r = client.get("/ui/api/runs/digits-mlp/nope/series")
+    assert r.status_code == 404 and "no run 'digits-mlp/nope'" in r.json()["error"]
 
 
 def test_run_ids_cannot_leave_the_runs_folder(client: TestClient, runs: Path) -> None:
@@ -195,6 +197,12 @@ def test_compare_shows_only_the_differing_settings(client: TestClient, runs: Pat
     assert full["optim.lr"] == [0.003, 0.01] and full["model.name"] == ["mlp", "mlp"]
     r = client.get("/ui/api/compare?run=digits-mlp/lr-3e-3")
     assert r.status_code == 400 and "2 to 12 runs" in r.json()["error"]
+    r = client.get("/ui/api/compare?run=digits-mlp/lr-3e-3&run=digits-mlp/nope")
+    assert r.status_code == 404 and "no run 'digits-mlp/nope'" in r.json()["error"]
+    r = client.get(f"/ui/api/compare?{q}&max_points=1")
+    assert r.status_code == 400 and "max_points=1" in r.json()["error"]
+    r = client.get(f"/ui/api/compare?{q}&x=wallclock")
+    assert r.status_code == 400 and "step, epoch, time" in r.json()["error"]
 
 
 # ------------------------------------------------------------------------------- registry
@@ -253,6 +261,13 @@ def test_registry_write_errors_are_4xx_json(client: TestClient, keys: dict[str, 
     assert r.status_code == 400 and "invalid alias 'Prod!'" in r.json()["error"]
     r = client.post(f"{url}/promote", json={"version": 0}, headers=admin(keys))
     assert r.status_code == 400 and r.json()["error"].startswith("version:")
+    # strict, as /v2/admin: a string is not a version number
+    r = client.post(f"{url}/promote", json={"version": "1"}, headers=admin(keys))
+    assert r.status_code == 400 and r.json()["error"] == "version: Input should be a valid integer"
+    r = client.post(f"{url}/promote", json={"version": 1, "extra": 1}, headers=admin(keys))
+    assert r.status_code == 400 and r.json()["error"].startswith("extra:")
+    r = client.post(f"{url}/promote", content=b"x" * (17 << 10), headers=admin(keys))
+    assert r.status_code == 413
     r = client.post(f"{url}/rollback", json={"alias": "production"}, headers=admin(keys))
     assert r.status_code == 400 and "promote a version first" in r.json()["error"]
     r = client.post(f"{url}/promote", content=b"{not json", headers=admin(keys))
@@ -319,6 +334,10 @@ def test_csp_reports_are_collected(client: TestClient) -> None:
     assert client.get("/ui/api/csp-report").json() == {"violations": []}
     report = {"csp-report": {"violated-directive": "script-src", "blocked-uri": "inline"}}
     assert client.post("/ui/api/csp-report", json=report).status_code == 204
+    assert client.get("/ui/api/csp-report").json() == {"violations": [report]}
+    # the body is read up to 16 KiB, never whole: a stream without a length stops there
+    chunks = (b"x" * 4096 for _ in range(1000))
+    assert client.post("/ui/api/csp-report", content=chunks).status_code == 413
     assert client.get("/ui/api/csp-report").json() == {"violations": [report]}
 
 
@@ -396,3 +415,47 @@ def test_versions_link_back_to_their_run(
         (2, None),  # packaged from a run directory outside the runs folder
         (1, None),
     ]
+
+
+def test_the_watched_metric_is_the_trainers_choice(tmp_path: Path) -> None:
+    # without early stopping the trainer keeps the checkpoint with the task's primary metric
+    assert watched_metric({"task": "classification", "train": {"early_stopping": None}}) == (
+        "accuracy",
+        "max",
+    )
+    assert watched_metric({"task": "regression", "train": {}}) == ("mse", "min")
+    assert watched_metric({"task": "language-modeling"}) == ("loss", "min")
+    assert watched_metric(
+        {"task": "classification", "train": {"early_stopping": {"metric": "loss", "mode": "min"}}}
+    ) == ("loss", "min")
+    assert watched_metric({"name": "hand-written"}) == ("loss", "min")
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: r\ntask: classification\n")
+    append_records(
+        run,
+        [
+            {"kind": "val", "step": 1, "loss": 0.5, "accuracy": 0.8},
+            {"kind": "val", "step": 2, "loss": 0.4, "accuracy": 0.7},
+        ],
+    )
+    best = RunStore(tmp_path).summary(run)["best"]
+    assert best == {"metric": "accuracy", "value": 0.8, "step": 1}
+
+
+def test_run_store_rereads_a_metrics_file_replaced_by_a_longer_one(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: r\n")
+    append_records(run, [{"kind": "train", "step": s, "loss": 1.0} for s in (1, 2)])
+    store = RunStore(tmp_path)
+    assert [r["step"] for r in store.records(run)] == [1, 2]
+    # a resume rewrites the file atomically (a new inode) and it grows before the next read
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text(
+        "".join(json.dumps({"kind": "train", "step": s, "loss": 0.5}) + "\n" for s in (1, 2, 3, 4))
+    )
+    replacement.replace(run / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in store.records(run)] == [(s, 0.5) for s in (1, 2, 3, 4)]
+    assert store.series(run, ["loss"])["series"]["loss"]["y"] == [0.5] * 4

@@ -89,12 +89,12 @@ def verify(
 def sign(
     path: Path = typer.Argument(..., help="A package directory."),
     key: Path = typer.Option(
-        ..., "--key", help="Ed25519 private key (from `shipyard keys generate`)."
+        ..., "--key", help="Ed25519 private key (from `shipyard signing-keys generate`)."
     ),
 ) -> None:
     """Sign a package: write manifest.sig (Ed25519 over manifest.json).
 
-    Example: shipyard keys generate -o me && shipyard package sign digits-pkg --key me.key
+    Example: shipyard signing-keys generate -o me && shipyard package sign digits-pkg --key me.key
     """
     from shipyard.package import sign_package
 

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
 from shipyard.cli.api_keys_cmd import KEYS_FILE_HELP
 from shipyard.generate.packed import DECODE_WEIGHTS
@@ -21,8 +20,6 @@ from shipyard.serve.settings import ServeError, ServeSettings, default
 
 if TYPE_CHECKING:
     from shipyard.ui.app import UISettings
-
-console = Console()
 
 
 def serve(

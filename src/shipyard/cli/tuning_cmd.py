@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from shipyard.cli.tables import print_rows
 from shipyard.config import apply_override, load_config, load_raw_config, validate_config
+
+if TYPE_CHECKING:
+    from shipyard.tuning.cv import CVResult
+    from shipyard.tuning.tune import TuneResult
 
 console = Console()
 
@@ -60,18 +65,9 @@ def cv(
         out_dir=out,
         progress=show,
     )
-    table = Table(title=f"{config.name}: {folds}-fold cross-validation (val)")
-    table.add_column("metric")
-    for f in result.folds:
-        table.add_column(f"fold {f.fold}", justify="right")
-    table.add_column("mean ± std", justify="right")
-    for key in result.mean:
-        table.add_row(
-            key,
-            *(f"{f.metrics[key]:.4f}" for f in result.folds),
-            f"{result.mean[key]:.4f} ± {result.std[key]:.4f}",
-        )
-    console.print(table)
+    header, rows = cv_table(result)
+    title = f"{config.name}: {folds}-fold cross-validation (val)"
+    print_rows(console, header, rows, title=title, right=header[1:])
     if result.final is not None:
         test = ", ".join(f"{k} {v:.4f}" for k, v in result.final["test"].items())
         console.print(f"final model: {result.final['run_dir']} (test: {test})", highlight=False)
@@ -115,17 +111,9 @@ def tune(
         register=register,
     )
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(result.counts.items()))
-    reverse = result.direction == "maximize"
-    done = [t for t in result.trials if t["value"] is not None]
-    done.sort(key=lambda t: t["value"], reverse=reverse)
-    table = Table(title=f"study {result.study}: {len(result.trials)} trials ({counts})")
-    table.add_column("trial", justify="right")
-    table.add_column(f"val {result.metric}", justify="right")
-    table.add_column("params")
-    for t in done[:10]:
-        params = ", ".join(f"{k}={_short(v)}" for k, v in t["params"].items())
-        table.add_row(str(t["number"]), f"{t['value']:.4f}", params)
-    console.print(table)
+    header, rows = trials_table(result)
+    title = f"study {result.study}: {len(result.trials)} trials ({counts})"
+    print_rows(console, header, rows, title=title, right=header[:2])
     console.print(
         f"best: trial {result.best_trial}, val {result.metric} {result.best_value:.4f}; "
         f"config: {result.best_config}",
@@ -133,6 +121,35 @@ def tune(
     )
     if result.registered:
         console.print(f"registered: {result.registered}", highlight=False)
+
+
+def cv_table(result: CVResult) -> tuple[list[str], list[list[str]]]:
+    """A row per validation metric: its value in each fold, then mean ± std."""
+    header = ["metric", *(f"fold {f.fold}" for f in result.folds), "mean ± std"]
+    rows = [
+        [
+            key,
+            *(f"{f.metrics[key]:.4f}" for f in result.folds),
+            f"{result.mean[key]:.4f} ± {result.std[key]:.4f}",
+        ]
+        for key in result.mean
+    ]
+    return header, rows
+
+
+def trials_table(result: TuneResult, top: int = 10) -> tuple[list[str], list[list[str]]]:
+    """The `top` finished trials, best first: number, value, parameters."""
+    done = [t for t in result.trials if t["value"] is not None]
+    done.sort(key=lambda t: t["value"], reverse=result.direction == "maximize")
+    rows = [
+        [
+            str(t["number"]),
+            f"{t['value']:.4f}",
+            ", ".join(f"{k}={_short(v)}" for k, v in t["params"].items()),
+        ]
+        for t in done[:top]
+    ]
+    return ["trial", f"val {result.metric}", "params"], rows
 
 
 def _short(value: object) -> str:

@@ -7,7 +7,13 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from shipyard.cli.serve_cmd import KEYS_FILE_HELP, _default_keys_file, _first_error, run_server
+from shipyard.cli.serve_cmd import (
+    KEYS_FILE_HELP,
+    _default_keys_file,
+    _first_error,
+    _preflight,
+    run_server,
+)
 from shipyard.serve.settings import ServeError, ServeSettings
 
 
@@ -49,13 +55,9 @@ def ui(
         )
     except ValidationError as exc:
         raise ServeError(_first_error(exc)) from None
-    from shipyard.serve.auth import read_keys
+    _preflight(settings)  # as for serve: a keys file without an active key fails here
     from shipyard.ui.app import UISettings
 
-    if settings.auth_enabled and settings.keys_file is not None:
-        active = [k for k in read_keys(settings.keys_file) if not k.revoked]
-        if not active:
-            raise ServeError(f"{settings.keys_file}: no active keys (add one: shipyard keys add)")
     run_server(
         settings,
         log_level=log_level,

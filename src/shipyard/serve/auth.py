@@ -8,7 +8,7 @@ human password, and a slow KDF (scrypt) would add tens of milliseconds of CPU to
 Comparison is constant-time (`hmac.compare_digest`).
 
 Scopes: `infer` (inference and model metadata) and `admin` (management API and /metrics; admin
-implies infer). The server re-reads the keys file when it changes, so `shipyard keys revoke`
+implies infer). The server re-reads the keys file when it changes, so `shipyard api-keys revoke`
 takes effect within a second without a restart.
 """
 
@@ -88,7 +88,7 @@ def read_keys(path: Path) -> list[ApiKey]:
         raw = path.read_text()
     except FileNotFoundError:
         raise ServeError(
-            f"{path}: keys file not found (create one with `shipyard keys add --scope infer`)"
+            f"{path}: keys file not found (create one with `shipyard api-keys add --scope infer`)"
         ) from None
     except OSError as exc:
         raise ServeError(f"{path}: cannot read the keys file ({exc.strerror})") from None
@@ -142,7 +142,7 @@ def revoke_key(path: Path, key_id_or_name: str) -> ApiKey:
     if len(matches) != 1:
         found = "no key" if not matches else f"{len(matches)} keys"
         raise ServeError(
-            f"{found} with id or name {key_id_or_name!r} in {path}; see `shipyard keys list`"
+            f"{found} with id or name {key_id_or_name!r} in {path}; see `shipyard api-keys list`"
         )
     target = matches[0]
     updated = [ApiKey(**{**k.__dict__, "revoked": True}) if k is target else k for k in keys]

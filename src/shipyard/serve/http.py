@@ -7,16 +7,19 @@ import json
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 
 from shipyard.serve.auth import ApiKey, KeyStore, RateLimiter, require_scope
 from shipyard.serve.batching import Outputs
 from shipyard.serve.core import ModelRepository, ServedModel
 from shipyard.serve.errors import BadRequest, PayloadTooLarge
 from shipyard.serve.settings import ServeSettings
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 @dataclass
@@ -116,6 +119,19 @@ def parse_json(body: bytes) -> Any:
         return orjson.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BadRequest("request body is not valid JSON") from None
+
+
+async def parse_body(request: Request, model: type[_Body], limit: int) -> _Body:
+    """The request's JSON body (at most `limit` bytes; none reads as {}) validated strictly
+    against `model`; BadRequest naming the first bad field."""
+    raw = parse_json(await read_body(request, limit) or b"{}")
+    try:
+        # strict: "version": "1" or "make_default": "yes" is a mistake to name, not a value to guess
+        return model.model_validate(raw, strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise BadRequest(f"{where}: {first['msg']}") from None
 
 
 async def run_model(request: Request, state: ServerState, served: ServedModel, x: Any) -> Outputs:

@@ -12,14 +12,17 @@ Example::
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import IO, NoReturn
 
 import httpx
 
@@ -46,21 +49,39 @@ def start_server(
     capture_stderr: bool = True,
 ) -> tuple[subprocess.Popen[str], str]:
     """Run `cmd`, read the URL it prints, and return (process, URL) once `ready_path` answers 200
-    (with `any_answer`, once it answers at all). ServeError, with the server's stderr, when it
-    exits or is not ready within `timeout_s`; the process is killed then."""
-    proc = subprocess.Popen(
-        list(cmd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE if capture_stderr else subprocess.DEVNULL,
-        text=True,
-        env=dict(env) if env is not None else None,
-        cwd=cwd,
-    )
+    (with `any_answer`, once it answers at all). ServeError, with the tail of the server's stderr,
+    when it exits or is not ready within `timeout_s`; the process is killed then.
+
+    Nothing the server writes can block it: stderr goes to a temporary file (the access log
+    writes a line per request), and stdout after the address line is read and dropped.
+    """
+    # a file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it
+    log: IO[str] | None = None
+    if capture_stderr:
+        # it lives on as proc.stderr: _fail reads its tail, stop_server closes it
+        log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=log if log is not None else subprocess.DEVNULL,
+            text=True,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+        )
+    except BaseException:
+        if log is not None:
+            log.close()
+        raise
+    proc.stderr = log
     assert proc.stdout is not None
     line = proc.stdout.readline()
     match = ADDRESS.search(line)
     if match is None:
         _fail(proc, f"the server printed no address (first line: {line.strip()[:200]!r})")
+    # whatever the server prints later is read and dropped, so a full pipe never blocks it
+    stdout, proc.stdout = proc.stdout, None
+    threading.Thread(target=_drain, args=(stdout,), daemon=True, name="server-stdout").start()
     url = match.group(0)
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=10) as client:
@@ -104,9 +125,22 @@ def stop_server(proc: subprocess.Popen[str], timeout_s: float = 60.0) -> int:
     return proc.returncode
 
 
+def _drain(stream: IO[str]) -> None:
+    with stream:
+        for _ in stream:
+            pass
+
+
 def _fail(proc: subprocess.Popen[str], why: str) -> NoReturn:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
-    stderr = proc.stderr.read()[-2000:] if proc.stderr is not None else ""
+    stderr = ""
+    if proc.stderr is not None:
+        size = os.fstat(proc.stderr.fileno()).st_size
+        tail = os.pread(proc.stderr.fileno(), 2000, max(0, size - 2000))
+        stderr = tail.decode(errors="replace")
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
     raise ServeError(f"{why}{': ' + stderr.strip() if stderr.strip() else ''}")

@@ -17,19 +17,19 @@ Changes apply to the process that handles the call; with `--workers N > 1` they 
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from shipyard.errors import PackageError, RegistryError
 from shipyard.serve.auth import ApiKey
 from shipyard.serve.core import ServedModel, check_model_name
-from shipyard.serve.errors import BadRequest, Conflict, NotFound
-from shipyard.serve.http import ServerState, parse_json, read_body, require, server_state
+from shipyard.serve.errors import Conflict, NotFound
+from shipyard.serve.http import ServerState, parse_body, require, server_state
 from shipyard.serve.openapi import json_body, responses
 
-_Body = TypeVar("_Body", bound=BaseModel)
+_MAX_BODY = 64 << 10  # the bodies are a few short fields
 
 
 class LoadRequest(BaseModel):
@@ -68,17 +68,6 @@ def _version(served: ServedModel) -> dict[str, Any]:
     }
 
 
-async def _parse(request: Request, model: type[_Body]) -> _Body:
-    raw = parse_json(await read_body(request, 64 << 10) or b"{}")
-    try:
-        # strict: "make_default": "yes" is a mistake to name, not a true to guess
-        return model.model_validate(raw, strict=True)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise BadRequest(f"{where}: {first['msg']}") from None
-
-
 def _single_process(state: ServerState) -> None:
     if state.settings.workers > 1:
         raise Conflict(
@@ -112,7 +101,7 @@ def build_router() -> APIRouter:
         request: Request, state: ServerState = Depends(server_state), key: ApiKey | None = admin
     ) -> dict[str, Any]:
         _single_process(state)
-        body = await _parse(request, LoadRequest)
+        body = await parse_body(request, LoadRequest, _MAX_BODY)
         try:
             served = await state.repo.load(body.ref, make_default=body.make_default)
         except RegistryError as exc:
@@ -135,7 +124,7 @@ def build_router() -> APIRouter:
     ) -> dict[str, Any]:
         _single_process(state)
         check_model_name(model_name)
-        body = await _parse(request, DefaultRequest)
+        body = await parse_body(request, DefaultRequest, _MAX_BODY)
         previous = state.repo.default_version(model_name)
         await state.repo.set_default(model_name, body.version)
         if body.unload_previous and previous is not None and previous != body.version:

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 REF = "#/components/schemas/{model}"
@@ -54,6 +54,7 @@ _DESCRIPTIONS = {
     404: "Unknown model or version.",
     409: "The operation contradicts the server's state.",
     413: "The request body is larger than the server's --max-body-bytes.",
+    422: "A query parameter is missing or has the wrong type; the message names it.",
     429: "The API key (or client address) is over its --rate-limit; retry after Retry-After.",
     500: "The model failed; the body carries the request id to look up in the server log.",
     503: "The model's queue is full or it is being unloaded; retry after Retry-After.",
@@ -65,6 +66,8 @@ _RETRY_AFTER = {
 
 # Registered request-body models, by schema name (added to the document's components).
 _BODIES: dict[str, type[BaseModel]] = {}
+# Parameters that routes document but read (and check) themselves: (in, name).
+_READ_BY_ROUTE: set[tuple[str, str]] = set()
 
 
 def responses(
@@ -111,8 +114,19 @@ def json_body(model: type[BaseModel], *, description: str | None = None) -> dict
     return {"requestBody": body}
 
 
-STRICT = ConfigDict(extra="forbid")
-"""model_config of a body whose unknown keys the route refuses (the schema says so too)."""
+def read_by_route(
+    name: str, where: str, schema: dict[str, Any], *, description: str, required: bool = False
+) -> dict[str, Any]:
+    """An `openapi_extra` parameter that the route reads and checks itself (a bad value is its
+    400, never FastAPI's 422)."""
+    _READ_BY_ROUTE.add((where, name))
+    return {
+        "name": name,
+        "in": where,
+        "required": required,
+        "description": description,
+        "schema": schema,
+    }
 
 
 def install(app: FastAPI) -> None:
@@ -137,22 +151,53 @@ def _document(app: FastAPI) -> dict[str, Any]:
     components = doc.setdefault("components", {}).setdefault("schemas", {})
     _, defs = models_json_schema([(m, "validation") for m in _BODIES.values()], ref_template=REF)
     components.update(defs.get("$defs", {}))
-    # Routes take path parameters as plain strings, so FastAPI's request validation never fails:
-    # the 422 it documents by default cannot happen.
+    # FastAPI documents a 422 on every route with parameters. Where each parameter it validates
+    # takes any string (the inference routes' path parameters) that cannot fail: no 422. Where
+    # one is typed (the dashboard's `max_points: int`) it can, with the server's error body.
+    # Parameters a route reads itself (`read_by_route`) answer 400, not 422.
     for operations in doc.get("paths", {}).values():
         for operation in operations.values():
-            operation.get("responses", {}).pop("422", None)
+            answers = operation.get("responses", {})
+            if "422" not in answers:
+                continue
+            if any(_can_fail(p) for p in operation.get("parameters", [])):
+                answers["422"] = {
+                    "description": _DESCRIPTIONS[422],
+                    "content": {
+                        "application/json": {"schema": {"$ref": REF.format(model="ErrorBody")}}
+                    },
+                }
+            else:
+                del answers["422"]
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     return doc
 
 
+def _can_fail(parameter: dict[str, Any]) -> bool:
+    """Whether FastAPI's validation of this parameter can refuse a request (422)."""
+    if (parameter.get("in"), parameter.get("name")) in _READ_BY_ROUTE:
+        return False
+    if parameter.get("in") != "path" and parameter.get("required"):
+        return True  # a missing query parameter
+    return not _any_string(parameter.get("schema", {}))
+
+
+def _any_string(schema: dict[str, Any]) -> bool:
+    """Whether every string (or repeated string) is valid for `schema`."""
+    if schema.get("type") == "string":
+        return not (set(schema) & {"enum", "pattern", "minLength", "maxLength", "format"})
+    if schema.get("type") == "array":
+        return _any_string(schema.get("items", {}))
+    return any(_any_string(s) for s in schema.get("anyOf", []))
+
+
 __all__ = [
-    "STRICT",
     "ErrorBody",
     "OpenAIErrorBody",
     "install",
     "json_body",
     "ok",
+    "read_by_route",
     "responses",
 ]

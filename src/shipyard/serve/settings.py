@@ -77,7 +77,8 @@ class ServeSettings(BaseModel):
         if not self.insecure_no_auth and not self.keys_file and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to bind {self.host!r} without API keys: pass --keys-file (create keys "
-                "with `shipyard keys add`) or --insecure-no-auth to serve without authentication"
+                "with `shipyard api-keys add`) or --insecure-no-auth to serve without "
+                "authentication"
             )
         return self
 

@@ -29,20 +29,30 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from shipyard.errors import RegistryError
+from shipyard.package import MANIFEST
 from shipyard.package.registry import Registry
 from shipyard.serve import metrics
 from shipyard.serve.auth import ApiKey
 from shipyard.serve.errors import BadRequest, NotFound
-from shipyard.serve.http import authorize, read_body, state_of
-from shipyard.ui.runs import RunStore, UIError, config_diff, watched_metric
+from shipyard.serve.http import authorize, parse_body, state_of
+from shipyard.train.checkpoint import list_checkpoints
+from shipyard.train.rundir import CHECKPOINTS_DIR, PACKAGE_DIR
+from shipyard.ui.runs import (
+    RunNotFound,
+    RunStore,
+    UIError,
+    collect_columns,
+    config_diff,
+    watched_metric,
+)
 
 T = TypeVar("T")
-_Body = TypeVar("_Body", bound=BaseModel)
-_PLOTS = ("loss.png", "lr.png", "confusion_matrix.png", "perplexity.png", "accuracy.png")
+_PLOTS = ("loss.png", "lr.png", "confusion_matrix.png")  # what evaluate.report draws
+_MAX_BODY = 16 << 10  # promote and rollback bodies are two short fields
 MAX_COMPARE = 12
 
 
@@ -93,27 +103,18 @@ def actor_of(key: ApiKey | None) -> str:
 
 
 async def _call(fn: Callable[[], T]) -> T:
-    """Run blocking file/SQL work off the event loop; project errors become 4xx JSON."""
+    """Run blocking file/SQL work off the event loop; project errors become 4xx JSON: an
+    unknown run 404, another bad request 400."""
     try:
         return await run_in_threadpool(fn)
-    except UIError as exc:
+    except RunNotFound as exc:
         raise NotFound(str(exc)) from None
+    except UIError as exc:
+        raise BadRequest(str(exc)) from None
     except RegistryError as exc:
         message = str(exc)
         missing = message.startswith("no model named") or " has no version " in message
         raise (NotFound if missing else BadRequest)(message) from None
-
-
-async def _parse(request: Request, model: type[_Body]) -> _Body:
-    body = await read_body(request, 16 << 10)
-    try:
-        return model.model_validate(json.loads(body or b"{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise BadRequest(f"{where}: {first['msg']}") from None
 
 
 def build_router(ctx: UIContext) -> APIRouter:
@@ -140,21 +141,11 @@ def build_router(ctx: UIContext) -> APIRouter:
         await authorize(request, "infer")
         wanted = [k for k in (keys or "").split(",") if k]
 
-        def work() -> dict[str, Any]:
-            return runs.series(runs.resolve(run_id), wanted or None, x, max_points)
-
-        try:
-            return await run_in_threadpool(work)
-        except UIError as exc:
-            if "no run" in str(exc) or "invalid run id" in str(exc):
-                raise NotFound(str(exc)) from None
-            raise BadRequest(str(exc)) from None
+        return await _call(lambda: runs.series(runs.resolve(run_id), wanted or None, x, max_points))
 
     @router.get("/runs/{run_id:path}/tail")
     async def tail(request: Request, run_id: str, offset: int = 0) -> dict[str, Any]:
         await authorize(request, "infer")
-        if offset < 0:
-            raise BadRequest(f"offset={offset} must be >= 0 (use the offset of the last answer)")
         return await _call(lambda: runs.tail(runs.resolve(run_id), offset))
 
     @router.post("/runs/{run_id:path}/register")
@@ -162,8 +153,8 @@ def build_router(ctx: UIContext) -> APIRouter:
         key = await authorize(request, "admin")
 
         def work() -> dict[str, Any]:
-            package = runs.resolve(run_id) / "package"
-            if not (package / "manifest.json").is_file():
+            package = runs.resolve(run_id) / PACKAGE_DIR
+            if not (package / MANIFEST).is_file():
                 raise UIError(f"run {run_id!r} has no package yet: shipyard package RUN_DIR")
             mv = ctx.registry().register(package, tags={"registered_by": actor_of(key)})
             return {"registered": mv.to_dict()}
@@ -188,10 +179,10 @@ def build_router(ctx: UIContext) -> APIRouter:
         def work() -> dict[str, Any]:
             run = runs.resolve(run_id)
             report = runs.report(run)
-            checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*") if p.is_dir())
+            checkpoints = [p.name for p in list_checkpoints(run / CHECKPOINTS_DIR)]
             manifest: dict[str, Any] | None = None
             try:
-                manifest = json.loads((run / "package" / "manifest.json").read_text())
+                manifest = json.loads((run / PACKAGE_DIR / MANIFEST).read_text())
             except (OSError, ValueError):
                 manifest = None
             return {
@@ -203,7 +194,7 @@ def build_router(ctx: UIContext) -> APIRouter:
                 "checkpoints": checkpoints,
                 "package": (
                     {
-                        "path": str(run / "package"),
+                        "path": str(run / PACKAGE_DIR),
                         "name": manifest.get("name"),
                         "version": manifest.get("version"),
                     }
@@ -236,7 +227,8 @@ def build_router(ctx: UIContext) -> APIRouter:
             curves = []
             for d, cfg in zip(dirs, configs, strict=True):
                 metric, _ = watched_metric(cfg)
-                have = [k for k in ("loss", f"val_{metric}") if _has(runs.records(d), k)]
+                columns = collect_columns(runs.records(d))
+                have = [k for k in ("loss", f"val_{metric}") if k in columns]
                 curves.append(runs.series(d, have or None, x, max_points)["series"])
             at_best = []
             for d, summary in zip(dirs, summaries, strict=True):
@@ -264,10 +256,7 @@ def build_router(ctx: UIContext) -> APIRouter:
                 "curves": curves,
             }
 
-        try:
-            return await run_in_threadpool(work)
-        except UIError as exc:
-            raise NotFound(str(exc)) from None
+        return await _call(work)
 
     # -- registry ---------------------------------------------------------------------------
 
@@ -296,7 +285,7 @@ def build_router(ctx: UIContext) -> APIRouter:
     @router.post("/registry/models/{name}/promote")
     async def promote(request: Request, name: str) -> dict[str, Any]:
         key = await authorize(request, "admin")
-        body = await _parse(request, PromoteRequest)
+        body = await parse_body(request, PromoteRequest, _MAX_BODY)
         mv = await _call(
             lambda: ctx.registry().promote(name, body.version, body.alias, actor=actor_of(key))
         )
@@ -305,7 +294,7 @@ def build_router(ctx: UIContext) -> APIRouter:
     @router.post("/registry/models/{name}/rollback")
     async def rollback(request: Request, name: str) -> dict[str, Any]:
         key = await authorize(request, "admin")
-        body = await _parse(request, RollbackRequest)
+        body = await parse_body(request, RollbackRequest, _MAX_BODY)
         mv = await _call(lambda: ctx.registry().rollback(name, body.alias, actor=actor_of(key)))
         return {"current": mv.to_dict(), "alias": body.alias, "actor": actor_of(key)}
 
@@ -349,19 +338,12 @@ def build_router(ctx: UIContext) -> APIRouter:
     async def server_model(request: Request, name: str) -> dict[str, Any]:
         await authorize(request, "infer")
         served = state_of(request).repo.get(name)
-        sig = served.loaded.signature
         return {
             "name": served.name,
             "version": served.version,
             "task": served.loaded.task,
             "kind": "language-model" if served.engine is not None else "tensor",
-            "inputs": [
-                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in sig.inputs
-            ],
-            "outputs": [
-                {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
-                for s in sig.outputs
-            ],
+            **served.loaded.signature.model_dump(),  # inputs, outputs: name, datatype, shape
             "labels": served.loaded.labels,
         }
 
@@ -377,11 +359,6 @@ def _with_run(runs: RunStore, version: dict[str, Any]) -> dict[str, Any]:
         if path.is_absolute() and path.resolve().is_relative_to(runs.root):
             version["run_id"] = runs.run_id(path.resolve())
     return version
-
-
-def _has(records: list[dict[str, Any]], key: str) -> bool:
-    kind, name = ("val", key[4:]) if key.startswith("val_") else ("train", key)
-    return any(r.get("kind") == kind and name in r for r in records)
 
 
 def _report_scalars(report: dict[str, Any] | None) -> dict[str, Any] | None:

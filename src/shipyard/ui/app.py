@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shipyard.package import LoadedModel
 from shipyard.package.registry import Registry
 from shipyard.serve.app import create_app
-from shipyard.serve.http import authorize
+from shipyard.serve.http import authorize, read_body
 from shipyard.serve.settings import ServeSettings
 from shipyard.ui.api import UIContext, build_router
 from shipyard.ui.pages import build_pages
@@ -45,6 +45,7 @@ CSP = (
     "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'; report-uri /ui/api/csp-report"
 )
+_MAX_CSP_REPORT = 16 << 10
 _SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -100,17 +101,15 @@ def mount_ui(app: FastAPI, settings: UISettings) -> FastAPI:
         RunStore(settings.runs_dir),
         lambda: Registry(settings.registry_url, settings.artifact_root),
     )
-    app.state.ui = ctx
     violations: list[dict[str, Any]] = []
-    app.state.csp_violations = violations
 
     app.add_middleware(SecurityHeaders)
 
     @app.post("/ui/api/csp-report", include_in_schema=False)
     async def csp_report(request: Request) -> Response:
-        # the browser posts these without credentials: accept a small body, keep a few
-        body = await request.body()
-        if len(body) <= 16 << 10 and len(violations) < 100:
+        # the browser posts these without credentials: accept a small body (413 beyond), keep a few
+        body = await read_body(request, _MAX_CSP_REPORT)
+        if len(violations) < 100:
             try:
                 report = json.loads(body or b"{}")
             except ValueError:

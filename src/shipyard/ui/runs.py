@@ -4,9 +4,9 @@ A run directory (written by `shipyard.train`) holds `config.yaml`, an append-onl
 `metrics.jsonl` (records of kind `train`, `val` and, at the end, `final`), and after a finished
 run `report.json`, plots, `checkpoints/` and `package/`. Everything here only reads them.
 
-Parsed records are cached per file and keyed by (size, mtime): a listing of thousands of runs
-re-reads only the runs that changed, and a growing metrics.jsonl is parsed from where the last
-read stopped, not from the start.
+Parsed records are cached per file and keyed by (inode, size, mtime): a listing of thousands of
+runs re-reads only the runs that changed, a growing metrics.jsonl is parsed from where the last
+read stopped, not from the start, and one replaced by a resume (a new file) is read afresh.
 """
 
 from __future__ import annotations
@@ -23,19 +23,34 @@ from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import ValidationError
 
+from shipyard.config import EarlyStoppingConfig
 from shipyard.errors import ShipyardError
+from shipyard.evaluate.metrics import EvaluateError, primary_metric
+from shipyard.package import MANIFEST
+from shipyard.train.rundir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PACKAGE_DIR,
+    REPORT_FILE,
+)
 
 RUNNING_WINDOW_S = 120.0  # a run without a final record that wrote this recently is "running"
 X_AXES = ("step", "epoch", "time")
 _MAX_DEPTH = 4  # runs/<name>/<timestamp> sits at depth 2; allow some nesting (cv folds, trials)
-_SKIP_DIRS = {"checkpoints", "package", "__pycache__", ".git"}
+_SKIP_DIRS = {CHECKPOINTS_DIR, PACKAGE_DIR, "__pycache__", ".git"}
 # libyaml's safe loader when present (same safety, ~10x faster on thousands of configs)
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class UIError(ShipyardError):
     """A dashboard request named something that does not exist or is not allowed."""
+
+
+class RunNotFound(UIError):
+    """A run id that names no run under the runs folder (or is not a valid id)."""
 
 
 # ------------------------------------------------------------------------------ records
@@ -45,6 +60,7 @@ class UIError(ShipyardError):
 class _Parsed:
     """The records of one metrics.jsonl read so far (appended to as the file grows)."""
 
+    inode: int = 0
     offset: int = 0
     mtime: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -57,14 +73,14 @@ class RunStore:
         self.root = Path(root).resolve()
         self._lock = threading.Lock()
         self._parsed: dict[Path, _Parsed] = {}
-        self._summaries: dict[Path, tuple[tuple[float, int, float], dict[str, Any]]] = {}
+        self._summaries: dict[Path, tuple[tuple[float, int, float, int], dict[str, Any]]] = {}
         self._configs: dict[Path, tuple[float, dict[str, Any]]] = {}
-        self._series: dict[tuple[Any, ...], tuple[int, dict[str, Any]]] = {}
+        self._series: dict[tuple[Any, ...], tuple[tuple[int, int], dict[str, Any]]] = {}
 
     # -- finding runs ------------------------------------------------------------------
 
     def run_dirs(self) -> list[Path]:
-        """Every directory under root (depth <= 4) that has config.yaml and metrics.jsonl."""
+        """Every directory under root (depth <= 4) that has a config and metrics file."""
         found: list[Path] = []
         if not self.root.is_dir():
             return found
@@ -75,7 +91,7 @@ class RunStore:
             except OSError:
                 return
             names = {e.name for e in entries}
-            if "config.yaml" in names and "metrics.jsonl" in names:
+            if CONFIG_FILE in names and METRICS_FILE in names:
                 found.append(path)
                 return
             if depth >= _MAX_DEPTH:
@@ -90,15 +106,17 @@ class RunStore:
         return found
 
     def resolve(self, run_id: str) -> Path:
-        """The run directory for `run_id` (its path relative to root); UIError if not a run."""
+        """The run directory for `run_id` (its path relative to root); RunNotFound if not a run."""
         if not run_id or "\x00" in run_id or run_id.startswith("/") or "\\" in run_id:
-            raise UIError(f"invalid run id {run_id[:200]!r}: use an id from /ui/api/runs")
+            raise RunNotFound(f"invalid run id {run_id[:200]!r}: use an id from /ui/api/runs")
         parts = run_id.split("/")
         if any(p in ("", ".", "..") for p in parts):
-            raise UIError(f"invalid run id {run_id[:200]!r}: use an id from /ui/api/runs")
+            raise RunNotFound(f"invalid run id {run_id[:200]!r}: use an id from /ui/api/runs")
         path = (self.root / run_id).resolve()
-        if not path.is_relative_to(self.root) or not (path / "metrics.jsonl").is_file():
-            raise UIError(f"no run {run_id[:200]!r} under {self.root}; list runs at /ui/api/runs")
+        if not path.is_relative_to(self.root) or not (path / METRICS_FILE).is_file():
+            raise RunNotFound(
+                f"no run {run_id[:200]!r} under {self.root}; list runs at /ui/api/runs"
+            )
         return path
 
     def run_id(self, path: Path) -> str:
@@ -109,15 +127,16 @@ class RunStore:
 
     def records(self, run: Path) -> list[dict[str, Any]]:
         """All records of a run's metrics.jsonl (a cached list; do not modify it)."""
-        path = run / "metrics.jsonl"
+        path = run / METRICS_FILE
         try:
             stat = path.stat()
         except OSError:
             return []
         with self._lock:
             parsed = self._parsed.get(path)
-            if parsed is None or stat.st_size < parsed.offset:  # new or truncated (a resume)
-                parsed = self._parsed[path] = _Parsed()
+            # a resume truncates the file or replaces it (a new inode, possibly already longer)
+            if parsed is None or stat.st_size < parsed.offset or stat.st_ino != parsed.inode:
+                parsed = self._parsed[path] = _Parsed(inode=stat.st_ino)
             if stat.st_size == parsed.offset and stat.st_mtime == parsed.mtime:
                 return parsed.records
             with open(path, "rb") as fh:
@@ -133,8 +152,8 @@ class RunStore:
             return parsed.records
 
     def config(self, run: Path) -> dict[str, Any]:
-        """The run's resolved config (config.yaml) as a dict."""
-        path = run / "config.yaml"
+        """The run's resolved config as a dict."""
+        path = run / CONFIG_FILE
         try:
             mtime = path.stat().st_mtime
         except OSError:
@@ -153,9 +172,9 @@ class RunStore:
         return data
 
     def report(self, run: Path) -> dict[str, Any] | None:
-        """report.json of a finished run, or None."""
+        """The report (report.json) of a finished run, or None."""
         try:
-            data = json.loads((run / "report.json").read_text())
+            data = json.loads((run / REPORT_FILE).read_text())
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
@@ -163,14 +182,19 @@ class RunStore:
     # -- summaries ------------------------------------------------------------------------
 
     def summary(self, run: Path) -> dict[str, Any]:
-        """One row of the runs table (cached until metrics.jsonl or report.json change)."""
-        metrics = run / "metrics.jsonl"
+        """One row of the runs table (cached until the metrics or the report change)."""
+        metrics = run / METRICS_FILE
         try:
             st = metrics.stat()
         except OSError:
             st = None
-        report_mtime = _mtime(run / "report.json")
-        key = (st.st_mtime if st else 0.0, st.st_size if st else 0, report_mtime)
+        report_mtime = _mtime(run / REPORT_FILE)
+        key = (
+            st.st_mtime if st else 0.0,
+            st.st_size if st else 0,
+            report_mtime,
+            st.st_ino if st else 0,
+        )
         now = time.time()
         with self._lock:
             cached = self._summaries.get(run)
@@ -194,7 +218,7 @@ class RunStore:
         metric, mode = watched_metric(config)
         best = best_point(vals, metric, mode)
         times = [float(r["time"]) for r in train if _number(r.get("time"))]
-        started = _mtime(run / "config.yaml") or None
+        started = _mtime(run / CONFIG_FILE) or None
         if times and (started is None or times[0] < started):
             started = times[0]
         ended = mtime or (times[-1] if times else None)
@@ -217,7 +241,7 @@ class RunStore:
             "best": best,
             "final_loss": losses[-1] if losses else None,
             "spark": [float(f"{v:.4g}") for v in spark[1]],
-            "has_package": (run / "package" / "manifest.json").is_file(),
+            "has_package": (run / PACKAGE_DIR / MANIFEST).is_file(),
         }
 
     def list_runs(self) -> list[dict[str, Any]]:
@@ -247,16 +271,16 @@ class RunStore:
             raise UIError(f"max_points={max_points} is out of range; use 2..100000")
         records = self.records(run)
         cache_key = (run, tuple(keys or ()), x, max_points)
-        offset = self._offset(run)
+        version = self._version(run)
         with self._lock:
             cached = self._series.get(cache_key)
-        if cached is not None and cached[0] == offset:
+        if cached is not None and cached[0] == version:
             return cached[1]
         out = self._series_uncached(run, records, keys, x, max_points)
         with self._lock:
             if len(self._series) > 256:  # a few pages' worth; old entries are cheap to redo
                 self._series.clear()
-            self._series[cache_key] = (offset, out)
+            self._series[cache_key] = (version, out)
         return out
 
     def _series_uncached(
@@ -294,9 +318,13 @@ class RunStore:
         return {"x_axis": x, "series": out, "columns": columns, "offset": self._offset(run)}
 
     def _offset(self, run: Path) -> int:
+        return self._version(run)[1]
+
+    def _version(self, run: Path) -> tuple[int, int]:
+        """(inode, offset) of the parsed metrics file: what the series cache is valid for."""
         with self._lock:
-            parsed = self._parsed.get(run / "metrics.jsonl")
-            return parsed.offset if parsed else 0
+            parsed = self._parsed.get(run / METRICS_FILE)
+            return (parsed.inode, parsed.offset) if parsed else (0, 0)
 
     def tail(self, run: Path, offset: int, limit: int = 5000) -> dict[str, Any]:
         """Records appended after byte `offset` (from a previous answer), at most `limit`."""
@@ -306,7 +334,7 @@ class RunStore:
         now = self._offset(run)
         if offset > now:  # the file was truncated (a resumed run): start over
             offset = 0
-        with open(run / "metrics.jsonl", "rb") as fh:
+        with open(run / METRICS_FILE, "rb") as fh:
             fh.seek(offset)
             chunk = fh.read(now - offset)
         new = [r for r in (_parse_line(line) for line in chunk.splitlines()) if r is not None]
@@ -357,17 +385,20 @@ def _lower_is_better(name: str) -> bool:
 
 
 def watched_metric(config: dict[str, Any]) -> tuple[str, str]:
-    """The validation metric a run optimises and its direction, from its config."""
+    """The validation metric a run's trainer watches (best checkpoint, early stopping) and its
+    direction: the early-stopping metric when set, else the task's primary metric."""
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     es = (train or {}).get("early_stopping")
-    if isinstance(es, dict) and es.get("metric"):
-        name = str(es["metric"])
-        return name, str(es.get("mode") or ("min" if _lower_is_better(name) else "max"))
-    ckpt = (train or {}).get("checkpoint")
-    if isinstance(ckpt, dict) and ckpt.get("metric"):
-        name = str(ckpt["metric"])
-        return name, str(ckpt.get("mode") or ("min" if _lower_is_better(name) else "max"))
-    return "loss", "min"
+    if isinstance(es, dict):
+        try:
+            stopping = EarlyStoppingConfig.model_validate(es)
+        except ValidationError:
+            return "loss", "min"
+        return stopping.metric, stopping.mode
+    try:
+        return primary_metric(config.get("task"))  # type: ignore[arg-type]
+    except EvaluateError:  # not a run config shipyard knows (an old or hand-written one)
+        return "loss", "min"
 
 
 def best_point(vals: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from shipyard.serve.http import (
     run_model,
     server_state,
 )
-from shipyard.serve.openapi import json_body, ok, responses
+from shipyard.serve.openapi import json_body, ok, read_by_route, responses
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_DIMS = 16
@@ -191,13 +191,12 @@ _INFER_DOC = (
 _INFER_OPENAPI = {
     **json_body(InferRequestBody),
     "parameters": [
-        {
-            "name": "Inference-Header-Content-Length",
-            "in": "header",
-            "required": False,
-            "description": "Length of the JSON header when binary tensors follow it.",
-            "schema": {"type": "integer", "minimum": 1},
-        }
+        read_by_route(
+            HEADER_LENGTH,
+            "header",
+            {"type": "integer", "minimum": 1},
+            description="Length of the JSON header when binary tensors follow it.",
+        )
     ],
 }
 _INFER_RESPONSES = responses(
