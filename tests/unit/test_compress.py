@@ -19,6 +19,7 @@ from shipyard.errors import PackageError, TrainError
 from shipyard.models import GPT, MLP, GPTConfig, MLPConfig, build_model
 from shipyard.models.cnn import CNNConfig
 from shipyard.models.encoder import EncoderConfig
+from shipyard.models.llama import Llama, LlamaConfig
 from shipyard.models.quantized import quantize_weight_int8
 from shipyard.package.loading import swap_quantized_layers
 from shipyard.package.manifest import Quantization, parse_manifest
@@ -156,6 +157,34 @@ def test_structured_pruning_of_a_gpt_drops_dead_mlp_neurons_exactly() -> None:
     from shipyard.models.gpt import hf_gpt2_config_kwargs
 
     assert hf_gpt2_config_kwargs(new, 11)["n_inner"] == 16
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])  # phi3: fused gate_up_proj
+def test_structured_pruning_of_a_llama_drops_dead_units_exactly(model_type: str) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        model_type=model_type,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        tie_word_embeddings=model_type == "llama",
+    )
+    model = Llama(config, vocab_size=11).eval()
+    with torch.no_grad():  # half of every layer's 24 SwiGLU units feed nothing forward
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 1::2] = 0.0
+    idx = torch.randint(0, 11, (3, 8))
+    small, new, changes = prune_structured(model, config, 0.5, (8,), 11)
+    assert isinstance(small, Llama) and new.intermediate_size == 12
+    assert changes == {"intermediate_size": [24, 12]}
+    assert small.model.layers[0].mlp.down_proj.weight.shape == (16, 12)
+    torch.testing.assert_close(small(idx), model(idx), rtol=0, atol=1e-6)
+    # what pruning leaves whole is taken over, not copied (an LLM's weights are not doubled)
+    kept = small.model.embed_tokens.weight
+    assert kept.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    if config.tie_word_embeddings:
+        assert small.lm_head.weight is kept
 
 
 def test_soft_target_loss_against_the_formula() -> None:
