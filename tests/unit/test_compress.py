@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from shipyard.compress import CompressError, DynamicInt8Linear, Int8Linear, quantize_linears
+from shipyard.compress import (
+    BenchParams,
+    CompressError,
+    DynamicInt8Linear,
+    Int8Linear,
+    quantize,
+    quantize_linears,
+)
 from shipyard.compress.measure import markdown_table
 from shipyard.compress.pipeline import student_config
 from shipyard.compress.pruning import prune_structured, prune_unstructured
@@ -21,8 +29,10 @@ from shipyard.models.cnn import CNNConfig
 from shipyard.models.encoder import EncoderConfig
 from shipyard.models.llama import Llama, LlamaConfig
 from shipyard.models.quantized import quantize_weight_int8
+from shipyard.package import load_package
 from shipyard.package.loading import swap_quantized_layers
 from shipyard.package.manifest import Quantization, parse_manifest
+from shipyard.train import fit
 from shipyard.train.distill import DistillParams, distillation_loss, soft_target_loss
 
 
@@ -260,6 +270,29 @@ def test_student_config_lays_the_student_over_the_parent() -> None:
         student_config(parent, {"model": {"name": "mlp"}, "seed": 3})
     with pytest.raises(CompressError, match="needs at least a model"):
         student_config(parent, {"train": {}})
+
+
+def test_a_package_of_a_run_on_a_pretrained_model_can_be_compressed(
+    package_src: Path, tmp_path: Path
+) -> None:
+    # the run's config names model "pretrained": compress rebuilds its data from the package
+    # (block size, tokenizer), as training did, to measure quality on the same held-out split
+    config = load_config(
+        {
+            "name": "ft",
+            "task": "regression",
+            "data": {"source": "builtin:synthetic-regression", "n_samples": 200, "n_features": 4},
+            "model": {"name": "pretrained", "path": str(package_src)},
+            "train": {"epochs": None, "max_steps": 2, "batch_size": 16},
+        }
+    )
+    package = fit(config, run_dir=tmp_path / "run", progress=False).run_dir / "package"
+    assert load_package(package).manifest.config["model"]["name"] == "pretrained"
+    bench = BenchParams(latency_calls=1, throughput_calls=1, batch_size=2, warmup=1, rounds=1)
+    result = quantize(package, tmp_path / "int8", "int8", bench=bench)
+    parent, child = result.report["parent"]["quality"], result.report["child"]["quality"]
+    assert child and set(child) == set(parent)
+    assert load_package(result.package).manifest.quantization is not None
 
 
 def test_trainer_hooks_keep_masks_and_take_a_teacher(tmp_path) -> None:  # type: ignore[no-untyped-def]
