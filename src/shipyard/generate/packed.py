@@ -19,7 +19,7 @@ float32 rounding (summation order); each row's result does not depend on the oth
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,7 @@ def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
     module.eval()
     if weights == "int8":
         for name in quantizable_linears(module):
-            linear = module.get_submodule(name)
+            linear = cast(nn.Linear, module.get_submodule(name))  # it lists Linears only
             replace_module(module, name, Int8Linear.from_linear(linear).eval())
     int8_layers = [m for m in module.modules() if isinstance(m, Int8Linear)]
     int8_kernel = "dequantized"
