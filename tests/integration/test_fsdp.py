@@ -1,7 +1,7 @@
 """FSDP2 on CPU with torchrun + gloo: same losses as one process, 1/N of the state per rank, and
 a run killed on one number of processes resumes on another with the same trajectory. A tiny
 Llama-family model (blocks found generically at `model.layers`, tied embeddings) and the GPT
-(blocks from `shard_blocks()`, with activation checkpointing)."""
+(blocks found at `transformer.h`, with activation checkpointing)."""
 
 from __future__ import annotations
 

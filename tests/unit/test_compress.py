@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from shipyard.compress import CompressError, DynamicInt8Linear, Int8Linear, quantize_linears
+from shipyard.compress import (
+    BenchParams,
+    CompressError,
+    DynamicInt8Linear,
+    Int8Linear,
+    quantize,
+    quantize_linears,
+)
 from shipyard.compress.measure import markdown_table
 from shipyard.compress.pipeline import student_config
 from shipyard.compress.pruning import prune_structured, prune_unstructured
@@ -19,9 +27,12 @@ from shipyard.errors import PackageError, TrainError
 from shipyard.models import GPT, MLP, GPTConfig, MLPConfig, build_model
 from shipyard.models.cnn import CNNConfig
 from shipyard.models.encoder import EncoderConfig
+from shipyard.models.llama import Llama, LlamaConfig
 from shipyard.models.quantized import quantize_weight_int8
+from shipyard.package import load_package
 from shipyard.package.loading import swap_quantized_layers
 from shipyard.package.manifest import Quantization, parse_manifest
+from shipyard.train import fit
 from shipyard.train.distill import DistillParams, distillation_loss, soft_target_loss
 
 
@@ -158,6 +169,34 @@ def test_structured_pruning_of_a_gpt_drops_dead_mlp_neurons_exactly() -> None:
     assert hf_gpt2_config_kwargs(new, 11)["n_inner"] == 16
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])  # phi3: fused gate_up_proj
+def test_structured_pruning_of_a_llama_drops_dead_units_exactly(model_type: str) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        model_type=model_type,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        tie_word_embeddings=model_type == "llama",
+    )
+    model = Llama(config, vocab_size=11).eval()
+    with torch.no_grad():  # half of every layer's 24 SwiGLU units feed nothing forward
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 1::2] = 0.0
+    idx = torch.randint(0, 11, (3, 8))
+    small, new, changes = prune_structured(model, config, 0.5, (8,), 11)
+    assert isinstance(small, Llama) and new.intermediate_size == 12
+    assert changes == {"intermediate_size": [24, 12]}
+    assert small.model.layers[0].mlp.down_proj.weight.shape == (16, 12)
+    torch.testing.assert_close(small(idx), model(idx), rtol=0, atol=1e-6)
+    # what pruning leaves whole is taken over, not copied (an LLM's weights are not doubled)
+    kept = small.model.embed_tokens.weight
+    assert kept.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    if config.tie_word_embeddings:
+        assert small.lm_head.weight is kept
+
+
 def test_soft_target_loss_against_the_formula() -> None:
     student = torch.tensor([[1.0, 0.0, -1.0]])
     teacher = torch.tensor([[0.0, 2.0, 0.0]])
@@ -231,6 +270,29 @@ def test_student_config_lays_the_student_over_the_parent() -> None:
         student_config(parent, {"model": {"name": "mlp"}, "seed": 3})
     with pytest.raises(CompressError, match="needs at least a model"):
         student_config(parent, {"train": {}})
+
+
+def test_a_package_of_a_run_on_a_pretrained_model_can_be_compressed(
+    package_src: Path, tmp_path: Path
+) -> None:
+    # the run's config names model "pretrained": compress rebuilds its data from the package
+    # (block size, tokenizer), as training did, to measure quality on the same held-out split
+    config = load_config(
+        {
+            "name": "ft",
+            "task": "regression",
+            "data": {"source": "builtin:synthetic-regression", "n_samples": 200, "n_features": 4},
+            "model": {"name": "pretrained", "path": str(package_src)},
+            "train": {"epochs": None, "max_steps": 2, "batch_size": 16},
+        }
+    )
+    package = fit(config, run_dir=tmp_path / "run", progress=False).run_dir / "package"
+    assert load_package(package).manifest.config["model"]["name"] == "pretrained"
+    bench = BenchParams(latency_calls=1, throughput_calls=1, batch_size=2, warmup=1, rounds=1)
+    result = quantize(package, tmp_path / "int8", "int8", bench=bench)
+    parent, child = result.report["parent"]["quality"], result.report["child"]["quality"]
+    assert child and set(child) == set(parent)
+    assert load_package(result.package).manifest.quantization is not None
 
 
 def test_trainer_hooks_keep_masks_and_take_a_teacher(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -101,6 +101,51 @@ def test_bad_decode_weights_is_a_generation_error() -> None:
         prepare_decoding(tiny_gpt(), "int4")
 
 
+def test_int8_decode_weights_off_cpu_is_a_generation_error() -> None:
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8), TOK.vocab_size)
+    with pytest.raises(GenerationError) as err:
+        prepare_decoding(model, "int8")
+    assert str(err.value) == (
+        "decode weights 'int8' run on CPU only; the model is on meta: use auto or fp32"
+    )
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())  # nothing swapped
+    assert "fp32 linear(s): F.linear" in prepare_decoding(model, "auto")  # auto: no packing
+
+
+def test_preparing_twice_reports_the_same_and_keeps_the_int8_cache() -> None:
+    model, idx = tiny_gpt(), torch.randint(0, TOK.vocab_size, (1, 6))
+    first = prepare_decoding(model, "int8")
+    layer = next(m for m in model.modules() if isinstance(m, Int8Linear))
+    with torch.inference_mode():
+        before = model(idx)
+    cache = layer._cache
+    assert cache is not None
+    # the tied LM head stays fp32 (packed where oneDNN is), also on the second call
+    assert prepare_decoding(model, "int8") == first and "1 fp32 linear(s)" in first
+    assert prepare_decoding(model, "auto") == first
+    assert layer._cache is cache  # same kernel: no repacking
+    with torch.inference_mode():
+        assert torch.equal(model(idx), before)
+
+
+def test_loading_new_weights_drops_the_dequantized_cache() -> None:
+    layer, x = int8_layer(), torch.randn(2, 64)
+    layer.set_kernel("dequantized")
+    with torch.inference_mode():
+        old = layer(x)
+    assert layer._cache is not None
+    torch.manual_seed(2)
+    other = Int8Linear.from_linear(nn.Linear(64, 48))
+    layer.load_state_dict(other.state_dict())
+    assert set(layer.state_dict()) == {"weight_int8", "weight_scale", "bias"}  # no cache saved
+    assert layer._cache is None and "_cache" not in layer._buffers
+    with torch.inference_mode():
+        new = layer(x)
+        assert not torch.allclose(new, old)
+        assert torch.allclose(new, other(x), atol=1e-5)
+
+
 @needs_gemm
 @pytest.mark.parametrize("build", [tiny_gpt, tiny_llama])
 def test_int8_decoding_logits_close_to_fp32(build: object) -> None:

@@ -366,6 +366,15 @@ def test_registry_knows_llama() -> None:
     assert model(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 50)
 
 
+def test_builder_refuses_a_config_vocab_that_differs_from_the_tokenizers() -> None:
+    with pytest.raises(ModelError) as err:
+        build_model(LlamaConfig(num_hidden_layers=1, vocab_size=40), vocab_size=50)
+    msg = str(err.value)
+    assert "\n" not in msg and "vocab_size=40" in msg and "vocab_size=50" in msg
+    assert "remove model.vocab_size" in msg
+    assert build_model(LlamaConfig(num_hidden_layers=1, vocab_size=40)).vocab_size == 40
+
+
 def test_unknown_model_type_is_one_line_error() -> None:
     with pytest.raises(ModelError) as err:
         config_from_hf({"model_type": "gemma2", "hidden_size": 64})

@@ -11,6 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 from shipyard.errors import ModelError
 from shipyard.models import (
     CAUSAL_MODELS,
+    FAMILIES,
     LANGUAGE_MODELS,
     MLP,
     MODEL_NAMES,
@@ -20,6 +21,7 @@ from shipyard.models import (
     GPTConfig,
     MLPConfig,
     ModelConfig,
+    ModelFamily,
     build_model,
     count_parameters,
 )
@@ -58,6 +60,14 @@ def test_registry_names() -> None:
     assert set(CAUSAL_MODELS) == {"gpt", "llama"}
     assert set(TOKEN_MODELS) == {"gpt", "encoder", "llama", "rnn"}
     assert set(LANGUAGE_MODELS) == {"gpt", "llama", "rnn"}
+
+
+def test_language_models_come_from_the_registry() -> None:
+    # rnn says so at registration; a causal LM trains as a language model without saying it
+    assert FAMILIES["rnn"].trains_as_lm and not FAMILIES["rnn"].causal_lm
+    assert FAMILIES["gpt"].trains_as_lm and not FAMILIES["encoder"].trains_as_lm
+    family = ModelFamily("toy", MLPConfig, build_model, causal_lm=True)
+    assert family.trains_as_lm
 
 
 def test_config_dispatches_on_name() -> None:

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from shipyard.compress.errors import ExportError
 from shipyard.compress.source import Parent
@@ -41,7 +40,7 @@ from shipyard.models.gpt import (
 )
 from shipyard.models.llama import MODEL_TYPES as LLAMA_TYPES
 from shipyard.models.llama import Llama, config_from_hf, hf_config_from, llama_from_state_dict
-from shipyard.package import manifest_sha256, write_package
+from shipyard.package import write_package
 from shipyard.package.manifest import sha256_file
 
 HF_CONFIG = "config.json"
@@ -146,7 +145,7 @@ def read_llama_dir(path: Path, hf: dict[str, Any]) -> Llama:
     return model.eval()
 
 
-def read_hf_dir(path: Path, base: GPTConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def read_hf_dir(path: Path, base: GPTConfig | None = None) -> tuple[GPT | Llama, dict[str, Any]]:
     """The model of a Hugging Face directory (gpt2 or a Llama family) and its config.json.
 
     base: for gpt2, the gpt config the directory was exported from (bias, dropout and
@@ -237,12 +236,12 @@ def import_hf(
     model.eval()
     generation = _read_json(src / HF_GENERATION_CONFIG, required=False)
     tokenizer = _read_tokenizer(src, generation, hf, shipyard_made=base_gpt is not None)
-    vocab = int(getattr(model, "vocab_size"))  # noqa: B009  (both families have it)
+    vocab = model.vocab_size
     if tokenizer is not None and tokenizer.vocab_size > vocab:
         raise ExportError(
             f"{src}: tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}"
         )
-    if base is not None and (base_gpt is not None or base.model == getattr(model, "config")):  # noqa: B009
+    if base is not None and (base_gpt is not None or base.model == model.config):
         config = base  # exported by shipyard: the package's own run config again
     else:
         config = _run_config(model, tokenizer, src)
@@ -287,9 +286,9 @@ def _read_tokenizer(
         raise ExportError(f"{src / HF_TOKENIZER}: {exc}") from None
 
 
-def _run_config(model: nn.Module, tokenizer: Tokenizer | None, src: Path) -> RunConfig:
+def _run_config(model: GPT | Llama, tokenizer: Tokenizer | None, src: Path) -> RunConfig:
     """A run config for a model trained elsewhere: the architecture, and the directory as data."""
-    arch = getattr(model, "config")  # noqa: B009  (GPT and Llama both keep their config)
+    arch = model.config
     name = "".join(c if c.isalnum() or c in "._-" else "-" for c in src.resolve().name) or "hf"
     tok = (
         {"kind": "byte"}
@@ -305,11 +304,10 @@ def _run_config(model: nn.Module, tokenizer: Tokenizer | None, src: Path) -> Run
     return validate_config(raw, where=str(src / HF_CONFIG))
 
 
-def _data_info(saved: dict[str, Any], model: nn.Module, fingerprint: str) -> DataInfo:
+def _data_info(saved: dict[str, Any], model: GPT | Llama, fingerprint: str) -> DataInfo:
     if "data" in saved and isinstance(model, GPT):
         return DataInfo.from_dict(saved["data"])
-    vocab = int(getattr(model, "vocab_size"))  # noqa: B009
-    block = int(getattr(model, "config").block_size)  # noqa: B009
+    vocab, block = model.vocab_size, model.max_context
     return DataInfo(
         task="language-modeling",
         input_shape=(block,),
@@ -460,9 +458,9 @@ def _generation_config(hf_config: dict[str, Any], tok: Tokenizer | None) -> dict
     }
 
 
-def _write_tokenizer(tok: Tokenizer, target: Path, model: nn.Module) -> None:
+def _write_tokenizer(tok: Tokenizer, target: Path, model: GPT | Llama) -> None:
     (target / HF_TOKENIZER).write_text(tok.to_json(), encoding="utf-8")
-    block = int(getattr(model, "config").block_size)  # noqa: B009
+    block = model.max_context
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if tok.hf is None:  # shipyard's own tokenizer: <|endoftext|> is BOS and EOS (as GPT-2)
         eos = tok.decode([tok.eos_id], skip_special_tokens=False)
@@ -480,12 +478,11 @@ def _write_tokenizer(tok: Tokenizer, target: Path, model: nn.Module) -> None:
     _write_json(target / HF_TOKENIZER_CONFIG, config)
 
 
-def _parity(model: nn.Module, target: Path, tolerance: float) -> dict[str, Any]:
+def _parity(model: GPT | Llama, target: Path, tolerance: float) -> dict[str, Any]:
     """Rebuild the model from the written files alone; compare logits on seeded prompts."""
     rebuilt, _ = read_hf_dir(target)
     rebuilt = rebuilt.float()  # a bf16 export holds the package's bf16 values; compare in fp32
-    vocab = int(getattr(model, "vocab_size"))  # noqa: B009
-    block = int(getattr(model, "config").block_size)  # noqa: B009
+    vocab, block = model.vocab_size, model.max_context
     gen = torch.Generator().manual_seed(0)
     diff, rows = 0.0, 0
     with torch.inference_mode():
@@ -511,7 +508,6 @@ __all__ = [
     "MODEL_TYPES",
     "export_hf",
     "import_hf",
-    "manifest_sha256",
     "read_hf_dir",
     "read_tensors",
     "source_fingerprint",

@@ -155,8 +155,10 @@ def _prune_llama(
 ) -> tuple[nn.Module, LlamaConfig, dict[str, Any]]:
     """Drop the weakest SwiGLU units of every layer (the same number per layer, so the config
     keeps one `intermediate_size`). A unit is a gate row, an up row and a down column; its
-    score multiplies the gate and up row norms by the down column norm."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    score multiplies the gate and up row norms by the down column norm. The new model takes
+    the tensors it does not narrow from `model` itself (no copy of an LLM's weights): give it a
+    model you no longer need, as the compress pipeline does (its own copy of the parent)."""
+    sd = dict(model.state_dict())  # _rows/_columns copy what they narrow
     H = config.intermediate_size
     kept = H
     for i in range(config.num_hidden_layers):

@@ -19,7 +19,7 @@ float32 rounding (summation order); each row's result does not depend on the oth
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +122,8 @@ def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
         exact for them: int8 layers (`Int8Linear`) on the int8 GEMM where the CPU has one, fp32
         layers on oneDNN with prepacked weights. "int8" first quantizes every fp32 Linear that is
         not weight-tied (per-output-channel int8, as `shipyard compress --quantize weight-int8`),
-        so an fp32 package decodes with 4x fewer weight bytes. "fp32" runs int8 layers on their
+        so an fp32 package decodes with 4x fewer weight bytes (CPU only: a model on another
+        device raises GenerationError). "fp32" runs int8 layers on their
         dequantized fp32 weights (the reference numerics of the package's weights).
     Every kernel falls back: no oneDNN -> `F.linear`; no int8 GEMM -> cached dequantized weights.
     """
@@ -130,23 +131,31 @@ def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
         raise GenerationError(
             f"unknown decode weights {weights!r}; choose one of {', '.join(DECODE_WEIGHTS)}"
         )
+    off_cpu = next((p.device for p in module.parameters() if p.device.type != "cpu"), None)
+    if weights == "int8" and off_cpu is not None:
+        raise GenerationError(
+            f"decode weights 'int8' run on CPU only; the model is on {off_cpu}: use auto or fp32"
+        )
+    on_cpu = off_cpu is None
     module.eval()
     if weights == "int8":
         for name in quantizable_linears(module):
-            linear = module.get_submodule(name)
-            if isinstance(linear, nn.Linear) and linear.weight.device.type == "cpu":
-                replace_module(module, name, Int8Linear.from_linear(linear).eval())
+            linear = cast(nn.Linear, module.get_submodule(name))  # it lists Linears only
+            replace_module(module, name, Int8Linear.from_linear(linear).eval())
     int8_layers = [m for m in module.modules() if isinstance(m, Int8Linear)]
-    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
     int8_kernel = "dequantized"
     if weights != "fp32" and on_cpu and int8_gemm_available():
         int8_kernel = "int8-gemm"
     for layer in int8_layers:
         layer.set_kernel(int8_kernel)
-    packed = pack_linears(module) if on_cpu else 0
+    if on_cpu:
+        pack_linears(module)
+    # counted after packing, so a second call (layers already packed) reports the same
+    fp32_layers = [m for m in module.modules() if type(m) in (nn.Linear, PackedLinear)]
+    packed = sum(type(m) is PackedLinear for m in fp32_layers) if on_cpu else 0
     fp32_kernel = "onednn-packed" if packed else "F.linear"
     flags = sorted(cpu_flags() & _REPORTED_FLAGS)
-    parts = [f"{packed or _count_linears(module)} fp32 linear(s): {fp32_kernel}"]
+    parts = [f"{len(fp32_layers)} fp32 linear(s): {fp32_kernel}"]
     if int8_layers:
         parts.append(f"{len(int8_layers)} int8 linear(s): {int8_kernel}")
     return f"decode kernels: {'; '.join(parts)} (cpu flags: {' '.join(flags) or 'none'})"
@@ -165,7 +174,3 @@ _REPORTED_FLAGS = {
     "asimd",
     "sve",
 }
-
-
-def _count_linears(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if type(m) is nn.Linear)

@@ -44,6 +44,8 @@ class ModelFamily:
 
     causal_lm: a next-token language model (task language-modeling; satisfies LanguageModel).
     takes_tokens: its input is token ids, so the data needs a tokenizer.
+    trains_as_lm: can be trained on task language-modeling; implied by causal_lm (rnn sets it:
+        with head "lm" it decodes with its recurrent state instead of a KV cache).
     """
 
     name: str
@@ -51,6 +53,11 @@ class ModelFamily:
     build: ModelBuilder
     causal_lm: bool = False
     takes_tokens: bool = False
+    trains_as_lm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.causal_lm:  # a causal LM always trains as one
+            object.__setattr__(self, "trains_as_lm", True)
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -70,12 +77,17 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 def register_model(
-    name: str, *, causal_lm: bool = False, takes_tokens: bool = False, config: type[Any]
+    name: str,
+    *,
+    causal_lm: bool = False,
+    takes_tokens: bool = False,
+    trains_as_lm: bool = False,
+    config: type[Any],
 ) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator form of `register_family` for a builder defined here."""
 
     def decorate(builder: ModelBuilder) -> ModelBuilder:
-        register_family(ModelFamily(name, config, builder, causal_lm, takes_tokens))
+        register_family(ModelFamily(name, config, builder, causal_lm, takes_tokens, trains_as_lm))
         return builder
 
     return decorate
@@ -166,7 +178,7 @@ def _build_encoder(
     return Encoder(config, vocab, _require_outputs("encoder", num_outputs))
 
 
-@register_model("rnn", config=RNNConfig, takes_tokens=True)
+@register_model("rnn", config=RNNConfig, takes_tokens=True, trains_as_lm=True)
 def _build_rnn(
     config: RNNConfig,
     *,
@@ -185,9 +197,7 @@ register_family(ModelFamily("llama", LlamaConfig, build_llama, causal_lm=True, t
 MODEL_NAMES: tuple[str, ...] = tuple(FAMILIES)
 CAUSAL_MODELS = frozenset(f.name for f in FAMILIES.values() if f.causal_lm)  # next-token LMs
 TOKEN_MODELS = frozenset(f.name for f in FAMILIES.values() if f.takes_tokens)  # need a tokenizer
-# can be trained as language models: the causal ones, and rnn (a sequence model, or with
-# head "lm" a language model that decodes with its recurrent state instead of a KV cache)
-LANGUAGE_MODELS = CAUSAL_MODELS | {"rnn"}
+LANGUAGE_MODELS = frozenset(f.name for f in FAMILIES.values() if f.trains_as_lm)  # LM-trainable
 
 if TYPE_CHECKING:
     # The union below is built from the registry, which mypy cannot follow.

@@ -25,7 +25,7 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
-from shipyard.models.protocol import KVCache
+from shipyard.models.protocol import KVCache, window_attention_mask
 
 LAYER_NORM_EPS = 1e-5
 
@@ -174,34 +174,6 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
 
 
-def causal_attention_mask(
-    T: int, past: int, key_mask: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor | None, bool]:
-    """Build the (attn_mask, is_causal) pair for T new queries after `past` cached slots.
-
-    Query i sits at slot past + i and may attend slots <= past + i where `key_mask` (B, S) is True.
-    A query may always attend its own slot, so rows of padding never become all -inf (NaN).
-    Returns (None, True/False) when SDPA's built-in causal flag (or no mask) is exact.
-    """
-    if key_mask is None and past == 0:
-        return None, T > 1
-    if key_mask is None and T == 1:
-        return None, False  # one new token sees every cached slot
-    S = past + T
-    q_slot = torch.arange(past, S, device=device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = k_slot <= q_slot  # (T, S)
-    if key_mask is not None:
-        if key_mask.dim() != 2 or key_mask.size(1) != S:
-            raise ModelError(
-                f"attention_mask must have shape (B, {S}) = (batch, cached + new tokens), "
-                f"got {tuple(key_mask.shape)}"
-            )
-        keys_ok = key_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        allowed = allowed & (keys_ok | (k_slot == q_slot))  # (B, 1, T, S)
-    return allowed, False
-
-
 class GPT(nn.Module):
     """GPT-2 style causal language model mapping token ids (B, T) to logits (B, T, vocab_size)."""
 
@@ -226,10 +198,6 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def shard_blocks(self) -> list[nn.Module]:
-        """The repeated blocks that FSDP shards (and checkpoints) one by one."""
-        return list(self.transformer.h)
 
     @property
     def max_context(self) -> int:
@@ -297,7 +265,7 @@ class GPT(nn.Module):
                     f"positions must lie in [0, {block_size}) (block_size), got "
                     f"[{int(positions.min())}, {int(positions.max())}]"
                 )
-        attn_mask, is_causal = causal_attention_mask(T, past, attention_mask, idx.device)
+        attn_mask, is_causal = window_attention_mask(T, past, attention_mask, None, idx.device)
 
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(positions)  # (T, C) or (B, T, C)

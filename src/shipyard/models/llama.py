@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +35,14 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
-from shipyard.models.protocol import KVCache
+from shipyard.models.protocol import KVCache, window_attention_mask
 
 ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "phi3"]
 RopeType = Literal["default", "linear", "llama3", "yarn", "dynamic", "longrope"]
 LayerType = Literal["full_attention", "sliding_attention"]
 
-MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
+ROPE_TYPES: tuple[str, ...] = get_args(RopeType)
 
 # The transformers class each model_type loads as (config.json "architectures").
 HF_ARCHITECTURES = {
@@ -517,39 +517,6 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def window_attention_mask(
-    T: int, past: int, key_mask: torch.Tensor | None, window: int | None, device: torch.device
-) -> tuple[torch.Tensor | None, bool]:
-    """The (attn_mask, is_causal) pair for T new queries after `past` cached slots.
-
-    Query i sits at slot past + i and may attend slot j when j <= past + i, j > past + i - window
-    (sliding window) and key_mask[:, j] is True; a query always attends its own slot, so a row
-    of padding never becomes all -inf. Returns (None, flag) when SDPA's causal flag is exact.
-    """
-    if window is not None and past + T <= window:
-        window = None  # no query reaches back that far
-    if key_mask is None and window is None:
-        if past == 0:
-            return None, T > 1
-        if T == 1:
-            return None, False  # one new token sees every cached slot
-    S = past + T
-    q_slot = torch.arange(past, S, device=device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = k_slot <= q_slot  # (T, S)
-    if window is not None:
-        allowed = allowed & (k_slot > q_slot - window)
-    if key_mask is not None:
-        if key_mask.dim() != 2 or key_mask.size(1) != S:
-            raise ModelError(
-                f"attention_mask must have shape (B, {S}) = (batch, cached + new tokens), "
-                f"got {tuple(key_mask.shape)}"
-            )
-        keys_ok = key_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-        return allowed & (keys_ok | (k_slot == q_slot)), False  # (B, 1, T, S)
-    return allowed, False
-
-
 class Llama(nn.Module):
     """A Llama-family causal LM mapping token ids (B, T) to logits (B, T, vocab_size)."""
 
@@ -1001,9 +968,4 @@ def build_llama(
     vocab_size: int | None = None,
 ) -> nn.Module:
     """Registry builder: a language model's outputs are its vocabulary (num_outputs unused)."""
-    if config.vocab_size is not None and vocab_size is not None and config.vocab_size != vocab_size:
-        raise ModelError(
-            f"model 'llama': config vocab_size={config.vocab_size} but the tokenizer has "
-            f"vocab_size={vocab_size}; remove model.vocab_size to take it from the tokenizer"
-        )
-    return Llama(config, vocab_size if vocab_size is not None else config.vocab_size)
+    return Llama(config, vocab_size)

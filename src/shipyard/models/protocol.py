@@ -3,6 +3,7 @@
 A language model is an `nn.Module` that maps token ids (B, T) to next-token logits (B, T, V),
 appending the keys and values of the new tokens to a `KVCache` when given one. GPT and the
 Llama family both satisfy `LanguageModel`; `generate/` and `serve/` depend on this protocol only.
+Both build their attention masks over cache slots with `window_attention_mask`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,40 @@ class KVCache:
             v = torch.cat([past_v, v], dim=2)  # (B, nh, T_cached + T, hs)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+
+def window_attention_mask(
+    T: int, past: int, key_mask: torch.Tensor | None, window: int | None, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """The (attn_mask, is_causal) pair for T new queries after `past` cached slots.
+
+    Query i sits at slot past + i and may attend slot j when j <= past + i, j > past + i - window
+    (sliding window) and key_mask[:, j] is True; a query always attends its own slot, so a row
+    of padding never becomes all -inf. Returns (None, flag) when SDPA's causal flag is exact.
+    window: None for plain causal attention (GPT, Llama's full-attention layers).
+    """
+    if window is not None and past + T <= window:
+        window = None  # no query reaches back that far
+    if key_mask is None and window is None:
+        if past == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False  # one new token sees every cached slot
+    S = past + T
+    q_slot = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = k_slot <= q_slot  # (T, S)
+    if window is not None:
+        allowed = allowed & (k_slot > q_slot - window)
+    if key_mask is not None:
+        if key_mask.dim() != 2 or key_mask.size(1) != S:
+            raise ModelError(
+                f"attention_mask must have shape (B, {S}) = (batch, cached + new tokens), "
+                f"got {tuple(key_mask.shape)}"
+            )
+        keys_ok = key_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+        return allowed & (keys_ok | (k_slot == q_slot)), False  # (B, 1, T, S)
+    return allowed, False
 
 
 @runtime_checkable

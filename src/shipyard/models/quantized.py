@@ -23,7 +23,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -118,12 +118,6 @@ class Int8Linear(nn.Module):
     weight_int8: torch.Tensor
     weight_scale: torch.Tensor
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("_kernel", "_cache"):  # plain attributes: not buffers, never in state_dict
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def __getstate__(self) -> dict[str, Any]:
         # a packed int8 weight is an opaque object: a copy rebuilds it on first use
         state = dict(super().__getstate__())
@@ -157,13 +151,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """Quantize a trained Linear layer."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        q, scale = quantize_weight_int8(linear.weight)
-        layer.weight_int8.copy_(q)
-        layer.weight_scale.copy_(scale)
-        if linear.bias is not None and layer.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach())
-        return layer
+        return _quantize_linear(cls, linear)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The fp weight (out, in) these int8 values and scales stand for."""
@@ -245,13 +233,7 @@ class DynamicInt8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
         """Quantize a trained Linear layer (symmetric per-channel int8 weights)."""
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        q, scale = quantize_weight_int8(linear.weight)
-        layer.weight_int8.copy_(q)
-        layer.weight_scale.copy_(scale.double())
-        if linear.bias is not None and layer.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach())
-        return layer
+        return _quantize_linear(cls, linear)
 
     def _pack(self) -> Any:
         try:
@@ -287,6 +269,21 @@ class DynamicInt8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             "int8 weights + dynamic int8 activations"
         )
+
+
+_Int8T = TypeVar("_Int8T", "Int8Linear", "DynamicInt8Linear")
+
+
+def _quantize_linear(cls: type[_Int8T], linear: nn.Linear) -> _Int8T:
+    """A `cls` layer holding `linear`'s weights as symmetric per-output-channel int8 (scales in
+    the layer's own dtype: fp32, or fp64 for the torch.ao kernels) and its bias."""
+    layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    q, scale = quantize_weight_int8(linear.weight)
+    layer.weight_int8.copy_(q)
+    layer.weight_scale.copy_(scale)
+    if linear.bias is not None and layer.bias is not None:
+        layer.bias.data.copy_(linear.bias.detach())
+    return layer
 
 
 def _drop_packed(module: nn.Module, incompatible_keys: Any) -> None:
