@@ -172,7 +172,10 @@ PRETRAINED = {"name": "pretrained", "path": "some-package"}
         ({"train": {"loss": "mse"}}, "needs task regression"),
         ({"optim": {"name": "gd"}, "train": {"grad_accum": 2}}, "set grad_accum 1"),
         (
-            {"train": {"privacy": {"noise_multiplier": 1}}, "regularization": {"grad_clip_norm": 1}},
+            {
+                "train": {"privacy": {"noise_multiplier": 1}},
+                "regularization": {"grad_clip_norm": 1},
+            },
             "grad_clip_norm",
         ),
         ({"data": {"source": "chats.jsonl", "format": "chat"}}, "instruction data"),
