@@ -634,16 +634,19 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    set_dotted(raw, key, value, label=f"override {item!r}")
+
+
+def set_dotted(node: dict[str, Any], key: str, value: Any, *, label: str) -> None:
+    """Set `a.b.c` in plain nested dicts, making missing sections; `label` starts the error
+    when a part of the path is a value, not a section."""
     parts = key.split(".")
-    node: Any = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(
-                f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
-            )
+            raise ConfigError(f"{label}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
