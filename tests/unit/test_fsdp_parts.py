@@ -106,6 +106,17 @@ def test_grad_norm_of_plain_tensors_is_the_l2_norm_of_every_gradient() -> None:
     assert float(grad_norm(model)) == pytest.approx(5.0)
 
 
+def test_dcp_metadata_with_a_pickled_bytes_entry_is_refused(tmp_path: Path) -> None:
+    # allowed classes only, but a bytes entry would be unpickled by DCP's own reader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    (tmp_path / DCP_DIR).mkdir()
+    metadata = Metadata(state_dict_metadata={"extra": BytesStorageMetadata()})
+    (tmp_path / DCP_DIR / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="entry 'extra' is pickled bytes"):
+        load_sharded_part(tmp_path, {"model": {"w": torch.zeros(2)}})
+
+
 def test_estimate_matches_the_measured_state(tmp_path: Path) -> None:
     cfg = load_config(regression_config(model={"name": "mlp", "hidden_sizes": [16]}))
     measured = fit(cfg, run_dir=tmp_path / "run").summary["memory"]
