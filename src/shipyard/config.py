@@ -483,25 +483,17 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if isinstance(self.model, PretrainedConfig):
+            # the architecture's own needs are checked against the package when the run starts
             if self.data.tokenizer is not None:
                 raise ValueError("model pretrained brings its own tokenizer: remove data.tokenizer")
-            return self  # the rest is checked against the package when the run starts
-        if self.data.block_size is not None:
-            raise ValueError(
-                "data.block_size is for a pretrained model; a model built from scratch takes "
-                "model.block_size"
-            )
-        model = self.model.name
+        else:
+            self._fits_architecture(self.model.name, getattr(self.model, "head", None))
+            if self.finetune is not None:
+                raise ValueError(
+                    "finetune needs model: {name: pretrained, path: PACKAGE} (a model built "
+                    "from scratch trains every weight already: remove finetune)"
+                )
         if self.task == "language-modeling":
-            if model not in LANGUAGE_MODELS:
-                raise ValueError(
-                    "task language-modeling needs a causal model "
-                    f"({', '.join(sorted(LANGUAGE_MODELS))}), got model.name={model!r}"
-                )
-            if self.data.tokenizer is None:
-                raise ValueError(
-                    "task language-modeling needs data.tokenizer (e.g. data.tokenizer.kind: byte)"
-                )
             if not (self.data.is_text_corpus or self.data.is_instructions):
                 raise ValueError(
                     "task language-modeling needs a text corpus (data.source "
@@ -509,11 +501,6 @@ class RunConfig(StrictModel):
                     "(data.format: chat | prompt-completion)"
                 )
         else:
-            if model in CAUSAL_MODELS:
-                raise ValueError(
-                    f"model {model!r} is a language model; use task language-modeling "
-                    f"(task is {self.task!r})"
-                )
             if self.data.is_instructions:
                 raise ValueError(
                     f"data.format {self.data.format} is instruction data for task "
@@ -523,18 +510,6 @@ class RunConfig(StrictModel):
                 raise ValueError(
                     f"a text corpus source needs task language-modeling, not {self.task!r}"
                 )
-        head = getattr(self.model, "head", None)
-        if head is not None and (head == "lm") != (self.task == "language-modeling"):
-            want = "lm" if self.task == "language-modeling" else "sequence"
-            raise ValueError(
-                f"model.head {head!r} does not fit task {self.task!r}: use head {want!r} "
-                "(or leave head out)"
-            )
-        needs_text = model in TOKEN_MODELS and self.task != "language-modeling"
-        if needs_text and (self.data.text_column is None or self.data.tokenizer is None):
-            raise ValueError(
-                f"model {model!r} reads token ids: set data.text_column and data.tokenizer"
-            )
         if self.task == "regression" and self.train.loss in ("cross-entropy", "bce"):
             raise ValueError(f"train.loss {self.train.loss!r} does not fit task regression")
         if self.task != "regression" and self.train.loss in ("mse", "mae", "huber"):
@@ -546,6 +521,40 @@ class RunConfig(StrictModel):
                 "optim gd already uses the whole train split per step: set grad_accum 1"
             )
         return self
+
+    def _fits_architecture(self, model: str, head: str | None) -> None:
+        """The checks of a model built from scratch: its name, head and inputs fit the task."""
+        if self.data.block_size is not None:
+            raise ValueError(
+                "data.block_size is for a pretrained model; a model built from scratch takes "
+                "model.block_size"
+            )
+        if self.task == "language-modeling":
+            if model not in LANGUAGE_MODELS:
+                raise ValueError(
+                    "task language-modeling needs a causal model "
+                    f"({', '.join(sorted(LANGUAGE_MODELS))}), got model.name={model!r}"
+                )
+            if self.data.tokenizer is None:
+                raise ValueError(
+                    "task language-modeling needs data.tokenizer (e.g. data.tokenizer.kind: byte)"
+                )
+        elif model in CAUSAL_MODELS:
+            raise ValueError(
+                f"model {model!r} is a language model; use task language-modeling "
+                f"(task is {self.task!r})"
+            )
+        if head is not None and (head == "lm") != (self.task == "language-modeling"):
+            want = "lm" if self.task == "language-modeling" else "sequence"
+            raise ValueError(
+                f"model.head {head!r} does not fit task {self.task!r}: use head {want!r} "
+                "(or leave head out)"
+            )
+        needs_text = model in TOKEN_MODELS and self.task != "language-modeling"
+        if needs_text and (self.data.text_column is None or self.data.tokenizer is None):
+            raise ValueError(
+                f"model {model!r} reads token ids: set data.text_column and data.tokenizer"
+            )
 
 
 def _check_private_training(config: RunConfig) -> None:
@@ -625,16 +634,19 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    set_dotted(raw, key, value, label=f"override {item!r}")
+
+
+def set_dotted(node: dict[str, Any], key: str, value: Any, *, label: str) -> None:
+    """Set `a.b.c` in plain nested dicts, making missing sections; `label` starts the error
+    when a part of the path is a value, not a section."""
     parts = key.split(".")
-    node: Any = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(
-                f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
-            )
+            raise ConfigError(f"{label}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
 

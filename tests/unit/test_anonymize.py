@@ -140,6 +140,13 @@ def test_config_errors(tmp_path: Path, rules: Any, extra: Any, needle: str) -> N
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("fmt", ["chat", "prompt-completion"])
+def test_instruction_data_cannot_be_anonymised(fmt: str) -> None:
+    # instruction examples are not columns: the rules would be recorded but never applied
+    with pytest.raises(ValueError, match=f"not on data.format {fmt} examples"):
+        DataConfig(source="chats.jsonl", format=fmt, anonymize=[rule(column="a", method="drop")])
+
+
 def test_data_errors(tmp_path: Path, salt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     csv = tmp_path / "p.csv"
     csv.write_text("a,label\n1,x\n")

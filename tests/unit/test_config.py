@@ -163,6 +163,46 @@ def test_loss_must_fit_task() -> None:
         load_config(minimal(train={"loss": "mse"}))
 
 
+PRETRAINED = {"name": "pretrained", "path": "some-package"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"train": {"loss": "mse"}}, "needs task regression"),
+        ({"optim": {"name": "gd"}, "train": {"grad_accum": 2}}, "set grad_accum 1"),
+        (
+            {
+                "train": {"privacy": {"noise_multiplier": 1}},
+                "regularization": {"grad_clip_norm": 1},
+            },
+            "grad_clip_norm",
+        ),
+        ({"data": {"source": "chats.jsonl", "format": "chat"}}, "instruction data"),
+        ({"data": {"source": "builtin:python-stdlib"}}, "text corpus source needs task"),
+    ],
+)
+def test_a_pretrained_model_gets_every_check_but_the_architectures(
+    changes: dict[str, Any], needle: str
+) -> None:
+    # these checks are about the task, data and training loop, not about the architecture
+    load_config(minimal(model=PRETRAINED))
+    for model in ({"name": "mlp"}, PRETRAINED):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(minimal(model=model, **changes))
+
+
+def test_language_modeling_on_a_pretrained_model_needs_text() -> None:
+    with pytest.raises(ConfigError, match="needs a text corpus"):
+        load_config(minimal(task="language-modeling", model=PRETRAINED))
+
+
+def test_finetune_needs_a_pretrained_model() -> None:
+    with pytest.raises(ConfigError, match=r"finetune needs model: \{name: pretrained"):
+        load_config(minimal(finetune={"method": "full"}))
+    assert load_config(minimal(model=PRETRAINED, finetune={"method": "full"})).finetune
+
+
 def test_split_ratios_must_sum_to_one() -> None:
     with pytest.raises(ConfigError, match="sum to 1"):
         load_config(minimal(data={"source": "builtin:digits", "splits": {"train": 0.5}}))

@@ -55,6 +55,23 @@ def test_non_numeric_in_jsonl(tmp_path: Path) -> None:
         prepare(tmp_path, source=str(tmp_path / "d.jsonl"))
 
 
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_bytes("a,target\n1,0\n2,café\n".encode("latin-1"))
+    (tmp_path / "d.jsonl").write_bytes('{"a": 1, "target": 0}\n{"a": "é"}\n'.encode("latin-1"))
+    for name in ("d.csv", "d.jsonl"):
+        with pytest.raises(DataError, match=rf"{name}:[23]: not valid UTF-8 .*convert the"):
+            prepare(tmp_path, source=str(tmp_path / name))
+    chat = DataConfig(source=str(tmp_path / "d.jsonl"), format="chat", tokenizer={"kind": "byte"})
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
+        prepare_data(chat, "language-modeling", seed=0, block_size=8)
+
+
+def test_a_line_that_is_not_json_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text('{"a": 1, "target": 0}\n\n{"a": 2,\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid JSON"):
+        prepare(tmp_path, source=str(tmp_path / "d.jsonl"))
+
+
 def test_empty_split(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("a,target\n1,0\n2,1\n")
     with pytest.raises(DataError) as err:

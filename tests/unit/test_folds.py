@@ -139,3 +139,11 @@ def test_summarize_mean_and_sample_std_by_hand() -> None:
     # sample std: sqrt(((0)^2 + 0.1^2 + 0.1^2) / 2) = 0.1 ; loss: sqrt((0 + .04 + .04) / 2) = 0.2
     assert std == pytest.approx({"accuracy": 0.1, "loss": 0.2})
     assert summarize([{"accuracy": 0.5}]) == ({"accuracy": 0.5}, {"accuracy": 0.0})
+
+
+def test_instruction_data_refuses_folds(tmp_path: Path) -> None:
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    config = DataConfig(source=str(chats), format="chat", folds=FoldsConfig(k=3, index=0))
+    with pytest.raises(DataError, match=r"data\.folds\) works for classification"):
+        prepare_data(config, "language-modeling", 0, block_size=8)

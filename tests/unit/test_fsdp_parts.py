@@ -23,7 +23,7 @@ from shipyard.errors import CheckpointError, ConfigError, TrainError
 from shipyard.models import GPT, GPTConfig
 from shipyard.train import estimate_run_memory, fit
 from shipyard.train.checkpoint import DCP_DIR, load_sharded_part
-from shipyard.train.sharding import find_blocks, tied_names
+from shipyard.train.sharding import find_blocks, grad_norm, tied_names
 
 
 @pytest.mark.parametrize(
@@ -95,6 +95,26 @@ def test_dcp_metadata_with_foreign_globals_is_refused(tmp_path: Path) -> None:
         load_sharded_part(tmp_path, {"model": {"w": torch.zeros(2)}})
     with pytest.raises(CheckpointError, match="strategy fsdp"):
         load_sharded_part(tmp_path / "nothing", {})
+
+
+def test_grad_norm_of_plain_tensors_is_the_l2_norm_of_every_gradient() -> None:
+    # the trainer logs this norm for unsharded models too
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1, bias=False))
+    grads = [torch.tensor([[3.0, 0.0], [0.0, 0.0]]), torch.tensor([4.0, 0.0]), None]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g
+    assert float(grad_norm(model)) == pytest.approx(5.0)
+
+
+def test_dcp_metadata_with_a_pickled_bytes_entry_is_refused(tmp_path: Path) -> None:
+    # allowed classes only, but a bytes entry would be unpickled by DCP's own reader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    (tmp_path / DCP_DIR).mkdir()
+    metadata = Metadata(state_dict_metadata={"extra": BytesStorageMetadata()})
+    (tmp_path / DCP_DIR / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="entry 'extra' is pickled bytes"):
+        load_sharded_part(tmp_path, {"model": {"w": torch.zeros(2)}})
 
 
 def test_estimate_matches_the_measured_state(tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT
 
 from shipyard.config import load_config
-from shipyard.errors import TrainError
-from shipyard.train import StepInfo, evaluate_run, fit
+from shipyard.errors import CheckpointError, TrainError
+from shipyard.train import StepInfo, best_checkpoint, evaluate_run, fit
+from shipyard.train import checkpoint as ckpt
 from shipyard.train.checkpoint import list_checkpoints, read_checkpoint
 
 
@@ -151,6 +152,28 @@ def test_damaged_newest_checkpoint_is_skipped(tmp_path: Path) -> None:
     cfg["train"]["max_steps"] = 30
     resumed = fit(load_config(cfg), run_dir=run, resume="auto")
     assert resumed.steps == 30
+
+
+def test_best_checkpoint_verifies_only_what_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "checkpoints"
+    for step, best in ((1, 1), (2, 2), (3, 2)):
+        ckpt.save_checkpoint(
+            directory, step=step, model=torch.nn.Linear(1, 1), state={"best_step": best}, meta={}
+        )
+    hashed: list[str] = []
+    sha256 = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda p: hashed.append(p.parent.name) or sha256(p))
+    assert best_checkpoint(tmp_path).name == "step-00000002"
+    assert set(hashed) == {"step-00000002"}  # the newest is only asked for its best step
+    # a damaged best is not returned: the best that an older checkpoint recorded is
+    weights = directory / "step-00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"!")
+    assert best_checkpoint(tmp_path).name == "step-00000001"
+    (directory / "step-00000001" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        best_checkpoint(tmp_path)
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 from shipyard.config import load_config
 from shipyard.errors import ConfigError
 from shipyard.tuning import apply_values, check_search_space, tune
-from shipyard.tuning.tune import baseline_values, sample
+from shipyard.tuning.tune import _Objective, baseline_values, sample
 
 BASE: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "digits-tune.yaml").read_text())
 
@@ -144,6 +144,23 @@ def test_sampling_follows_conditions_and_json_choices() -> None:
     trial_config = load_config(apply_values(BASE, values))
     assert trial_config.optim.lr == 0.01 and trial_config.tune is None
     assert trial_config.model.hidden_sizes == [64]  # type: ignore[union-attr]
+
+
+def test_a_trial_whose_sampled_combination_is_invalid_records_why(tmp_path: Path) -> None:
+    raw = copy.deepcopy(BASE)
+    raw["tune"] = {
+        "params": {
+            "optim.name": {"choices": ["adamw", "gd"]},
+            "train.grad_accum": {"choices": [1, 2]},
+        }
+    }
+    config = load_config(raw)
+    objective = _Objective(raw, config, "accuracy", tmp_path, str(tmp_path), progress=False)
+    trial = optuna.trial.FixedTrial({"optim.name": "gd", "train.grad_accum": 2})
+    with pytest.raises(ConfigError):
+        objective(trial)
+    assert "set grad_accum 1" in trial.user_attrs["error"]  # the study's trial row shows it
+    assert "run_dir" not in trial.user_attrs  # no run was started
 
 
 def test_baseline_is_the_config_as_written() -> None:

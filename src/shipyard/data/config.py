@@ -292,6 +292,11 @@ class DataConfig(StrictModel):
                 f"data.anonymize drops {sorted(used)}, which the run reads (target, "
                 "text_column or features); drop it from those too, or hash/mask it instead"
             )
+        if self.anonymize and self.is_instructions:
+            raise ValueError(
+                f"data.anonymize works on CSV/JSONL columns, not on data.format {self.format} "
+                "examples; remove data.anonymize and anonymise the examples before training"
+            )
         text = {r.column for r in self.anonymize if r.method in ("hash", "mask")}
         numeric = text & set(self.features or [])
         if numeric:

@@ -18,7 +18,6 @@ Longer examples are truncated (`data.overlong: truncate`), dropped (`drop`) or r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 from shipyard.data.chat import FALLBACK_TEMPLATE, fallback_prompt
 from shipyard.data.datasets import ArrayDataset
+from shipyard.data.sources import iter_jsonl
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import DataError
 
@@ -49,19 +49,8 @@ def read_examples(paths: Sequence[Path], fmt: str) -> list[dict[str, Any]]:
     """Records of JSONL files, checked for the format's fields (errors name file and line)."""
     records: list[dict[str, Any]] = []
     for path in paths:
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: cannot read ({exc})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            records.append(_check_record(rec, fmt, where))
+        for n, rec in iter_jsonl(path):
+            records.append(_check_record(rec, fmt, f"{path}:{n}"))
     if not records:
         raise DataError(f"no {fmt} examples in {', '.join(str(p) for p in paths)}")
     return records

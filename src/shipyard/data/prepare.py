@@ -119,14 +119,14 @@ def prepare_data(
             sort_keys=True,
         ).encode()
     )
+    if task == "language-modeling" and config.folds is not None:
+        raise DataError(
+            "cross-validation (data.folds) works for classification and regression, not "
+            "language-modeling"
+        )
     if task == "language-modeling" and config.is_instructions:
         return _prepare_instructions(config, seed, block_size, fingerprint, tokenizer)
     if task == "language-modeling":
-        if config.folds is not None:
-            raise DataError(
-                "cross-validation (data.folds) works for classification and regression, not "
-                "language-modeling"
-            )
         return _prepare_corpus(config, seed, block_size, cache_dir, fingerprint, tokenizer)
     if config.is_text_corpus:
         raise DataError(

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,8 +235,38 @@ def _parse_number(value: Any, column: str, where: str) -> float:
     return number
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); DataError naming the file,
+    and the line of the first bad byte, when it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 ({e.reason}); convert the {what} to UTF-8"
+        ) from None
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSONL file; DataError (file:line) on a
+    line that is not JSON or a file that is not UTF-8."""
+    text = read_utf8(path, "JSONL file")
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); one value per line") from None
+        yield n, value
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, list[Any]]]]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(read_utf8(path, "CSV file"), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -262,23 +293,16 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, list[Any]]]]:
 def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[str, list[Any]]]]:
     header: list[str] | None = None
     rows: list[tuple[str, list[Any]]] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"row {len(rows) + 1} (line {line_no}) of {path.name}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where} is not valid JSON ({e.msg}); one object per line") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{where} is a {type(obj).__name__}, not a JSON object")
-            if header is None:
-                header = list(obj)
-            missing = [k for k in header if k not in obj]
-            if missing:
-                raise DataError(f"{where} lacks column(s) {missing}; every line needs {header}")
-            rows.append((where, [obj[k] for k in header]))
+    for line_no, obj in iter_jsonl(path):
+        where = f"row {len(rows) + 1} (line {line_no}) of {path.name}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where} is a {type(obj).__name__}, not a JSON object")
+        if header is None:
+            header = list(obj)
+        missing = [k for k in header if k not in obj]
+        if missing:
+            raise DataError(f"{where} lacks column(s) {missing}; every line needs {header}")
+        rows.append((where, [obj[k] for k in header]))
     if header is None:
         raise DataError(f"JSONL file {str(path)!r} has no rows")
     return header, rows

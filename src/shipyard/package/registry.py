@@ -55,6 +55,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from shipyard.errors import PackageError, RegistryError
+from shipyard.package.files import MANIFEST
 from shipyard.package.manifest import manifest_sha256, verify_package
 from shipyard.package.storage import (
     ArtifactStore,
@@ -964,8 +965,8 @@ def _snapshot(name: str, row: VersionRow, aliases: tuple[str, ...]) -> ModelVers
 
 def _verify_package(path: Path, mv: ModelVersion, public_key: Any = None) -> None:
     """Check a local copy: manifest digest as registered, then every file against the manifest."""
-    if not (path / "manifest.json").is_file():
-        raise RegistryError(f"{mv.ref}: {path} has no manifest.json; the artifact is incomplete")
+    if not (path / MANIFEST).is_file():
+        raise RegistryError(f"{mv.ref}: {path} has no {MANIFEST}; the artifact is incomplete")
     got = manifest_sha256(path)
     if got != mv.manifest_sha256:
         raise RegistryError(

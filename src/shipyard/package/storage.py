@@ -21,10 +21,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shipyard.errors import RegistryError
+from shipyard.package.files import MANIFEST, SIGNATURE
 from shipyard.package.manifest import HASH_ALGORITHMS, HashAlgorithm, Hasher
 
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
 # Names and versions become path segments in the store: this pattern admits no separator and no
 # leading dot, so `..`, `a/b` or an absolute path can never reach the filesystem.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -80,23 +80,13 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically under `directory/step-XXXXXXXX/` and return its path."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / checkpoint_name(step)
-    tmp = directory / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    tmp = temp_checkpoint_dir(directory, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_model(model, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
-    files = {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}
-    full_meta = {"format": CHECKPOINT_FORMAT, "step": step, **meta, "files": files}
-    (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
-    for name in (WEIGHTS, STATE, META):
-        _fsync(tmp / name)
-    if final.exists():  # re-writing the same step (e.g. the end of a resumed run)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(directory)
-    return final
+    return _seal(directory, tmp, step=step, meta=meta, names=[WEIGHTS, STATE])
 
 
 def temp_checkpoint_dir(directory: Path, step: int) -> Path:
@@ -125,13 +115,18 @@ def finish_sharded_checkpoint(
     write_weights(tmp / WEIGHTS)
     torch.save(state, tmp / STATE)
     shards = sorted(str(p.relative_to(tmp)) for p in (tmp / DCP_DIR).rglob("*") if p.is_file())
-    names = [WEIGHTS, STATE, *shards]
+    _fsync_dir(tmp / DCP_DIR)
+    return _seal(directory, tmp, step=step, meta=meta, names=[WEIGHTS, STATE, *shards])
+
+
+def _seal(directory: Path, tmp: Path, *, step: int, meta: dict[str, Any], names: list[str]) -> Path:
+    """Record the hashes of `names` in tmp/meta.json, fsync, and rename tmp into place as the
+    checkpoint of `step` (replacing one of the same step, e.g. at the end of a resumed run)."""
     files = {name: _sha256(tmp / name) for name in names}
     full_meta = {"format": CHECKPOINT_FORMAT, "step": step, **meta, "files": files}
     (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
     for name in [*names, META]:
         _fsync(tmp / name)
-    _fsync_dir(tmp / DCP_DIR)
     final = directory / checkpoint_name(step)
     if final.exists():
         shutil.rmtree(final)

@@ -212,7 +212,8 @@ def format_bytes(n: float) -> str:
 
 def estimate_run_memory(config: RunConfig, processes: int = 1) -> MemoryEstimate:
     """The pre-flight estimate for a run config: the data is prepared (for shapes and the
-    vocabulary), the model is built on the meta device, nothing else is allocated."""
+    vocabulary) and a model built from scratch is built on the meta device (no memory); a
+    pretrained model's base package is loaded with its weights, in host memory."""
     cuda = config.train.device == "cuda" or (
         config.train.device == "auto" and torch.cuda.is_available()
     )

@@ -55,16 +55,22 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def best_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a finished run reports on: its best one, else its newest valid one."""
-    latest, _ = ckpt.find_latest(run_dir / CHECKPOINTS_DIR)
-    if latest is None:
-        raise CheckpointError(f"{run_dir}: no valid checkpoint in {run_dir / CHECKPOINTS_DIR}")
-    best = ckpt.load_state(latest.path).get("best_step")
-    if best is not None:
-        path = run_dir / CHECKPOINTS_DIR / ckpt.checkpoint_name(int(best))
-        if path.is_dir():
-            return path
-    return latest.path
+    """The checkpoint a finished run reports on, verified: its best one, else its newest valid
+    one. A damaged checkpoint is passed over for the best one an older checkpoint recorded."""
+    directory = run_dir / CHECKPOINTS_DIR
+    for path in reversed(ckpt.list_checkpoints(directory)):
+        # only best_step is read from this one, so it is not verified (that hashes every file)
+        try:
+            best = ckpt.load_state(path).get("best_step")
+        except CheckpointError:
+            continue
+        best_path = directory / ckpt.checkpoint_name(int(best)) if best is not None else None
+        candidate = best_path if best_path is not None and best_path.is_dir() else path
+        try:
+            return ckpt.read_checkpoint(candidate).path
+        except CheckpointError:
+            continue
+    raise CheckpointError(f"{run_dir}: no valid checkpoint in {directory}")
 
 
 def newest_run_with_checkpoints(root: Path) -> Path | None:

@@ -81,7 +81,7 @@ from shipyard.train.sharding import (
     shard_model,
     tied_names,
 )
-from shipyard.train.sharding import grad_norm as sharded_grad_norm
+from shipyard.train.sharding import grad_norm as global_grad_norm
 
 
 @dataclass
@@ -270,6 +270,14 @@ class Trainer:
             else None  # windows / rows of the prepared data
         )
         self.tokens_per_row = int(block_size) if self.is_lm and block_size else 1
+        # instruction data scores only its answer tokens (the others are IGNORE_INDEX): count
+        # them per row once, so a step's count is a sum over its rows
+        self.scored_per_row: torch.Tensor | None = None
+        if self.data.instructions is not None:
+            targets = self.data.train.y  # type: ignore[attr-defined]  # ArrayDataset
+            self.scored_per_row = (targets != IGNORE_INDEX).sum(dim=1)
+        peak = config.train.peak_tflops
+        self.peak_flops = peak * 1e12 if peak else device_peak_flops(self.device)
         self.loss_fn = build_loss(
             config.task,
             config.train.loss,
@@ -500,11 +508,12 @@ class Trainer:
                 plan = self._epoch_plan(self.epoch)
                 while self.step_in_epoch < len(plan):
                     rows = plan[self.step_in_epoch]
-                    loss_sum, grad_norm = self._train_step(rows)
+                    scored = self._scored_count(rows)
+                    loss_sum, grad_norm = self._train_step(rows, scored)
                     self.step += 1
                     self.step_in_epoch += 1
                     window_loss += loss_sum
-                    window_count += self._scored_count(rows)
+                    window_count += scored
                     window_rows += len(rows)
                     end_of_epoch = self.step_in_epoch == len(plan)
                     last = self.step >= self.total_steps
@@ -573,13 +582,13 @@ class Trainer:
     def _scored_count(self, rows: torch.Tensor) -> int:
         """Targets the loss scores over one step's rows (all ranks): every token of a window,
         but only the answer tokens of instruction data (the others are IGNORE_INDEX)."""
-        if self.data.instructions is None:
+        if self.scored_per_row is None:
             return len(rows) * self.tokens_per_row
-        targets = self.data.train.y[rows]  # type: ignore[attr-defined]  # ArrayDataset
-        return max(1, int((targets != IGNORE_INDEX).sum()))
+        return max(1, int(self.scored_per_row[rows].sum()))
 
-    def _train_step(self, rows: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-        """One optimizer step over `rows` (all ranks, all micro-batches)."""
+    def _train_step(self, rows: torch.Tensor, scored: int) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step over `rows` (all ranks, all micro-batches) whose loss scores
+        `scored` targets (`_scored_count`)."""
         cfg = self.config
         model = self.forward_model
         model.train()
@@ -590,7 +599,7 @@ class Trainer:
             if not micro:
                 self.private.empty_step()
         else:
-            global_count = self._scored_count(rows)
+            global_count = scored
         # DDP averages gradients over ranks, so each rank scales by world / global count
         scale = self.env.world_size / global_count
         reg = cfg.regularization
@@ -640,9 +649,7 @@ class Trainer:
         elif self.private is not None:
             pass  # the un-noised gradient's norm is not private: not logged
         elif self.step % cfg.train.log_every == cfg.train.log_every - 1:
-            grad_norm = (
-                float(sharded_grad_norm(self.model)) if self.fsdp else _grad_norm(self.model)
-            )
+            grad_norm = float(global_grad_norm(self.model))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -690,11 +697,9 @@ class Trainer:
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         flops_fn = getattr(self.model, "flops_per_token", None)
-        peak = self.config.train.peak_tflops
-        peak_flops = peak * 1e12 if peak else device_peak_flops(self.device)
-        if flops_fn is None or not peak_flops:
+        if flops_fn is None or not self.peak_flops:
             return None
-        return float(flops_fn()) * tokens_per_s / peak_flops
+        return float(flops_fn()) * tokens_per_s / self.peak_flops
 
     # ------------------------------------------------------------------ evaluation
 
@@ -982,13 +987,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _grad_norm(model: nn.Module) -> float:
-    norms = [p.grad.detach().norm(2) for p in model.parameters() if p.grad is not None]
-    if not norms:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(norms), 2))
 
 
 def _scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from shipyard.config import RunConfig, TuneConfig, TuneParam, validate_config
+from shipyard.config import RunConfig, TuneConfig, TuneParam, set_dotted, validate_config
 from shipyard.errors import ConfigError
 from shipyard.evaluate.metrics import build_metrics, primary_metric
 
@@ -30,18 +30,7 @@ def apply_values(raw: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str,
     out = copy.deepcopy(dict(raw))
     out.pop("tune", None)
     for key, value in values.items():
-        parts = key.split(".")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"tune.params[{key!r}]: {'.'.join(parts[: i + 1])} is a value, not a section"
-                )
-            node = child
-        node[parts[-1]] = copy.deepcopy(value)
+        set_dotted(out, key, copy.deepcopy(value), label=f"tune.params[{key!r}]")
     return out
 
 

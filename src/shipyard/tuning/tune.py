@@ -197,7 +197,7 @@ def _open_study(
             study_name=name,
             direction=direction,
             sampler=_sampler(tune_cfg, config.seed + seed_offset),
-            pruner=_pruner(tune_cfg, config),
+            pruner=_pruner(tune_cfg),
             load_if_exists=True,
         )
     except ValueError as exc:  # e.g. an existing study with the other direction
@@ -233,7 +233,7 @@ def _sampler(tune_cfg: TuneConfig, seed: int) -> Any:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune_cfg.startup_trials)
 
 
-def _pruner(tune_cfg: TuneConfig, config: RunConfig) -> Any:
+def _pruner(tune_cfg: TuneConfig) -> Any:
     optuna = _optuna()
     if tune_cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune_cfg.startup_trials)
@@ -300,10 +300,11 @@ class _Objective:
         values = sample(trial, self.tune)
         trial_raw = apply_values(self.raw, values)
         trial.set_user_attr("config", trial_raw)
-        config = validate_config(trial_raw, where=f"trial {trial.number}")
         run_dir = self.out_dir / f"trial-{trial.number:04d}"
-        trial.set_user_attr("run_dir", str(run_dir))
         try:
+            # a combination of sampled values can be invalid even when each value alone is not
+            config = validate_config(trial_raw, where=f"trial {trial.number}")
+            trial.set_user_attr("run_dir", str(run_dir))
             if self.tune.cv_folds:
                 return self._cross_validated(trial, config, run_dir)
             result = fit(
@@ -313,14 +314,14 @@ class _Objective:
                 callbacks=[PruningCallback(trial, self.metric)],
                 progress=self.progress,
             )
+            value = result.metrics.get("val", {}).get(self.metric)
+            if value is None:
+                raise DataError(
+                    f"trial {trial.number}: no val {self.metric}; the config needs a val split"
+                )
         except ShipyardError as exc:
             trial.set_user_attr("error", str(exc))
             raise
-        value = result.metrics.get("val", {}).get(self.metric)
-        if value is None:
-            raise DataError(
-                f"trial {trial.number}: no val {self.metric}; the config needs a val split"
-            )
         return float(value)
 
     def _cross_validated(self, trial: Any, config: RunConfig, run_dir: Path) -> float:
@@ -419,7 +420,8 @@ def _register_best(
     """Register the best run's package; a cross-validated best is first trained on every fold."""
     if run_dir is None:
         best = validate_config(best_raw)
-        k = config.tune.cv_folds if config.tune is not None and config.tune.cv_folds else 2
+        assert config.tune is not None and config.tune.cv_folds  # only CV trials have no run
+        k = config.tune.cv_folds
         final = fit(fold_config(best, k, None), run_dir=out_dir / "best-final", runs_root=runs_root)
         run_dir = final.run_dir
     package = run_dir / "package"
