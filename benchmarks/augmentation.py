@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from shipyard.compress.measure import describe_machine, machine
 from shipyard.config import load_config
 from shipyard.train import fit
 
@@ -44,6 +42,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -97,8 +97,7 @@ def main() -> None:
     record = {
         "benchmark": "augmentation",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": platform.platform(),
-        "torch": torch.__version__,
+        "machine": host,
         "args": {k: str(v) for k, v in vars(args).items()},
         "augmentation": AUGMENTATION,
         "rows": rows,

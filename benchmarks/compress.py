@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from shipyard.compress import BenchParams, compress, export
-from shipyard.compress.measure import machine
+from shipyard.compress.measure import describe_machine, machine
 from shipyard.config import load_config
 from shipyard.train import fit
 
@@ -165,8 +165,10 @@ def main() -> None:
         "b32 speedup",
     ]
     rows: list[list[str]] = [header]
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     results: dict[str, Any] = {
-        "machine": machine(),
+        "machine": host,
         "bench": vars(args) | {"out": str(args.out)},
         "runs": [],
     }
@@ -193,11 +195,7 @@ def main() -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows[1:]:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-    m = results["machine"]
-    print(
-        f"\n{m['processor']}, {m['cpu_count']} CPUs, {args.threads} thread(s), torch {m['torch']}, "
-        f"{m['date']}"
-    )
+    print(f"\nmachine: {describe_machine(host)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
-from datetime import UTC, datetime
 
 import torch
 
+from shipyard.compress.measure import describe_machine, machine
 from shipyard.data.tokenization import Tokenizer
 from shipyard.generate import SamplingParams, generate
-from shipyard.generate.packed import cpu_flags, prepare_decoding
+from shipyard.generate.packed import prepare_decoding
 from shipyard.models.llama import Llama, LlamaConfig
 
 CONFIG = LlamaConfig(
@@ -33,17 +32,6 @@ CONFIG = LlamaConfig(
 )
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32)
@@ -51,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"machine: {describe_machine(machine())}", flush=True)
     torch.manual_seed(0)
     fp32 = Llama(CONFIG).eval()
     int8 = copy.deepcopy(fp32)
@@ -68,10 +57,7 @@ def main() -> None:
         a.append(generate(fp32, tok, prompt, params))
         b.append(generate(int8, tok, prompt, params, weights="int8"))
     agree = sum(x == y for x, y in zip(a[0].token_ids, b[0].token_ids, strict=True))
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"})
     print(f"\nLlama-shaped {params_m:.0f}M params, random weights, prompt 20, N={args.tokens}")
-    print(f"cpu: {cpu_name()} ({' '.join(flags)}); torch {torch.__version__}; ", end="")
-    print(f"threads {args.threads}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print("| weights | tokens/s (median) | time to first token, ms (median) |")
     print("| --- | ---: | ---: |")
     for name, runs in (("fp32", a), ("int8", b)):

@@ -4,7 +4,8 @@ Each trial runs `shipyard train --nproc N` with `train.strategy` ddp or fsdp (in
 median of --repeats is reported). Throughput is tokens/s from metrics.jsonl over the steady-state
 log windows (the first window, with start-up and warm-up, is dropped); memory is the run summary's
 per-rank parameter + gradient + optimizer bytes (max over ranks). Both strategies take the same
-optimizer steps, so the losses must agree too; the script checks that.
+optimizer steps, so the losses must agree too: the script exits with status 1 when the final
+losses differ by more than LOSS_RTOL (relative), after writing its JSON.
 
     python benchmarks/fsdp_vs_ddp.py                          # defaults: 2 processes, 60 steps
     python benchmarks/fsdp_vs_ddp.py --nproc 2 --steps 100 --repeats 3 --n-embd 256
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,23 +25,30 @@ from typing import Any
 
 import yaml
 
+from shipyard.compress.measure import describe_machine, machine
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_description() -> dict[str, Any]:
-    """CPU model, core count and the SIMD flags that matter for PyTorch's CPU kernels."""
-    model, flags = platform.processor() or "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma")
-                flags = [f for f in line.split(":", 1)[1].split() if f in wanted]
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "flags": sorted(set(flags))}
+# Relative tolerance on the final losses: both strategies take the same optimizer steps, so only
+# the order of floating-point reductions differs.
+LOSS_RTOL = 1e-4
+
+
+def losses_agree(rows: dict[str, dict[str, Any]]) -> bool:
+    """True when DDP's and FSDP's final losses agree within LOSS_RTOL of DDP's."""
+    ddp, fsdp = rows["ddp"]["final_loss"], rows["fsdp"]["final_loss"]
+    return bool(abs(fsdp - ddp) <= LOSS_RTOL * abs(ddp))
+
+
+def check_losses(rows: dict[str, dict[str, Any]]) -> None:
+    """Exit with status 1 (one line on stderr) when the two strategies' final losses differ."""
+    if not losses_agree(rows):
+        ddp, fsdp = rows["ddp"]["final_loss"], rows["fsdp"]["final_loss"]
+        raise SystemExit(
+            f"final losses differ: ddp {ddp:.6f}, fsdp {fsdp:.6f} "
+            f"(tolerance {LOSS_RTOL:g} relative); FSDP and DDP should take the same steps"
+        )
 
 
 def make_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,8 +112,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="global batch")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fsdp_vs_ddp.json"))
     args = parser.parse_args()
-    machine = cpu_description()
-    print(f"{machine['cpu']} ({machine['cores']} cores; {' '.join(machine['flags'])})")
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"
@@ -125,9 +131,7 @@ def main() -> None:
             "parameters": runs[0]["parameters"],
         }
     ratio = rows["fsdp"]["tokens_per_s"] / rows["ddp"]["tokens_per_s"]
-    same = abs(rows["fsdp"]["final_loss"] - rows["ddp"]["final_loss"]) <= 1e-4 * abs(
-        rows["ddp"]["final_loss"]
-    )
+    same = losses_agree(rows)
     print(f"\n{args.nproc} processes, GPT {rows['ddp']['parameters']:,} parameters")
     print("| strategy | tokens/s | max-rank param+grad+optim MiB | final loss |")
     print("| --- | ---: | ---: | ---: |")
@@ -138,8 +142,7 @@ def main() -> None:
     payload = {
         "benchmark": "fsdp_vs_ddp",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine,
-        "torch": __import__("torch").__version__,
+        "machine": host,
         "args": vars(args),
         "results": rows,
         "fsdp_over_ddp": ratio,
@@ -148,6 +151,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {args.out}")
+    check_losses(rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import asyncio
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -263,9 +262,12 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
 
+    from shipyard.compress.measure import describe_machine, machine
     from shipyard.generate import SamplingParams, generate
-    from shipyard.generate.packed import cpu_flags
     from shipyard.package import load_package
+
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
 
     package = build_package(args.work)
     loaded = load_package(package)
@@ -352,11 +354,7 @@ def main() -> None:
             1.0,
         ),
     ]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\nGPT {MODEL}, byte vocab, prompt {len(single)} tokens (batch: 8-38), N={n} new")
-    print(
-        f"machine: {machine}; torch threads {args.threads}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
-    )
     print(f"greedy tokens identical (single stream): {same}")
     print(f"int8 greedy tokens equal to fp32's: {int8_agree:.0%}")
     ct2_single = {k: n / statistics.median(t for t, _ in v) for k, v in ct2_s.items()}
@@ -386,20 +384,14 @@ def main() -> None:
         "benchmark": "generate_throughput",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
-        "machine": machine,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "machine": host,
         "transformers": transformers.__version__,
-        "torch_threads": args.threads,
         "model": MODEL,
         "new_tokens": n,
         "repeats": repeats,
         "greedy_tokens_identical": same,
         "int8_greedy_agreement": int8_agree,
         "ctranslate2_single_stream_tokens_per_s": ct2_single,
-        "cpu_flags": sorted(
-            cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"}
-        ),
         "rows": [
             {"measure": name, "shipyard": ours, "hf": theirs, "ratio": ratio, "target": target}
             for name, ours, theirs, ratio, target in rows

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -83,6 +82,10 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "import_hf.json"
     )
     args = parser.parse_args()
+    from shipyard.compress.measure import describe_machine, machine
+
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "hf"
         weights = write_checkpoint(src, args)
@@ -100,7 +103,7 @@ def main() -> None:
     used = child["peak_mb"] - child["baseline_mb"]
     result: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}",
+        "machine": host,
         "command": " ".join(["python", "benchmarks/import_hf.py", *sys.argv[1:]]),
         "weights_mb": round(weights_mb, 1),
         "shards": shards,

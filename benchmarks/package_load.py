@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ import safetensors
 import torch
 from safetensors.torch import load_file
 
+from shipyard.compress.measure import describe_machine, machine
 from shipyard.config import load_config
 from shipyard.data import DataInfo
 from shipyard.models import build_model, count_parameters
@@ -59,23 +59,6 @@ from shipyard.package import load_package, verify_package, write_package
 from shipyard.package.loading import build_empty_model
 from shipyard.package.manifest import digest_file, sha256_file
 from shipyard.package.weights_reader import read_verified_weights
-
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "avx512f", "avx512vl", "sha_ni", "aes", "vaes")
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model name and flags from /proc/cpuinfo (Linux), else what platform knows."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = value.split()
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "flags": flags}
 
 
 def evict(paths: list[Path]) -> None:
@@ -119,6 +102,8 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "package_load.json"
     )
     args = parser.parse_args()
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
 
     config = load_config(
         {
@@ -147,7 +132,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(config.model, vocab_size=args.vocab)
     params = count_parameters(model)
-    cpu = cpu_info()
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -240,8 +224,6 @@ def main() -> None:
     baselines = [n for n in ("st.load_file (pread)", "st.load_file + model") if n in medians]
     lazy = medians["st.load_file (lazy mmap)"]
     cache = "cold (files evicted before each call)" if args.cold else "warm"
-    print(f"CPU: {cpu['model']}, {cpu['cores']} cores")
-    print(f"flags: {' '.join(f for f in SIMD_FLAGS if f in cpu['flags']) or '(unknown)'}")
     print(
         f"torch {torch.__version__}, safetensors {safetensors.__version__}, blake3 "
         f"{blake3.__version__}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
@@ -274,17 +256,10 @@ def main() -> None:
         "benchmark": "package_load",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": cpu["model"],
-            "cores": cpu["cores"],
-            "simd_flags": [f for f in SIMD_FLAGS if f in cpu["flags"]],
-            "flags": cpu["flags"],
-            "platform": platform.platform(),
+            **host,
             "load_average_before_after": [load_before, load_after],
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
             "safetensors": safetensors.__version__,
             "blake3": blake3.__version__,
-            "python": platform.python_version(),
         },
         "command": "python benchmarks/package_load.py "
         + f"--n-layer {args.n_layer} --n-embd {args.n_embd} --vocab {args.vocab} "

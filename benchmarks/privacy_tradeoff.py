@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from shipyard.compress.measure import describe_machine, machine
 from shipyard.config import load_config
 from shipyard.train import fit
 
@@ -58,6 +56,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("privacy_tradeoff.json"))
     args = parser.parse_args()
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     rows = [run(eps, args.epochs, args.seed) for eps in args.epsilons]
     rows.append(run(None, args.epochs, args.seed))
     print(f"{'target ε':>9} {'spent ε':>8} {'noise σ':>8} {'test acc':>9} {'ms/step':>8}")
@@ -74,10 +74,7 @@ def main() -> None:
             {
                 "benchmark": "privacy_tradeoff",
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": platform.machine(),
-                "processor": platform.processor(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
+                "machine": host,
                 "epochs": args.epochs,
                 "seed": args.seed,
                 "rows": rows,

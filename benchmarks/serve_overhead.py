@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -142,6 +140,10 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=Path("runs/bench-serve"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_overhead.json"))
     args = ap.parse_args()
+    from shipyard.compress.measure import describe_machine, machine
+
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     results = asyncio.run(measure(args))
     print(f"\nµs per one-row :predict request, in-process, {args.rounds} rounds of {args.requests}")
     print(f"{'app':<22}{'c=1 min':>10}{'median':>10}{'c=32 min':>10}{'median':>10}")
@@ -150,12 +152,10 @@ def main() -> None:
         print(f"{label:<22}{cells}")
     ours, minimal = results["shipyard :predict"][32], results["minimal FastAPI"][32]
     print(f"minimal FastAPI / shipyard at 32 in flight: {min(minimal) / min(ours):.2f}x")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"machine: {machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
-            {"machine": machine, "command": " ".join(sys.argv), "us_per_request": results},
+            {"machine": host, "command": " ".join(sys.argv), "us_per_request": results},
             indent=2,
         )
     )

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -187,6 +186,10 @@ def main() -> None:
     if args.naive_server:
         naive_server(args.naive_server, args.threads)
         return
+    from shipyard.compress.measure import describe_machine, machine
+
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
     n = args.requests or (300 if args.quick else 2000)
     long_n = args.long_run or (3000 if args.quick else 50_000)
     # Every server may use every core: the naive server runs up to 8 forwards at once (waitress
@@ -210,7 +213,7 @@ def main() -> None:
         ],
     }
     results: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": host,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(sys.argv),
         "requests_per_level": n,
@@ -278,7 +281,6 @@ def main() -> None:
                     f"({r['rss_growth_pct']:+.1f}%)"
                 )
     sys.stdout.flush()
-    print(f"\nmachine: {results['machine']}; {results['date']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from shipyard.compress.measure import describe_machine, machine
 from shipyard.config import RunConfig, load_config
 from shipyard.data import prepare_data
 from shipyard.models import build_model
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_overhead.json"))
     args = parser.parse_args()
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
 
     eager = make_config(args, compile_=False)
     results: dict[str, list[float]] = {"hand-written loop (eager)": [], "shipyard fit (eager)": []}
@@ -143,8 +145,7 @@ def main() -> None:
         )
     meta = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor()} {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
+        "machine": host,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

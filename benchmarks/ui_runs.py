@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import socket
@@ -160,8 +159,12 @@ def main() -> None:
 
     import uvicorn
 
+    from shipyard.compress.measure import describe_machine, machine
     from shipyard.serve.settings import ServeSettings
     from shipyard.ui import UISettings, create_ui_app
+
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="ui-bench-"))
     try:
@@ -217,11 +220,7 @@ def main() -> None:
     else:
         print("no chromium/chromedriver: browser timings skipped")
     result = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        "machine": {**host, "load_average": os.getloadavg()},
         "runs": n_runs,
         "long_points": args.points,
         "api": [{"what": w, "seconds": s, "bytes": b} for w, s, b in rows],

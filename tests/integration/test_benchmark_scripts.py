@@ -3,9 +3,11 @@ broken until the next time someone measures."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -28,3 +30,20 @@ def test_benchmark_script_help(script: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
+
+
+def _fsdp_benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fsdp_vs_ddp", ROOT / "benchmarks/fsdp_vs_ddp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fsdp_benchmark_fails_when_the_losses_differ() -> None:
+    bench = _fsdp_benchmark()
+    same = {"ddp": {"final_loss": 2.5}, "fsdp": {"final_loss": 2.5 + 1e-6}}
+    bench.check_losses(same)  # within tolerance: no exit
+    differ = {"ddp": {"final_loss": 2.5}, "fsdp": {"final_loss": 2.6}}
+    with pytest.raises(SystemExit, match=r"final losses differ: ddp 2\.500000, fsdp 2\.600000"):
+        bench.check_losses(differ)

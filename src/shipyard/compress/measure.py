@@ -24,6 +24,7 @@ from torch import nn
 from shipyard.compress.layers import DynamicInt8Linear, Int8Linear
 from shipyard.config import RunConfig
 from shipyard.data import PreparedData
+from shipyard.generate.packed import cpu_flags
 from shipyard.package import LoadedModel
 from shipyard.train.evaluation import evaluate_model
 
@@ -219,16 +220,54 @@ def build_report(
     }
 
 
+# The instruction-set extensions PyTorch's CPU kernels (and hashing) can use, in report order.
+REPORTED_CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "amx_int8",
+    "sha_ni",
+)
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name from /proc/cpuinfo; else what `platform` knows (often just the arch)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def machine() -> dict[str, Any]:
-    """Where the numbers were measured."""
+    """Where the numbers were measured: CPU model and relevant flags, cores, threads, versions."""
+    flags = cpu_flags()
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": [f for f in REPORTED_CPU_FLAGS if f in flags],
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "date": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     }
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    """`machine()` as one line, for the top of a benchmark's output and a report."""
+    flags = " ".join(m["cpu_flags"]) or "no listed flags"
+    return (
+        f"{m['cpu_model']} ({flags}), {m['cpu_count']} CPUs, {m['torch_threads']} torch "
+        f"threads, torch {m['torch']}, {m['date']}"
+    )
 
 
 def _fmt(v: float) -> str:
@@ -300,11 +339,19 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         + markdown_table(report_rows(report))
         + f"\nLatency: batch 1 through `LoadedModel.predict_arrays`; throughput at batch "
         f"{report['bench']['batch_size']}. Quality: the test split. Measured on "
-        f"{m['processor']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), "
-        f"torch {m['torch']}, {m['date']}.\n\n"
+        f"{describe_machine(m)}.\n\n"
         f"Derivation: `{json.dumps(report['derivation'])}`\n"
     )
     (out / "report.md").write_text(text, encoding="utf-8")
 
 
-__all__ = ["BenchParams", "build_report", "quality", "time_models", "write_report"]
+__all__ = [
+    "BenchParams",
+    "build_report",
+    "cpu_model",
+    "describe_machine",
+    "machine",
+    "quality",
+    "time_models",
+    "write_report",
+]
