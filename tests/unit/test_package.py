@@ -17,6 +17,8 @@ from shipyard.errors import PackageError
 from shipyard.models import MODEL_NAMES, TOKEN_MODELS, build_model
 from shipyard.package import (
     Manifest,
+    TensorSpec,
+    conform_input,
     load_package,
     manifest_sha256,
     read_manifest,
@@ -453,3 +455,27 @@ def test_chunked_package_loads_refuses_tampering_and_survives_encryption(
     weights.write_bytes(bytes(data))
     with pytest.raises(PackageError, match=r"model\.safetensors: SHA-256 hash does not match"):
         load_package(path)
+
+
+def test_conform_input_is_the_one_input_check() -> None:
+    feats = TensorSpec(name="x", datatype="FP32", shape=[-1, 1, 2, 2])
+    flat = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert conform_input(feats, flat).shape == (2, 1, 2, 2)  # flat rows fit the image shape
+    for bad, message in [
+        (np.zeros((0, 4), np.float32), "the batch is empty"),
+        (np.float32(1.0), "the batch is empty"),
+        (np.zeros((2, 3), np.float32), r"shape \[2, 3\] does not match"),
+        (np.array([["a", "b", "c", "d"]]), "must be numbers"),
+        (np.array([[0.0, np.nan, 0.0, 0.0]], np.float32), "NaN or infinity"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            conform_input(feats, bad)
+    tokens = TensorSpec(name="ids", datatype="INT64", shape=[-1, -1])
+    ids = np.array([[1, 2, 3]])
+    assert conform_input(tokens, ids, vocab_size=4) is ids
+    with pytest.raises(InvalidInputError, match=r"in 0\.\.3"):
+        conform_input(tokens, np.array([[1, 4]]), vocab_size=4)
+    with pytest.raises(InvalidInputError, match="integer token ids"):
+        conform_input(tokens, np.array([[1.0, 2.0]]), vocab_size=4)
+    with pytest.raises(InvalidInputError, match="does not match"):
+        conform_input(tokens, np.array([1, 2]), vocab_size=4)  # no batch dimension

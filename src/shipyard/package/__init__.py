@@ -14,7 +14,13 @@ See docs/packages.md for the format and its safety guarantees.
 from __future__ import annotations
 
 from shipyard.package.archive import pack_package, unpack_package
-from shipyard.package.loading import InvalidInputError, LoadedModel, build_empty_model, load_package
+from shipyard.package.loading import (
+    InvalidInputError,
+    LoadedModel,
+    build_empty_model,
+    conform_input,
+    load_package,
+)
 from shipyard.package.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -68,6 +74,7 @@ __all__ = [
     "TensorSpec",
     "build_empty_model",
     "build_signature",
+    "conform_input",
     "decrypt_package",
     "encrypt_package",
     "generate_package_key",

@@ -42,6 +42,7 @@ from shipyard.package.manifest import (
     Manifest,
     Quantization,
     Signature,
+    TensorSpec,
     check_file,
     hash_bytes,
     mismatch_error,
@@ -57,6 +58,46 @@ _MODEL_CONFIG: TypeAdapter[Any] = TypeAdapter(ModelConfig)
 
 class InvalidInputError(PackageError, ValueError):
     """Inputs given to a loaded model do not fit its signature (a client error, e.g. HTTP 400)."""
+
+
+def conform_input(
+    spec: TensorSpec, arr: np.ndarray, *, vocab_size: int | None = None
+) -> np.ndarray:
+    """`arr` checked against the model's input `spec` (shape[0] is the batch) and returned in its
+    shape; InvalidInputError names the input and what it needs. The one input check for the Python
+    API and every serving protocol.
+
+    A flat (N, k) feature array is accepted for an input of shape (N, ...) with k elements; token
+    ids must be integers in 0..vocab_size-1; numbers must be finite.
+    """
+    where = f"input {spec.name!r}"
+    shape = tuple(arr.shape)
+    if arr.ndim == 0 or shape[0] == 0:
+        raise InvalidInputError(f"{where}: the batch is empty (shape {list(shape)})")
+    if not _shape_fits(spec.shape, shape):
+        flat = math.prod(spec.shape[1:])
+        if len(shape) == 2 and -1 not in spec.shape[1:] and shape[1] == flat:
+            arr = arr.reshape(shape[0], *spec.shape[1:])
+        else:
+            raise InvalidInputError(
+                f"{where}: shape {list(shape)} does not match the model's {spec.shape} "
+                "(-1 is any size)"
+            )
+    if spec.datatype == "INT64":  # token ids
+        if arr.dtype.kind not in "iu":
+            raise InvalidInputError(f"{where} must be integer token ids, got dtype {arr.dtype}")
+        if vocab_size is not None and (arr.min() < 0 or arr.max() >= vocab_size):
+            raise InvalidInputError(f"{where}: token ids must be in 0..{vocab_size - 1}")
+        return arr
+    if arr.dtype.kind not in "fiub":
+        raise InvalidInputError(f"{where} must be numbers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidInputError(f"{where}: contains NaN or infinity")
+    return arr
+
+
+def _shape_fits(spec: list[int], shape: tuple[int, ...]) -> bool:
+    return len(spec) == len(shape) and all(d in (-1, n) for d, n in zip(spec, shape, strict=True))
 
 
 @dataclass
@@ -207,37 +248,11 @@ class LoadedModel:
         return self.signature.inputs[0].datatype == "INT64"
 
     def _to_tensor(self, x: Any) -> torch.Tensor:
-        arr = np.asarray(x)
-        spec = self.signature.inputs[0]
-        shape = spec.shape[1:]
-        if arr.ndim == 0 or arr.shape[0] == 0:
-            raise InvalidInputError(f"input {spec.name!r} needs a non-empty batch (N, {shape})")
+        arr = conform_input(
+            self.signature.inputs[0], np.asarray(x), vocab_size=self.manifest.data.get("vocab_size")
+        )
         if self._takes_tokens:
-            if arr.dtype.kind not in "iu":
-                raise InvalidInputError(
-                    f"input {spec.name!r} must be integer token ids, got dtype {arr.dtype}"
-                )
-            if arr.ndim != 2 or any(
-                d not in (-1, n) for d, n in zip(shape, arr.shape[1:], strict=False)
-            ):
-                raise InvalidInputError(
-                    f"input {spec.name!r} must have shape {spec.shape}, got {list(arr.shape)}"
-                )
-            vocab = self.manifest.data.get("vocab_size")
-            if vocab is not None and (arr.min() < 0 or arr.max() >= vocab):
-                raise InvalidInputError(f"token ids must be in 0..{vocab - 1}")
             return torch.from_numpy(arr.astype(np.int64, copy=False)).to(self.device)
-        want = tuple(shape)
-        if tuple(arr.shape[1:]) != want:
-            if arr.ndim == 2 and arr.shape[1] == math.prod(want):
-                arr = arr.reshape(arr.shape[0], *want)
-            else:
-                raise InvalidInputError(
-                    f"input {spec.name!r} must have shape {spec.shape} (or [-1, {math.prod(want)}]"
-                    f" flat), got {list(arr.shape)}"
-                )
-        if arr.dtype.kind not in "fiub":
-            raise InvalidInputError(f"input {spec.name!r} must be numbers, got dtype {arr.dtype}")
         arr = np.asarray(arr, dtype=np.float32)
         if self.preprocessor is not None:
             arr = self.preprocessor.transform(arr)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from shipyard.package import InvalidInputError, LoadedModel, TensorSpec, load_package
+from shipyard.package import (
+    InvalidInputError,
+    LoadedModel,
+    TensorSpec,
+    conform_input,
+    load_package,
+)
 from shipyard.package.registry import Registry
 from shipyard.serve import lm, metrics
 from shipyard.serve.batching import Batcher, Outputs
@@ -71,10 +76,6 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def _shape_ok(spec: list[int], shape: tuple[int, ...]) -> bool:
-    return len(spec) == len(shape) and all(d in (-1, n) for d, n in zip(spec, shape, strict=True))
-
-
 @dataclass(eq=False)
 class ServedModel:
     """One loaded model version with its batcher (and, for a language model, its generation
@@ -94,10 +95,8 @@ class ServedModel:
         return self.loaded.signature.inputs[0]
 
     def check_input(self, name: str | None, datatype: str, arr: np.ndarray) -> np.ndarray:
-        """Check one input against the signature; BadRequest names the field and what's expected.
-
-        A flat (N, k) feature array is accepted for an input of shape (N, ...) with k elements.
-        """
+        """Check one input against the signature (package.conform_input, after the name and the
+        declared datatype); BadRequest names the field and what's expected."""
         spec = self.input_spec
         if name is not None and name != spec.name:
             raise BadRequest(
@@ -109,21 +108,10 @@ class ServedModel:
                 f"input {spec.name!r}: datatype {datatype} does not match the model's "
                 f"{spec.datatype}"
             )
-        shape = tuple(arr.shape)
-        if not _shape_ok(spec.shape, shape):
-            flat = math.prod(spec.shape[1:])
-            if len(shape) == 2 and -1 not in spec.shape[1:] and shape[1] == flat:
-                arr = arr.reshape(shape[0], *spec.shape[1:])
-            else:
-                raise BadRequest(
-                    f"input {spec.name!r}: shape {list(shape)} does not match the model's "
-                    f"{spec.shape} (-1 is any size)"
-                )
-        if arr.shape[0] == 0:
-            raise BadRequest(f"input {spec.name!r}: the batch is empty (shape {list(shape)})")
-        if spec.datatype in ("FP32", "FP16", "FP64") and not np.isfinite(arr).all():
-            raise BadRequest(f"input {spec.name!r}: contains NaN or infinity")
-        return arr
+        try:
+            return conform_input(spec, arr, vocab_size=self.loaded.manifest.data.get("vocab_size"))
+        except InvalidInputError as exc:
+            raise BadRequest(str(exc)) from None
 
     async def infer(
         self,
