@@ -100,9 +100,14 @@ def _settings(**kwargs: Any) -> ServeSettings:
 
 
 @pytest.fixture(scope="module")
-def shared(base: Path, adapters: dict[str, Path]) -> Iterator[str]:
+def shared_app(base: Path, adapters: dict[str, Path]) -> Any:
     """The base once, both adapters on it."""
-    with running_server(create_app(_settings(packages=[base], adapters=adapters))) as url:
+    return create_app(_settings(packages=[base], adapters=adapters))
+
+
+@pytest.fixture(scope="module")
+def shared(shared_app: Any) -> Iterator[str]:
+    with running_server(shared_app) as url:
         yield url
 
 
@@ -179,6 +184,16 @@ def test_concurrent_requests_for_base_and_adapters_keep_their_own_answers(
         t.join(timeout=120)
     assert not errors, errors
     assert got == want
+
+
+def test_adapters_hold_only_their_own_tensors(shared: str, shared_app: Any) -> None:
+    repo = shared_app.state.server.repo
+    base_params = {id(p) for p in repo.get(BASE).loaded.model.parameters()}
+    for name in ("fox", "cat"):
+        model = repo.get(name).loaded.model
+        own = {n for n, p in model.named_parameters() if id(p) not in base_params}
+        assert own and all(n.endswith((".lora_A", ".lora_B")) for n in own), own
+        assert model is not repo.get(BASE).loaded.model
 
 
 def test_models_list_the_base_and_the_adapters(
