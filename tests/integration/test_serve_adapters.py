@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from shipyard.cli import app as cli_app
 from shipyard.config import load_config
 from shipyard.package import load_package
+from shipyard.package.registry import Registry
 from shipyard.serve import ServeSettings, create_app
 from shipyard.serve.core import ModelRepository
 from shipyard.serve.settings import ServeError
@@ -236,6 +237,26 @@ def test_an_adapter_of_another_base_or_no_adapter_is_refused(
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "tiny-lm" in out.stderr and "other-lm" in out.stderr
     assert "an adapter only runs on its own base" in out.stderr
+
+
+def test_a_registry_ref_can_be_the_base(home: Path, base: Path, adapters: dict[str, Path]) -> None:
+    with Registry() as registry:
+        registry.register(base, name="prod-lm")
+    ids = [40, 41, 42]
+
+    async def serve() -> np.ndarray:
+        repo = ModelRepository(_settings(registry_refs=["prod-lm"], adapters=adapters))
+        try:
+            served = await repo.load("prod-lm")
+            fox = await repo.load_adapter("fox", adapters["fox"], served)
+            assert fox.source.endswith("(adapter on prod-lm:1)")
+            return fox.loaded.predict_arrays(np.asarray([ids]))["logits"]
+        finally:
+            await repo.close()
+
+    want = load_package(adapters["fox"]).predict_arrays(np.asarray([ids]))["logits"]
+    # served: oneDNN-packed base layers; in-process: F.linear (float32 rounding apart)
+    np.testing.assert_allclose(asyncio.run(serve()), want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
