@@ -239,7 +239,9 @@ def test_an_adapter_of_another_base_or_no_adapter_is_refused(
     assert "an adapter only runs on its own base" in out.stderr
 
 
-def test_a_registry_ref_can_be_the_base(home: Path, base: Path, adapters: dict[str, Path]) -> None:
+def test_a_registry_ref_can_be_the_base_and_be_unloaded_first(
+    home: Path, base: Path, adapters: dict[str, Path]
+) -> None:
     with Registry() as registry:
         registry.register(base, name="prod-lm")
     ids = [40, 41, 42]
@@ -250,7 +252,10 @@ def test_a_registry_ref_can_be_the_base(home: Path, base: Path, adapters: dict[s
             served = await repo.load("prod-lm")
             fox = await repo.load_adapter("fox", adapters["fox"], served)
             assert fox.source.endswith("(adapter on prod-lm:1)")
-            return fox.loaded.predict_arrays(np.asarray([ids]))["logits"]
+            await repo.remove("prod-lm", served.version)  # the adapter keeps serving
+            assert repo.names() == ["fox"]
+            out = await repo.get("fox").infer(np.asarray([ids]), timeout_s=30)
+            return out["logits"]
         finally:
             await repo.close()
 
