@@ -18,6 +18,7 @@ from shipyard.models.lora import (
     adapter_state_dict,
     apply_lora,
     merge_lora,
+    with_adapter,
 )
 from shipyard.package import load_package
 from shipyard.train import fit
@@ -74,6 +75,36 @@ def test_merge_gives_the_same_function_with_plain_linears() -> None:
     assert merged == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_with_adapter_shares_the_base_and_computes_the_adapted_model() -> None:
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8)
+    base = GPT(config, vocab_size=32).eval()
+    tuned = GPT(config, vocab_size=32).eval()
+    tuned.load_state_dict(base.state_dict())
+    lora = LoRAConfig(rank=2, alpha=8.0, targets=["c_attn", "c_fc"])
+    apply_lora(tuned, lora)
+    with torch.no_grad():
+        for p in adapter_state_dict(tuned).values():
+            p.add_(torch.randn_like(p) * 0.2)
+    idx = torch.randint(0, 32, (2, 8))
+    with torch.no_grad():
+        plain, want = base(idx), tuned(idx)
+        views = [with_adapter(base, lora, adapter_state_dict(tuned)) for _ in range(2)]
+        assert torch.equal(views[0](idx), want) and torch.equal(views[1](idx), want)
+        assert torch.equal(base(idx), plain)  # the base itself is unchanged
+    assert not any(isinstance(m, LoRALinear) for m in base.modules())
+    # every base tensor is the base's own object; only A and B are new
+    base_params = {id(p) for p in base.parameters()}
+    new = [n for n, p in views[0].named_parameters() if id(p) not in base_params]
+    assert sorted(new) == sorted(adapter_state_dict(tuned))
+    assert views[0].transformer.wte is base.transformer.wte
+    assert views[0].transformer.h[0].attn.c_proj is base.transformer.h[0].attn.c_proj
+    with pytest.raises(ModelError, match=r"missing \['transformer.h.0.attn.c_attn.lora_A'"):
+        partial = dict(adapter_state_dict(tuned))
+        del partial["transformer.h.0.attn.c_attn.lora_A"]
+        with_adapter(base, lora, partial)
 
 
 def test_bad_targets_are_clear_errors() -> None:

@@ -27,6 +27,12 @@ def serve(
     registry: list[str] = typer.Option(
         [], "--registry", "-r", help="Registry ref to serve: NAME, NAME:VERSION or NAME@ALIAS."
     ),
+    adapter: list[str] = typer.Option(
+        [],
+        "--adapter",
+        help="NAME=PACKAGE: also serve this LoRA adapter package as model NAME, on the served "
+        "package's weights (its base). Repeatable.",
+    ),
     host: str = typer.Option(default("host"), "--host", help="Address to bind."),
     port: int = typer.Option(default("port"), "--port", "-p", help="Port (0: pick a free one)."),
     workers: int = typer.Option(default("workers"), "--workers", min=1, help="Server processes."),
@@ -88,6 +94,9 @@ def serve(
     From the registry, with keys, on all interfaces:
     shipyard serve --registry digits@production --host 0.0.0.0 --keys-file keys.json --workers 2
 
+    One base, two LoRA adapters (pick one by the request's model name):
+    shipyard serve base/package --adapter sql=runs/sql-lora/package --adapter chat=runs/chat/package
+
     With the web dashboard (runs, registry, live metrics, playground) at /ui/:
     shipyard serve runs/digits/package --ui --runs runs
     """
@@ -108,6 +117,7 @@ def serve(
         settings = ServeSettings(
             packages=[p.resolve() for p in packages],
             registry_refs=registry,
+            adapters=parse_adapters(adapter),
             host=host,
             port=port,
             workers=workers,
@@ -137,6 +147,22 @@ def serve(
     run_server(settings, log_level=log_level, ui=dashboard)
 
 
+def parse_adapters(values: list[str]) -> dict[str, Path]:
+    """NAME=PACKAGE flags as {NAME: package path}; ServeError for a malformed or repeated one."""
+    adapters: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ServeError(
+                f"--adapter {value!r}: expected NAME=PACKAGE_DIR (e.g. --adapter "
+                "sql=runs/sql-lora/package)"
+            )
+        if name in adapters:
+            raise ServeError(f"--adapter {name}: given twice; each adapter needs its own name")
+        adapters[name] = Path(path).resolve()
+    return adapters
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
@@ -148,16 +174,32 @@ def _preflight(settings: ServeSettings) -> None:
     """Verify every package and ref before binding, so a bad one fails fast with one line."""
     from shipyard.package import verify_package
 
+    bases: list[tuple[str, Path]] = []  # (served name, package directory)
     for path in settings.packages:
         if not path.is_dir():
             raise ServeError(f"{path}: not a package directory")
-        verify_package(path, public_key=settings.public_key)
+        bases.append((verify_package(path, public_key=settings.public_key).name, path))
     if settings.registry_refs:
         from shipyard.package.registry import Registry
 
         with Registry() as reg:
             for ref in settings.registry_refs:
-                reg.resolve_local(ref, public_key=settings.public_key)
+                local = reg.resolve_local(ref, public_key=settings.public_key)
+                bases.append((reg.get(ref).name, Path(local)))
+    if settings.adapters:
+        from shipyard.package.manifest import read_manifest
+        from shipyard.serve.adapters import check_adapter
+
+        base_name, base_path = bases[0]  # settings checked: exactly one
+        base, _ = read_manifest(base_path)
+        for name, path in settings.adapters.items():
+            if name == base_name:
+                raise ServeError(
+                    f"--adapter {name}={path}: the base is served as {name!r}; choose another "
+                    "adapter name"
+                )
+            check_adapter(name, path, base, base_path)
+            verify_package(path, public_key=settings.public_key)
     if settings.keys_file is not None and not settings.insecure_no_auth:
         from shipyard.serve.auth import read_keys
 

@@ -11,13 +11,18 @@ B starts at zero, so a fresh adapter leaves the model's outputs unchanged; A sta
 Linear layers (W + B A * scale). The adapter tensors map one to one onto PEFT's
 `base_model.model.<path>.lora_A.weight` / `lora_B.weight`.
 
+`with_adapter` serves several adapters on one base: each gets a view of the base model that
+shares every base tensor and every module off the path to its adapted layers.
+
 `LoRALinear` is deliberately not an `nn.Linear` subclass: code that swaps Linear layers
 (int8 quantization, oneDNN packing) must not mistake it for one and drop the adapter.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -204,3 +209,82 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{name}.{LORA_A}"] = layer.lora_A.detach()
         out[f"{name}.{LORA_B}"] = layer.lora_B.detach()
     return out
+
+
+def with_adapter(
+    model: nn.Module, config: LoRAConfig, tensors: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """A model computing `model` plus one adapter, sharing `model`'s weights (nothing is copied).
+
+    tensors: the adapter as `adapter_state_dict` gives it (`<path>.lora_A`, `<path>.lora_B`) for
+        exactly the layers `config.targets` names.
+    The result shares every parameter, buffer and module of `model` except the modules on the
+    way from the root to an adapted layer (shallow copies) and the adapted layers themselves
+    (`LoRALinear`s over the shared base weight and bias). `model` keeps computing without the
+    adapter. Memory: the adapter's tensors and a few module objects. The adapter is frozen (for
+    inference; train adapters with `apply_lora`).
+    """
+    names = lora_targets(model, config.targets)
+    want = {f"{n}.{kind}" for n in names for kind in (LORA_A, LORA_B)}
+    if set(tensors) != want:
+        missing, extra = sorted(want - set(tensors)), sorted(set(tensors) - want)
+        raise ModelError(
+            f"adapter tensors do not match its layers (missing {missing or 'none'}, "
+            f"unexpected {extra or 'none'})"
+        )
+    view = _copy_path(model, names, "")
+    for name in names:
+        linear = view.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        layer = _lora_over(linear, config)
+        for kind in (LORA_A, LORA_B):
+            param = getattr(layer, kind)
+            given = tensors[f"{name}.{kind}"]
+            if given.shape != param.shape:
+                raise ModelError(
+                    f"adapter tensor {name}.{kind} has shape {list(given.shape)}, the layer "
+                    f"needs {list(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(given)
+        replace_module(view, name, layer)
+    return view
+
+
+def _lora_over(linear: nn.Linear, config: LoRAConfig) -> LoRALinear:
+    """A frozen LoRALinear on `linear`'s weight and bias (shared; `linear` is left as it is)."""
+    layer = LoRALinear(
+        linear.in_features,
+        linear.out_features,
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        bias=False,
+        device="meta",  # no storage: the base weight is linear's own, A and B come next
+    )
+    w = linear.weight
+    layer.weight = w  # type: ignore[assignment]  # shared, not copied
+    layer.bias = linear.bias
+    for kind, shape in (
+        (LORA_A, (config.rank, layer.in_features)),
+        (LORA_B, (layer.out_features, config.rank)),
+    ):
+        blank = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        setattr(layer, kind, nn.Parameter(blank, requires_grad=False))
+    return layer.train(linear.training)
+
+
+def _copy_path(module: nn.Module, names: list[str], prefix: str) -> nn.Module:
+    """A shallow copy of `module` whose children on the way to `names` are copied in turn; every
+    other child, parameter and buffer is the original object."""
+    clone = copy.copy(module)
+    # copy.copy shares the containers: give the clone its own, holding the same objects
+    clone._modules = dict(module._modules)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for child_name, child in module._modules.items():
+        path = prefix + child_name
+        if child is not None and any(n.startswith(path + ".") for n in names):
+            clone._modules[child_name] = _copy_path(child, names, path + ".")
+    return clone

@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,11 +54,14 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
         for loaded in preloaded:
             served = await repo.add(loaded, source="preloaded")
             repo.configured.add(served.name)
-        for path in settings.packages:
-            served = await repo.load(path)
+        bases = []
+        sources: list[str | Path] = [*settings.packages, *settings.registry_refs]
+        for source in sources:
+            served = await repo.load(source)
             repo.configured.add(served.name)
-        for ref in settings.registry_refs:
-            served = await repo.load(ref)
+            bases.append(served)
+        for name, path in settings.adapters.items():  # settings checked: exactly one base
+            served = await repo.load_adapter(name, path, bases[0])
             repo.configured.add(served.name)
         repo.started = True
         # Everything alive now (torch, the models) lives as long as the server: move it out of

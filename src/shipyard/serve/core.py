@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,9 +26,10 @@ from shipyard.package import (
 )
 from shipyard.package.registry import Registry
 from shipyard.serve import lm, metrics
+from shipyard.serve.adapters import load_adapter
 from shipyard.serve.batching import Batcher, Outputs
 from shipyard.serve.errors import BadRequest, Conflict, DeadlineExceeded, NotFound, Unavailable
-from shipyard.serve.settings import ServeSettings
+from shipyard.serve.settings import MODEL_NAME, ServeError, ServeSettings
 
 if TYPE_CHECKING:
     from shipyard.generate import Engine
@@ -38,8 +38,6 @@ log = logging.getLogger("shipyard.serve")
 
 # A request starts watching for its client's disconnect only after waiting this long.
 WATCH_AFTER_S = 0.05
-
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 # KServe V2 datatype ↔ numpy dtype (BYTES are object arrays of str/bytes)
 V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -250,6 +248,26 @@ class ModelRepository:
             mv = registry.get(source)
             path = registry.resolve_local(mv.ref, public_key=public_key)
         return load_package(path, public_key=public_key), mv.name, str(mv.version)
+
+    async def load_adapter(self, name: str, path: Path, base: ServedModel) -> ServedModel:
+        """Serve the LoRA adapter package at `path` as model `name`, on `base`'s weights (shared,
+        not copied); ServeError when `name` is taken or the adapter was trained on another base.
+        """
+        if name in self._versions:
+            raise ServeError(
+                f"--adapter {name}={path}: a served model is already named {name!r}; choose "
+                "another adapter name"
+            )
+        start = time.perf_counter()
+        loaded = await asyncio.to_thread(
+            load_adapter, name, path, base.loaded, public_key=self.settings.public_key
+        )
+        return await self.add(
+            loaded,
+            time.perf_counter() - start,
+            name=name,
+            source=f"{path} (adapter on {base.name}:{base.version})",
+        )
 
     async def add(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shipyard.errors import ShipyardError
 
 SETTINGS_ENV = "SHIPYARD_SERVE_SETTINGS"
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ServeError(ShipyardError):
@@ -30,6 +33,11 @@ class ServeSettings(BaseModel):
     packages: list[Path] = Field(default_factory=list, description="Package directories to serve.")
     registry_refs: list[str] = Field(
         default_factory=list, description="Registry refs to serve: NAME, NAME:VERSION, NAME@ALIAS."
+    )
+    adapters: dict[str, Path] = Field(
+        default_factory=dict,
+        description="LoRA adapter packages served on the one served package (their base): "
+        "model name -> package directory.",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -80,7 +88,27 @@ class ServeSettings(BaseModel):
                 "with `shipyard api-keys add`) or --insecure-no-auth to serve without "
                 "authentication"
             )
+        if self.adapters:
+            self._check_adapters()
         return self
+
+    def _check_adapters(self) -> None:
+        served = len(self.packages) + len(self.registry_refs)
+        if served != 1:
+            raise ValueError(
+                f"--adapter needs exactly one served package, the adapters' base; got {served}"
+            )
+        for name in self.adapters:
+            if not MODEL_NAME.match(name):
+                raise ValueError(
+                    f"--adapter name {name!r} is not a model name (letters, digits, '.', '_', "
+                    "'-'; starting with a letter or digit)"
+                )
+        if self.decode_weights == "int8":
+            raise ValueError(
+                "--decode-weights int8 cannot serve --adapter: the adapted layers decode on the "
+                "base's fp32 weights; use auto or fp32"
+            )
 
     @property
     def auth_enabled(self) -> bool:
