@@ -22,10 +22,11 @@ from shipyard.data.instructions import (
     packing_summary,
     pad_examples,
 )
-from shipyard.errors import ConfigError, ModelError
-from shipyard.models import GPT, GPTConfig, Llama, LlamaConfig
+from shipyard.errors import ConfigError, ModelError, TrainError
+from shipyard.models import GPT, GPTConfig, Llama, LlamaConfig, RNNConfig, build_model
 from shipyard.models.protocol import segment_attention_mask, segment_runs
 from shipyard.train import build_data_and_model, evaluate_model, fit
+from shipyard.train.trainer import check_packing
 
 VOCAB = 50
 BLOCK = 16
@@ -231,3 +232,14 @@ def test_a_packed_run_trains_and_reports_its_packing(pairs: Path, tmp_path: Path
     assert result.metrics["val"]["loss"] > 0
     report = json.loads((result.run_dir / "report.json").read_text())
     assert report["run"]["instruction_examples"]["packing"]["train"] == packing
+
+
+def test_packing_refuses_a_model_without_segments_and_a_teacher() -> None:
+    lm = RNNConfig(head="lm", n_embd=8, hidden_size=8, block_size=BLOCK)
+    rnn = build_model(lm, input_shape=(BLOCK,), num_outputs=VOCAB, vocab_size=VOCAB)
+    with pytest.raises(TrainError, match="forward takes segments="):
+        check_packing(rnn, None)
+    gpt = _models()["gpt"]
+    with pytest.raises(TrainError, match="cannot be combined with distillation"):
+        check_packing(gpt, _models()["gpt"])
+    check_packing(gpt, None)

@@ -264,7 +264,7 @@ class Trainer:
             raise TrainError("distill parameters were given without a teacher")
         self.packed = getattr(self.data.train, "segments", None) is not None
         if self.packed:
-            self._check_packing(model)
+            check_packing(model, self.teacher)
         aug = config.data.augmentation
         self.augmenter = Augmenter(aug, info.input_shape, config.task) if aug is not None else None
         self.is_lm = config.task == "language-modeling"
@@ -343,19 +343,6 @@ class Trainer:
             raise TrainError(
                 f"regularization.l1/l2 ({reg.l1}/{reg.l2}) are not supported with train.strategy "
                 "fsdp; use the optimizer's weight_decay instead"
-            )
-
-    def _check_packing(self, model: nn.Module) -> None:
-        """Packed rows need a model that takes `segments=`, and nothing that sees whole rows."""
-        if "segments" not in inspect.signature(model.forward).parameters:
-            raise TrainError(
-                f"data.packing needs a model whose forward takes segments= (gpt, llama); "
-                f"{type(model).__name__} does not: remove data.packing"
-            )
-        if self.teacher is not None:
-            raise TrainError(
-                "data.packing cannot be combined with distillation (the teacher reads whole "
-                "rows); remove data.packing"
             )
 
     # ------------------------------------------------------------------ set-up helpers
@@ -1008,6 +995,21 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def check_packing(model: nn.Module, teacher: nn.Module | None) -> None:
+    """Packed rows (data.packing) need a model whose forward takes `segments=`, and no teacher,
+    which would read whole rows across examples."""
+    if "segments" not in inspect.signature(model.forward).parameters:
+        raise TrainError(
+            f"data.packing needs a model whose forward takes segments= (gpt, llama); "
+            f"{type(model).__name__} does not: remove data.packing"
+        )
+    if teacher is not None:
+        raise TrainError(
+            "data.packing cannot be combined with distillation (the teacher reads whole rows "
+            "across examples); remove data.packing"
+        )
 
 
 def _scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
