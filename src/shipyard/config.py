@@ -550,6 +550,12 @@ class RunConfig(StrictModel):
                 f"model.head {head!r} does not fit task {self.task!r}: use head {want!r} "
                 "(or leave head out)"
             )
+        if self.data.packing and model not in CAUSAL_MODELS:
+            raise ValueError(
+                f"data.packing needs a model that keeps packed examples apart "
+                f"({', '.join(sorted(CAUSAL_MODELS))}), got model.name={model!r}; remove "
+                "data.packing"
+            )
         needs_text = model in TOKEN_MODELS and self.task != "language-modeling"
         if needs_text and (self.data.text_column is None or self.data.tokenizer is None):
             raise ValueError(
@@ -573,6 +579,8 @@ def _check_private_training(config: RunConfig) -> None:
         clashes.append("train.precision fp16")
     if train.strategy == "fsdp":
         clashes.append("train.strategy fsdp (DP-SGD runs in one process)")
+    if config.data.packing:
+        clashes.append("data.packing (DP-SGD protects one row, and a packed row holds several)")
     if clashes:
         raise ValueError("train.privacy cannot be combined with " + "; ".join(clashes))
 

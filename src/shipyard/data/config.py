@@ -240,6 +240,11 @@ class DataConfig(StrictModel):
         "answers",
         description="chat / prompt-completion: score only assistant / completion tokens, or all",
     )
+    packing: bool = Field(
+        False,
+        description="chat / prompt-completion: pack whole train examples into full windows "
+        "(attention and positions stay inside each example); train.batch_size counts windows",
+    )
     max_documents: int | None = Field(
         None, ge=1, description="text corpora: use at most this many documents (files)"
     )
@@ -303,6 +308,16 @@ class DataConfig(StrictModel):
             raise ValueError(
                 f"data.features {sorted(numeric)} are hashed/masked to text, which is not a "
                 "number; generalize them instead, or leave them out of features"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _packing_needs_examples(self) -> DataConfig:
+        if self.packing and not self.is_instructions:
+            raise ValueError(
+                f"data.packing packs chat / prompt-completion examples, but data.format is "
+                f"{self.format!r} (text corpora are already cut into full windows); set "
+                "data.format: chat | prompt-completion, or remove data.packing"
             )
         return self
 

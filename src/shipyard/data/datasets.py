@@ -44,6 +44,32 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         )
 
 
+class PackedDataset(ArrayDataset):
+    """Token rows that each hold several whole examples (`data.packing`): `segments` (N, T)
+    numbers the examples along each row (padding after the last one is its own run), so a model
+    called with `segments=` keeps attention and positions inside each example."""
+
+    def __init__(
+        self,
+        x: torch.Tensor | np.ndarray,
+        y: torch.Tensor | np.ndarray,
+        segments: torch.Tensor | np.ndarray,
+    ) -> None:
+        super().__init__(x, y)
+        self.segments = torch.as_tensor(segments)
+        if self.segments.shape != self.x.shape:
+            raise ValueError(
+                f"segments {tuple(self.segments.shape)} must have the shape of x "
+                f"{tuple(self.x.shape)}"
+            )
+
+
+def segments_of(dataset: Any, idx: torch.Tensor) -> torch.Tensor | None:
+    """The segment ids of rows `idx` of a packed dataset, or None for one example per row."""
+    segments = getattr(dataset, "segments", None)
+    return None if segments is None else segments[idx]
+
+
 def gather(dataset: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows `idx` of a dataset as one (x, y) batch: direct tensor indexing where the dataset
     allows it (ArrayDataset, TokenWindows), else stacking its items."""

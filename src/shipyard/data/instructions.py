@@ -14,10 +14,14 @@ Each example becomes one row of `block_size` tokens: x = ids[:-1], y = ids[1:] w
 (`IGNORE_INDEX`) wherever the target is not an answer token, and padding after the end.
 Longer examples are truncated (`data.overlong: truncate`), dropped (`drop`) or refused
 (`error`); the counts travel in `InstructionStats`.
+
+With `data.packing: true` the train split's examples are packed whole into rows instead
+(`pack_examples`), with segment ids that keep attention and positions inside each example.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from shipyard.data.chat import FALLBACK_TEMPLATE, fallback_prompt
-from shipyard.data.datasets import ArrayDataset
+from shipyard.data.datasets import ArrayDataset, PackedDataset
 from shipyard.data.sources import iter_jsonl
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import DataError
@@ -43,6 +47,7 @@ class InstructionStats:
     truncated: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     answer_tokens: dict[str, int] = field(default_factory=dict)
+    packing: dict[str, dict[str, Any]] = field(default_factory=dict)  # data.packing: per split
 
 
 def read_examples(paths: Sequence[Path], fmt: str) -> list[dict[str, Any]]:
@@ -124,7 +129,25 @@ def completion_tokens(
     return head + tail, [False] * len(head) + [True] * len(tail)
 
 
-def instruction_rows(
+@dataclass
+class TokenizedExamples:
+    """Every kept example as its own (x, y) pair of equal length (ids[:-1], scored ids[1:])."""
+
+    inputs: list[np.ndarray]
+    targets: list[np.ndarray]
+    truncated: int = 0
+    dropped: int = 0
+    answer_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def tokens(self) -> int:
+        """Input tokens over all examples: the part of the windows that is not padding."""
+        return sum(len(x) for x in self.inputs)
+
+
+def tokenize_examples(
     records: Sequence[Mapping[str, Any]],
     fmt: str,
     tokenizer: Tokenizer,
@@ -132,11 +155,9 @@ def instruction_rows(
     *,
     overlong: str = "truncate",
     train_on: str = "answers",
-) -> tuple[ArrayDataset, int, int, int]:
-    """(dataset, truncated, dropped, answer tokens) for `records`: rows of `block_size` ids."""
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    truncated = dropped = answer_tokens = 0
+) -> TokenizedExamples:
+    """Render and tokenize `records`; an example longer than the window follows `overlong`."""
+    out = TokenizedExamples([], [])
     for n, rec in enumerate(records):
         if fmt == "chat":
             ids, answer = chat_tokens(tokenizer, rec["messages"])
@@ -152,19 +173,97 @@ def instruction_rows(
                     "data.overlong: truncate | drop"
                 )
             if overlong == "drop":
-                dropped += 1
+                out.dropped += 1
                 continue
-            truncated += 1
+            out.truncated += 1
             ids, answer = ids[: block_size + 1], answer[: block_size + 1]
-        x = np.full(block_size, tokenizer.pad_id, dtype=np.int64)
-        y = np.full(block_size, IGNORE_INDEX, dtype=np.int64)
-        x[: len(ids) - 1] = ids[:-1]
         targets = np.asarray(ids[1:], dtype=np.int64)
         scored = np.asarray(answer[1:], dtype=bool)
-        y[: len(targets)] = np.where(scored, targets, IGNORE_INDEX)
-        answer_tokens += int(scored.sum())
-        xs.append(x)
-        ys.append(y)
-    if not xs:
+        out.inputs.append(np.asarray(ids[:-1], dtype=np.int64))
+        out.targets.append(np.where(scored, targets, IGNORE_INDEX))
+        out.answer_tokens += int(scored.sum())
+    if not out.inputs:
         raise DataError("no example fits the window (all dropped as overlong)")
-    return ArrayDataset(np.stack(xs), np.stack(ys)), truncated, dropped, answer_tokens
+    return out
+
+
+def pad_examples(examples: TokenizedExamples, block_size: int, pad_id: int) -> ArrayDataset:
+    """One example per row of `block_size` ids, padded after its end (targets IGNORE_INDEX)."""
+    x = np.full((len(examples), block_size), pad_id, dtype=np.int64)
+    y = np.full((len(examples), block_size), IGNORE_INDEX, dtype=np.int64)
+    for i, (xi, yi) in enumerate(zip(examples.inputs, examples.targets, strict=True)):
+        x[i, : len(xi)] = xi
+        y[i, : len(yi)] = yi
+    return ArrayDataset(x, y)
+
+
+def pack_examples(examples: TokenizedExamples, block_size: int, pad_id: int) -> PackedDataset:
+    """Whole examples packed into rows of `block_size` ids, best-fit decreasing.
+
+    Examples go longest first (ties in their given, seeded order) into the fullest row that still
+    has room, else a new row; within a row they keep that order. No example is split, so none
+    loses context. Segment ids count 1, 2, ... along a row; the padding after the last example
+    gets the next id (its targets are IGNORE_INDEX like everywhere else it is padding).
+    """
+    sizes = [len(x) for x in examples.inputs]
+    order = sorted((i for i, n in enumerate(sizes) if n > 0), key=lambda i: -sizes[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), ascending: best fit = first with room
+    for i in order:
+        at = bisect.bisect_left(free, (sizes[i], -1))
+        if at == len(free):
+            rows.append([i])
+            room, row = block_size - sizes[i], len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= sizes[i]
+        if room > 0:
+            bisect.insort(free, (room, row))
+    x = np.full((len(rows), block_size), pad_id, dtype=np.int64)
+    y = np.full((len(rows), block_size), IGNORE_INDEX, dtype=np.int64)
+    segments = np.zeros((len(rows), block_size), dtype=np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(members, start=1):
+            n = sizes[i]
+            x[r, at : at + n] = examples.inputs[i]
+            y[r, at : at + n] = examples.targets[i]
+            segments[r, at : at + n] = seg
+            at += n
+        segments[r, at:] = len(members) + 1
+    return PackedDataset(x, y, segments)
+
+
+def packing_summary(examples: TokenizedExamples, windows: int, block_size: int) -> dict[str, Any]:
+    """How many examples went into how many windows, and the padding share of the windows
+    one example per row (`padding_unpacked`) and packed (`padding_packed`)."""
+    tokens = examples.tokens()
+    return {
+        "examples": len(examples),
+        "windows": windows,
+        "padding_unpacked": round(1 - tokens / (len(examples) * block_size), 4),
+        "padding_packed": round(1 - tokens / (windows * block_size), 4),
+    }
+
+
+def instruction_rows(
+    records: Sequence[Mapping[str, Any]],
+    fmt: str,
+    tokenizer: Tokenizer,
+    block_size: int,
+    *,
+    overlong: str = "truncate",
+    train_on: str = "answers",
+) -> tuple[ArrayDataset, int, int, int]:
+    """(dataset, truncated, dropped, answer tokens) for `records`: one example per row of
+    `block_size` ids."""
+    ex = tokenize_examples(
+        records, fmt, tokenizer, block_size, overlong=overlong, train_on=train_on
+    )
+    return (
+        pad_examples(ex, block_size, tokenizer.pad_id),
+        ex.truncated,
+        ex.dropped,
+        ex.answer_tokens,
+    )

@@ -18,7 +18,14 @@ from shipyard.data.config import DataConfig
 from shipyard.data.corpus import TokenWindows, default_cache_dir, tokenize_to_file
 from shipyard.data.datasets import ArrayDataset
 from shipyard.data.folds import fold_ids
-from shipyard.data.instructions import InstructionStats, instruction_rows, read_examples
+from shipyard.data.instructions import (
+    InstructionStats,
+    pack_examples,
+    packing_summary,
+    pad_examples,
+    read_examples,
+    tokenize_examples,
+)
 from shipyard.data.preprocessing import Preprocessor, encode_labels, fit_class_names
 from shipyard.data.sources import Table, load_table, load_texts, resolve_paths
 from shipyard.data.splits import SPLITS, split_documents, split_indices
@@ -172,22 +179,29 @@ def _prepare_instructions(
             )
         texts = [json.dumps(r, ensure_ascii=False) for r in records.get("train", [])]
         tokenizer = Tokenizer.from_config(config.tokenizer, texts)
-    datasets = {}
+    datasets: dict[str, Dataset[Any]] = {}
     stats = InstructionStats()
     for name, recs in records.items():
-        ds, cut, left_out, answers = instruction_rows(
+        ex = tokenize_examples(
             recs, fmt, tokenizer, block_size, overlong=config.overlong, train_on=config.train_on
         )
-        if answers == 0:
+        if ex.answer_tokens == 0:
             raise DataError(
                 f"the {name} split has no answer tokens within {block_size} tokens per example "
-                f"({cut} of its examples were cut); raise data.block_size or shorten the prompts"
+                f"({ex.truncated} of its examples were cut); raise data.block_size or shorten "
+                "the prompts"
             )
-        datasets[name] = ds
-        stats.examples[name] = len(ds)
-        stats.truncated[name] = cut
-        stats.dropped[name] = left_out
-        stats.answer_tokens[name] = answers
+        # only train is packed: val/test keep one example per row, comparable with any run
+        if config.packing and name == "train":
+            packed = pack_examples(ex, block_size, tokenizer.pad_id)
+            stats.packing[name] = packing_summary(ex, len(packed), block_size)
+            datasets[name] = packed
+        else:
+            datasets[name] = pad_examples(ex, block_size, tokenizer.pad_id)
+        stats.examples[name] = len(ex)
+        stats.truncated[name] = ex.truncated
+        stats.dropped[name] = ex.dropped
+        stats.answer_tokens[name] = ex.answer_tokens
     if "train" not in datasets:
         raise DataError("instruction data needs a train split")
     prepared = _lm_data(config, datasets, tokenizer, block_size, fingerprint, stats.answer_tokens)

@@ -25,7 +25,13 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
-from shipyard.models.protocol import KVCache, window_attention_mask
+from shipyard.models.protocol import (
+    KVCache,
+    check_segments,
+    segment_attention_mask,
+    segment_runs,
+    window_attention_mask,
+)
 
 LAYER_NORM_EPS = 1e-5
 
@@ -220,6 +226,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return next-token logits (B, T, vocab_size) for token ids `idx` (B, T).
 
@@ -228,6 +235,9 @@ class GPT(nn.Module):
             Give them for left-padded batches, where a row's first real token is position 0.
         attention_mask: (B, T_cached + T), True/1 for real tokens and False/0 for padding
             slots, which no query attends (a padding query attends only itself).
+        segments: (B, T) ids of packed rows (several examples per row): each run of equal ids
+            attends only to itself and its positions restart at 0, so every example gets the
+            logits it would get alone. Not with kv_cache or attention_mask.
         """
         if idx.dim() != 2:
             raise ModelError(f"gpt expects token ids of shape (B, T), got {tuple(idx.shape)}")
@@ -239,6 +249,10 @@ class GPT(nn.Module):
                 "truncate the input or raise model.block_size"
             )
         past = 0
+        runs = segment_positions = None
+        if segments is not None:
+            check_segments(segments, idx, kv_cache, attention_mask)
+            runs, segment_positions = segment_runs(segments)  # positions < T: in range
         if kv_cache is not None:
             if kv_cache.n_layer != self.config.n_layer:
                 raise ModelError(
@@ -246,7 +260,9 @@ class GPT(nn.Module):
                     f"{self.config.n_layer}; create it with model.new_kv_cache()"
                 )
             past = kv_cache.seq_len
-        if positions is None:
+        if positions is None and segment_positions is not None:
+            positions = segment_positions  # (B, T)
+        elif positions is None:
             if past + T > block_size:
                 raise ModelError(
                     f"gpt context would hold {past + T} tokens ({past} cached + {T} new) but "
@@ -265,7 +281,11 @@ class GPT(nn.Module):
                     f"positions must lie in [0, {block_size}) (block_size), got "
                     f"[{int(positions.min())}, {int(positions.max())}]"
                 )
-        attn_mask, is_causal = window_attention_mask(T, past, attention_mask, None, idx.device)
+        attn_mask: torch.Tensor | None
+        if runs is not None:
+            attn_mask, is_causal = segment_attention_mask(runs, None), False
+        else:
+            attn_mask, is_causal = window_attention_mask(T, past, attention_mask, None, idx.device)
 
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(positions)  # (T, C) or (B, T, C)

@@ -35,7 +35,13 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
-from shipyard.models.protocol import KVCache, window_attention_mask
+from shipyard.models.protocol import (
+    KVCache,
+    check_segments,
+    segment_attention_mask,
+    segment_runs,
+    window_attention_mask,
+)
 
 ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "phi3"]
 RopeType = Literal["default", "linear", "llama3", "yarn", "dynamic", "longrope"]
@@ -609,6 +615,7 @@ class Llama(nn.Module):
         kv_cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return next-token logits (B, T, vocab_size) for token ids `idx` (B, T).
 
@@ -619,11 +626,19 @@ class Llama(nn.Module):
             (as transformers does); generation keeps a sequence within `max_context`.
         attention_mask: (B, T_cached + T), True/1 for real tokens and False/0 for padding
             slots, which no query attends (a padding query attends only itself).
+        segments: (B, T) ids of packed rows (several examples per row): each run of equal ids
+            attends only to itself (within the sliding window, if any) and its RoPE positions
+            restart at 0, so every example gets the logits it would get alone. Not with
+            kv_cache or attention_mask.
         """
         if idx.dim() != 2:
             raise ModelError(f"llama expects token ids of shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
         past = 0
+        runs = segment_positions = None
+        if segments is not None:
+            check_segments(segments, idx, kv_cache, attention_mask)
+            runs, segment_positions = segment_runs(segments)  # positions < T: in range
         if kv_cache is not None:
             if kv_cache.n_layer != self.n_layer:
                 raise ModelError(
@@ -631,7 +646,9 @@ class Llama(nn.Module):
                     f"{self.n_layer}; create it with model.new_kv_cache()"
                 )
             past = kv_cache.seq_len
-        if positions is None:
+        if positions is None and segment_positions is not None:
+            positions = segment_positions  # (B, T)
+        elif positions is None:
             positions = torch.arange(past, past + T, device=idx.device)[None]  # (1, T)
         else:
             if positions.shape != (B, T):
@@ -645,7 +662,9 @@ class Llama(nn.Module):
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
         for i, layer in enumerate(self.model.layers):
             window = self.config.sliding_window_of(i)
-            if window not in masks:
+            if window not in masks and runs is not None:
+                masks[window] = segment_attention_mask(runs, window), False
+            elif window not in masks:
                 masks[window] = window_attention_mask(T, past, attention_mask, window, idx.device)
             mask, is_causal = masks[window]
             x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, kv_cache=kv_cache)

@@ -86,6 +86,52 @@ def window_attention_mask(
     return allowed, False
 
 
+def segment_runs(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(runs, positions) of packed rows: each maximal run of equal ids in `segments` (B, T) is one
+    example; runs numbers them along the row and positions restart at 0 at each run's start.
+
+    Runs, not raw ids, decide who attends whom, so a repeated id further along a row is another
+    example and never sees the first.
+    """
+    if segments.dim() != 2:
+        raise ModelError(f"segments must have shape (B, T), got {tuple(segments.shape)}")
+    B, T = segments.shape
+    starts = torch.ones_like(segments, dtype=torch.bool)  # (B, T)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    runs = starts.long().cumsum(dim=1)  # (B, T)
+    slot = torch.arange(T, device=segments.device).expand(B, T)  # (B, T)
+    first = torch.where(starts, slot, torch.zeros_like(slot)).cummax(dim=1).values  # (B, T)
+    return runs, slot - first
+
+
+def segment_attention_mask(runs: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Block-diagonal causal mask (B, 1, T, T) of packed rows: a query attends earlier slots of
+    its own run only (and, with a sliding `window`, only the last `window` of them)."""
+    T = runs.size(1)
+    q_slot = torch.arange(T, device=runs.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(T, device=runs.device)[None, :]  # (1, T)
+    allowed = k_slot <= q_slot  # (T, T)
+    if window is not None:
+        allowed = allowed & (k_slot > q_slot - window)
+    same = runs[:, :, None] == runs[:, None, :]  # (B, T, T)
+    return (same & allowed)[:, None]  # (B, 1, T, T)
+
+
+def check_segments(
+    segments: torch.Tensor, idx: torch.Tensor, kv_cache: KVCache | None, key_mask: object
+) -> None:
+    """Refuse `segments` where they have no meaning: with a KV cache or an attention_mask."""
+    if segments.shape != idx.shape:
+        raise ModelError(
+            f"segments must have the shape of idx {tuple(idx.shape)}, got {tuple(segments.shape)}"
+        )
+    if kv_cache is not None or key_mask is not None:
+        raise ModelError(
+            "segments (packed training rows) cannot be combined with a kv_cache or an "
+            "attention_mask; decode one sequence per row instead"
+        )
+
+
 @runtime_checkable
 class LanguageModel(Protocol):
     """A causal LM: `model(idx, kv_cache=..., positions=..., attention_mask=...)` -> logits.

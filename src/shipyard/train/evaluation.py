@@ -15,7 +15,7 @@ from torch import nn
 from shipyard.config import RunConfig
 from shipyard.config_base import LM_TASK
 from shipyard.data import PreparedData, prepare_data
-from shipyard.data.datasets import gather
+from shipyard.data.datasets import gather, segments_of
 from shipyard.errors import TrainError
 from shipyard.evaluate.metrics import build_metrics
 from shipyard.models import TOKEN_MODELS, build_model
@@ -72,15 +72,16 @@ def evaluate_model(
         if config.eval.max_batches is not None:
             n_batches = min(n_batches, config.eval.max_batches)
         for _ in range(n_batches - min(len(batches), n_batches)):
-            x, _y = gather(dataset, torch.zeros(1, dtype=torch.long))
-            model(x.to(device))
+            first = torch.zeros(1, dtype=torch.long)
+            x, _y = gather(dataset, first)
+            _forward(model, x.to(device), segments_of(dataset, first))
     if config.eval.max_batches is not None:
         batches = batches[: config.eval.max_batches]
     for idx in batches:
         x, y = gather(dataset, idx)
         x, y = x.to(device), y.to(device)
         with autocast() if autocast is not None else contextlib.nullcontext():
-            out = model(x)
+            out = _forward(model, x, segments_of(dataset, idx))
         out = out.float()
         loss_sum, scored = loss_fn(out, y)
         count = int(scored)
@@ -89,6 +90,13 @@ def evaluate_model(
             y = data.preprocessor.inverse_transform_target(y)
         metrics.update(out, y, loss_sum=loss_sum, count=count)
     return metrics.compute()
+
+
+def _forward(model: nn.Module, x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """The model's outputs; packed rows (data.packing's train split) pass their segment ids."""
+    if segments is None:
+        return model(x)
+    return model(x, segments=segments.to(x.device))
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, Any]:

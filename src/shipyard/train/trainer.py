@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shipyard.config import GDConfig, RunConfig, dump_config
 from shipyard.data.augmentation import Augmenter
-from shipyard.data.datasets import gather
+from shipyard.data.datasets import gather, segments_of
 from shipyard.data.instructions import IGNORE_INDEX
 from shipyard.errors import CheckpointError, ShipyardError, TrainError
 from shipyard.evaluate.metrics import primary_metric
@@ -261,6 +262,9 @@ class Trainer:
             self.distill = distill or DistillParams()
         elif distill is not None:
             raise TrainError("distill parameters were given without a teacher")
+        self.packed = getattr(self.data.train, "segments", None) is not None
+        if self.packed:
+            check_packing(model, self.teacher)
         aug = config.data.augmentation
         self.augmenter = Augmenter(aug, info.input_shape, config.task) if aug is not None else None
         self.is_lm = config.task == "language-modeling"
@@ -606,6 +610,9 @@ class Trainer:
         loss_sum_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, idx in enumerate(micro):
             x, y = self._batch(self.data.train, idx)
+            segments = segments_of(self.data.train, idx)
+            if segments is not None:
+                segments = segments.to(self.device, non_blocking=self.device.type == "cuda")
             y_mix, lam = None, 1.0
             if self.augmenter is not None:
                 # keyed by step, micro-batch and rank: the same batches again on resume
@@ -620,7 +627,8 @@ class Trainer:
                 sync = model.no_sync()  # type: ignore[operator]
             with sync:
                 with self._autocast():
-                    out = model(x)
+                    # packed rows: attention and positions stay inside each example
+                    out = model(x) if segments is None else model(x, segments=segments)
                     loss_sum, _ = self.loss_fn(out, y)
                     if y_mix is not None:  # mixup for classification: blend the two losses
                         loss_sum = lam * loss_sum + (1.0 - lam) * self.loss_fn(out, y_mix)[0]
@@ -987,6 +995,21 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def check_packing(model: nn.Module, teacher: nn.Module | None) -> None:
+    """Packed rows (data.packing) need a model whose forward takes `segments=`, and no teacher,
+    which would read whole rows across examples."""
+    if "segments" not in inspect.signature(model.forward).parameters:
+        raise TrainError(
+            f"data.packing needs a model whose forward takes segments= (gpt, llama); "
+            f"{type(model).__name__} does not: remove data.packing"
+        )
+    if teacher is not None:
+        raise TrainError(
+            "data.packing cannot be combined with distillation (the teacher reads whole rows "
+            "across examples); remove data.packing"
+        )
 
 
 def _scalars(results: dict[str, dict[str, Any]]) -> dict[str, float]:
