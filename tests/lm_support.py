@@ -1,8 +1,9 @@
-"""Shared helpers for the language-model serving tests: one tiny trained GPT package per session.
+"""Shared helpers for the language-model serving tests: one tiny trained GPT package per session,
+and one tiny character-level LSTM (`rnn_lm_package`).
 
 The model is a 2-layer byte-level GPT trained for a few seconds on Python standard library source:
 enough to produce varied, plausible-looking text, small enough to generate hundreds of tokens a
-second on one CPU core.
+second on one CPU core. The LSTM is trained the same way.
 """
 
 from __future__ import annotations
@@ -27,12 +28,23 @@ LM_CONFIG: dict[str, Any] = {
     "eval": {"every_steps": 1000, "max_batches": 1},
 }
 
+RNN_LM_CONFIG: dict[str, Any] = {
+    **LM_CONFIG,
+    "name": "tiny-rnn",
+    "model": {"name": "rnn", "cell": "lstm", "n_layer": 1, "n_embd": 32, "hidden_size": 128,
+              "block_size": 64},
+    "optim": {"name": "adam", "lr": 0.005},
+    "train": {"epochs": None, "max_steps": 250, "batch_size": 16, "log_every": 1000},
+}  # fmt: skip
+
 _cache: dict[str, Any] = {}
 
 
-def lm_package(base: Path) -> Path:
-    """Train the tiny GPT and package the run, once per session (cached under `base`)."""
-    out = base / "serve-lm-run" / "package"
+def lm_package(base: Path, config: dict[str, Any] | None = None) -> Path:
+    """Train the tiny GPT (or `config`) and package the run, once per session (cached under
+    `base`)."""
+    config = config or LM_CONFIG
+    out = base / f"serve-{config['name']}-run" / "package"
     if (out / "manifest.json").is_file():
         return out
     import torch
@@ -43,7 +55,7 @@ def lm_package(base: Path) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is fastest (no thread wake-ups)
     try:
-        result = fit(load_config(LM_CONFIG), run_dir=out.parent, progress=False)
+        result = fit(load_config(config), run_dir=out.parent, progress=False)
     finally:
         torch.set_num_threads(threads)
     if not (out / "manifest.json").is_file():
@@ -58,3 +70,17 @@ def loaded_lm(base: Path) -> Any:
 
         _cache["lm"] = load_package(lm_package(base))
     return _cache["lm"]
+
+
+def rnn_lm_package(base: Path) -> Path:
+    """Train the tiny character-level LSTM and package the run, once per session."""
+    return lm_package(base, RNN_LM_CONFIG)
+
+
+def loaded_rnn_lm(base: Path) -> Any:
+    """The tiny LSTM package loaded once per session."""
+    if "rnn" not in _cache:
+        from shipyard.package import load_package
+
+        _cache["rnn"] = load_package(rnn_lm_package(base))
+    return _cache["rnn"]

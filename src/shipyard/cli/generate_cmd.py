@@ -63,11 +63,11 @@ def generate(
     """
     from shipyard.errors import ConfigError
     from shipyard.generate import SamplingParams, stream
-    from shipyard.serve.lm import decoding_model
+    from shipyard.serve.lm import language_model
 
     if system is not None and not chat:
         raise ConfigError("--system needs --chat (it is a chat message)")
-    model, tokenizer = decoding_model(_load(package))
+    model, tokenizer = language_model(_load(package))
     text_or_ids: str | list[int] = prompt
     if chat:
         messages = [{"role": "system", "content": system}] if system is not None else []

@@ -7,6 +7,9 @@ cheap next to the decode steps in between.
 
 Layout: every row ends at the same slot (the batch's `seq_len`); a row with fewer tokens is
 padded on the left. The engine keeps each row's padding and masks those slots.
+
+A recurrent model's cache is its `RecurrentState` (one fixed-size state per row, no padding),
+which has the same `select` / `concat` / `seq_len` / `batch_size`; `new_cache` picks by model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from collections.abc import Sequence
 import torch
 
 from shipyard.errors import ModelError
-from shipyard.models.protocol import KVCache
+from shipyard.models.protocol import (
+    DecodingModel,
+    KVCache,
+    RecurrentLanguageModel,
+    RecurrentState,
+)
 
 _ALIGN = 64  # capacity grows in multiples of this many slots
 
@@ -123,3 +131,42 @@ class BatchKVCache(KVCache):
                 row += b
             out._set(layer, new_k, new_v, S)
         return out
+
+
+DecodeCache = BatchKVCache | RecurrentState
+"""What a batch of sequences decodes with: a KV cache, or a recurrent model's state."""
+
+
+def new_cache(model: DecodingModel) -> DecodeCache:
+    """An empty decode cache for `model`: its own recurrent state, else a `BatchKVCache`."""
+    if isinstance(model, RecurrentLanguageModel):
+        return model.new_state()
+    return BatchKVCache(model.n_layer)
+
+
+def concat_caches(caches: Sequence[DecodeCache]) -> DecodeCache:
+    """Stack non-empty caches of one kind along the batch (see `BatchKVCache.concat`)."""
+    if all(isinstance(c, BatchKVCache) for c in caches):
+        return BatchKVCache.concat([c for c in caches if isinstance(c, BatchKVCache)])
+    states = [c for c in caches if isinstance(c, RecurrentState)]
+    if states and len(states) == len(caches):
+        return type(states[0]).concat(states)
+    raise ModelError("cannot concat KV caches with recurrent states")
+
+
+def forward_cached(
+    model: DecodingModel,
+    idx: torch.Tensor,
+    cache: DecodeCache,
+    positions: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (B, T, V) of `idx` continuing `cache` (which the call extends). positions and
+    attention_mask: a KV cache's left padding; a recurrent state has none and ignores them."""
+    if isinstance(model, RecurrentLanguageModel):
+        if not isinstance(cache, RecurrentState):
+            raise ModelError(f"a recurrent model decodes with its own state, not {cache!r}")
+        return model(idx, kv_cache=cache)
+    if not isinstance(cache, KVCache):
+        raise ModelError(f"a KV-cache language model cannot decode with {cache!r}")
+    return model(idx, kv_cache=cache, positions=positions, attention_mask=attention_mask)

@@ -10,6 +10,11 @@ Each iteration of the engine thread:
 3. runs one decode step for the whole batch: every row feeds its last token, with its own
    position ids and a mask over its left padding (see `BatchKVCache`); finished rows leave.
 
+The model is a `DecodingModel`: a KV-cache `LanguageModel` (GPT, Llama) or a
+`RecurrentLanguageModel` (the rnn), whose `RecurrentState` is the batch's cache instead (rows
+join and leave through the same `concat` / `select`; no padding, positions or mask, and no
+context limit or cache budget, since a row's state never grows).
+
 Requests come in through `submit` (asyncio, for the server) or `submit_sync` (threads, CLI,
 tests) and get their `TokenEvent`s through a queue. At most `max_batch_size + max_queue`
 requests are accepted at once; beyond that `submit` raises `EngineOverloaded` (HTTP 503).
@@ -32,7 +37,7 @@ import torch
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import EngineOverloaded, GenerationError
-from shipyard.generate.cache import BatchKVCache
+from shipyard.generate.cache import DecodeCache, concat_caches, forward_cached, new_cache
 from shipyard.generate.packed import prepare_decoding
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
@@ -44,7 +49,12 @@ from shipyard.generate.sequence import (
     new_request_id,
 )
 from shipyard.generate.single import autocast_context, encode_prompt, model_device
-from shipyard.models.protocol import LanguageModel, language_module
+from shipyard.models.protocol import (
+    DecodingModel,
+    RecurrentLanguageModel,
+    context_limit,
+    language_module,
+)
 
 log = logging.getLogger("shipyard.generate")
 
@@ -84,7 +94,7 @@ class EngineStats:
     prompt_tokens_total: int  # prefilled prompt tokens
     generation_tokens_total: int  # generated tokens
     decode_steps: int
-    cached_slots: int  # KV cache slots of the decode batch (rows x padded length)
+    cached_slots: int  # KV cache slots of the decode batch (rows x padded length; 0: recurrent)
 
 
 class _End:
@@ -236,7 +246,7 @@ class _Request:
     def __init__(self, state: SequenceState, stream: RequestStream | AsyncRequestStream) -> None:
         self.state = state
         self.stream = stream
-        self.cache: BatchKVCache | None = None  # own cache while prefilling
+        self.cache: DecodeCache | None = None  # own cache while prefilling
         self.prefilled = 0  # prompt tokens already in the cache
         self.pad = 0  # left padding slots in the decode batch
 
@@ -247,7 +257,8 @@ class Engine:
     max_batch_size: most sequences decoded together.
     max_cached_tokens: cap on KV cache slots of the decode batch; a request is admitted only if
         (running + 1) x (largest prompt + max_tokens among them) stays within it. Default
-        max_batch_size x the model's context (no extra limit).
+        max_batch_size x the model's context (no extra limit); for a recurrent model, no cap
+        (its state does not grow with the tokens).
     max_queue: accepted requests beyond the running ones; more raise `EngineOverloaded`.
     prefill_chunk: most prompt tokens prefilled per iteration (bounds the stall of the batch).
     device: move the model there (default: where it is). The model is put in eval mode and its
@@ -262,7 +273,7 @@ class Engine:
 
     def __init__(
         self,
-        model: LanguageModel,
+        model: DecodingModel,
         tokenizer: Tokenizer,
         *,
         max_batch_size: int = 16,
@@ -276,7 +287,7 @@ class Engine:
         start: bool = True,
         weights: str = "auto",
     ) -> None:
-        block_size = model.max_context
+        self.max_context = context_limit(model)  # None: no limit (a recurrent model)
         module = language_module(model)
         if max_batch_size < 1:
             raise GenerationError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -284,14 +295,17 @@ class Engine:
             raise GenerationError(f"max_queue must be >= 0, got {max_queue}")
         if prefill_chunk < 1:
             raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.max_cached_tokens = max_cached_tokens or max_batch_size * block_size
-        if self.max_cached_tokens < 2:
+        if max_cached_tokens is None and self.max_context is not None:
+            max_cached_tokens = max_batch_size * self.max_context
+        self.max_cached_tokens = max_cached_tokens
+        if max_cached_tokens is not None and max_cached_tokens < 2:
             raise GenerationError(f"max_cached_tokens must be >= 2, got {max_cached_tokens}")
         if device is not None:
             module.to(device)
         self.kernels = prepare_decoding(module, weights)
         log.info(self.kernels)
         self.model = model
+        self._recurrent = isinstance(model, RecurrentLanguageModel)
         self.tokenizer = tokenizer
         self.device = model_device(module)
         self.max_batch_size = max_batch_size
@@ -315,7 +329,7 @@ class Engine:
         # Engine thread only.
         self._prefilling: list[_Request] = []
         self._running: list[_Request] = []
-        self._cache: BatchKVCache | None = None
+        self._cache: DecodeCache | None = None
         self._batch: SamplingBatch | None = None
         self._history: TokenHistory | None = None
         self._next_tokens: list[int] = []
@@ -426,7 +440,7 @@ class Engine:
                 prompt_tokens_total=c["prompt_tokens"],
                 generation_tokens_total=c["tokens"],
                 decode_steps=c["steps"],
-                cached_slots=0 if cache is None else running * cache.seq_len,
+                cached_slots=0 if cache is None or self._recurrent else running * cache.seq_len,
             )
 
     # -- accepting -------------------------------------------------------------------------
@@ -439,9 +453,9 @@ class Engine:
         make_stream: Callable[[str, int], _S],
     ) -> _S:
         params = params or SamplingParams()
-        block_size = self.model.max_context
-        ids = encode_prompt(self.tokenizer, prompt, params, block_size, self.model.vocab_size)
-        if len(ids) + params.max_tokens > self.max_cached_tokens:
+        ids = encode_prompt(self.tokenizer, prompt, params, self.max_context, self.model.vocab_size)
+        budget = self.max_cached_tokens
+        if budget is not None and len(ids) + params.max_tokens > budget:
             raise GenerationError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"engine's max_cached_tokens ({self.max_cached_tokens}); lower max_tokens"
@@ -536,11 +550,12 @@ class Engine:
                 if len(ongoing) >= self.max_batch_size:
                     break
                 head = self._waiting[0]
+                budget = self.max_cached_tokens
                 worst = max(r.state.reserved_tokens for r in [*ongoing, head])
-                if ongoing and (len(ongoing) + 1) * worst > self.max_cached_tokens:
+                if ongoing and budget is not None and (len(ongoing) + 1) * worst > budget:
                     break  # first in, first served: wait for room rather than skip ahead
                 self._waiting.popleft()
-                head.cache = BatchKVCache(self.model.n_layer)
+                head.cache = new_cache(self.model)
                 self._prefilling.append(head)
                 admitted.append(head)
         now = time.perf_counter()
@@ -559,7 +574,8 @@ class Engine:
             n = min(P - req.prefilled, budget)
             chunk = state.prompt_ids[req.prefilled : req.prefilled + n]
             x = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, n)
-            logits = self.model(x, kv_cache=req.cache)[:, -1].float()  # (1, V)
+            assert req.cache is not None
+            logits = forward_cached(self.model, x, req.cache)[:, -1].float()  # (1, V)
             req.prefilled += n
             budget -= n
             with self._lock:
@@ -608,7 +624,7 @@ class Engine:
     def _join(self, joining: list[_Request]) -> None:
         caches = [r.cache for r in joining if r.cache is not None]
         old_len = 0 if self._cache is None else self._cache.seq_len
-        self._cache = BatchKVCache.concat([c for c in [self._cache, *caches] if c is not None])
+        self._cache = concat_caches([c for c in [self._cache, *caches] if c is not None])
         S = self._cache.seq_len
         for req in self._running:
             req.pad += S - old_len
@@ -658,11 +674,13 @@ class Engine:
             return
         start = time.perf_counter()
         B, S = len(self._running), self._cache.seq_len
-        pads = torch.tensor([r.pad for r in self._running], device=self.device).view(B, 1)
-        positions = S - pads  # (B, 1): each row's own token count
-        mask = torch.arange(S + 1, device=self.device).view(1, -1) >= pads  # (B, S + 1)
         x = torch.tensor(self._next_tokens, dtype=torch.long, device=self.device).view(B, 1)
-        logits = self.model(x, kv_cache=self._cache, positions=positions, attention_mask=mask)
+        positions = mask = None  # a recurrent state: each row's own, no padding
+        if not self._recurrent:
+            pads = torch.tensor([r.pad for r in self._running], device=self.device).view(B, 1)
+            positions = S - pads  # (B, 1): each row's own token count
+            mask = torch.arange(S + 1, device=self.device).view(1, -1) >= pads  # (B, S + 1)
+        logits = forward_cached(self.model, x, self._cache, positions, mask)
         logits = logits[:, -1].float()  # (B, V)
         states = [r.state for r in self._running]
         tokens, logprobs = choose_tokens(

@@ -12,7 +12,7 @@ import torch
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
-from shipyard.generate.cache import BatchKVCache
+from shipyard.generate.cache import forward_cached, new_cache
 from shipyard.generate.packed import prepare_decoding
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
@@ -22,12 +22,7 @@ from shipyard.generate.sequence import (
     TokenEvent,
     new_request_id,
 )
-from shipyard.models.protocol import LanguageModel, language_module
-from shipyard.models.rnn import RNN, RNNState
-
-DecodingModel = LanguageModel | RNN
-"""What `generate`/`stream` decode from: a `LanguageModel` (KV cache), or an rnn language model,
-which carries its recurrent state instead (the batching `Engine` runs LanguageModels only)."""
+from shipyard.models.protocol import DecodingModel, context_limit, language_module
 
 
 def encode_prompt(
@@ -97,10 +92,9 @@ def stream(
     Raises GenerationError for a prompt that does not fit.
     """
     params = params or SamplingParams()
-    module = model if isinstance(model, RNN) else language_module(model)
+    module = language_module(model)
     V, device = model.vocab_size, model_device(module)
-    context = None if isinstance(model, RNN) else model.max_context  # an rnn has no limit
-    ids = encode_prompt(tokenizer, prompt, params, context, V)
+    ids = encode_prompt(tokenizer, prompt, params, context_limit(model), V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
     prepare_decoding(module, weights)
     return _decode(model, state, device, autocast_dtype)
@@ -120,14 +114,12 @@ def _decode(
             if params.uses_penalties
             else None
         )
-        cache: BatchKVCache | RNNState = (
-            model.new_state() if isinstance(model, RNN) else BatchKVCache(model.n_layer)
-        )
+        cache = new_cache(model)
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
     while True:
         # inference_mode only around the work: a generator must not leak it into its caller.
         with torch.inference_mode(), autocast_context(device, autocast_dtype):
-            logits = model(x, kv_cache=cache)[:, -1].float()  # type: ignore[arg-type]  # (1, V)
+            logits = forward_cached(model, x, cache)[:, -1].float()  # (1, V)
             tokens, logprobs = choose_tokens(
                 logits, batch, history, [state.generator], [params.top_logprobs]
             )

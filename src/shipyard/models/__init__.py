@@ -31,7 +31,17 @@ from shipyard.models.llama import (
     llama_from_state_dict,
 )
 from shipyard.models.mlp import MLP, MLPConfig
-from shipyard.models.protocol import KVCache, LanguageModel, is_language_model, language_module
+from shipyard.models.protocol import (
+    DecodingModel,
+    KVCache,
+    LanguageModel,
+    RecurrentLanguageModel,
+    RecurrentState,
+    is_decoding_model,
+    is_language_model,
+    is_recurrent_language_model,
+    language_module,
+)
 from shipyard.models.rnn import RNN, RNNConfig, RNNState
 
 ModelBuilder = Callable[..., nn.Module]
@@ -246,6 +256,7 @@ __all__ = [
     "TOKEN_MODELS",
     "ArchitectureConfig",
     "CNNConfig",
+    "DecodingModel",
     "Encoder",
     "EncoderConfig",
     "GPTConfig",
@@ -259,11 +270,15 @@ __all__ = [
     "ModelFamily",
     "RNNConfig",
     "RNNState",
+    "RecurrentLanguageModel",
+    "RecurrentState",
     "build_model",
     "config_from_hf",
     "count_parameters",
     "hf_config_from",
+    "is_decoding_model",
     "is_language_model",
+    "is_recurrent_language_model",
     "language_module",
     "llama_from_state_dict",
     "register_family",

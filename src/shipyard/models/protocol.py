@@ -4,10 +4,16 @@ A language model is an `nn.Module` that maps token ids (B, T) to next-token logi
 appending the keys and values of the new tokens to a `KVCache` when given one. GPT and the
 Llama family both satisfy `LanguageModel`; `generate/` and `serve/` depend on this protocol only.
 Both build their attention masks over cache slots with `window_attention_mask`.
+
+A recurrent language model (the rnn) satisfies `RecurrentLanguageModel` instead: it carries a
+fixed-size `RecurrentState` per sequence where a transformer keeps a growing KV cache, and has no
+context limit. `DecodingModel` is either; decoding code (single-stream and the batching engine)
+takes a `DecodingModel` and asks `context_limit` and `language_module` rather than the class.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, TypeGuard, runtime_checkable
 
 import torch
@@ -172,11 +178,98 @@ def is_language_model(obj: object) -> TypeGuard[LanguageModel]:
     return isinstance(obj, nn.Module) and isinstance(obj, LanguageModel)
 
 
-def language_module(model: LanguageModel) -> nn.Module:
-    """The `nn.Module` a language model is (to move, pack or put in eval mode)."""
+def language_module(model: DecodingModel) -> nn.Module:
+    """The `nn.Module` a language model (either protocol) is (to move, pack or put in eval mode)."""
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"a language model must be a torch nn.Module, got {type(model).__name__}; "
             "build it with shipyard.models.build_model"
         )
     return model
+
+
+class RecurrentState:
+    """The state a recurrent LM carries between calls for a batch of sequences (its KV cache).
+
+    `hidden` is one tensor or a tuple of them (an LSTM's (h, c)), each (n_layer, B, H): the
+    batch on dim 1, torch's layout for `nn.LSTM`/`nn.GRU` states; None before the first call.
+    `seq_len` counts the tokens consumed (a batch: the longest row's). Unlike a KV cache, the
+    state has the same size however long a sequence gets, and rows need no padding: `select`
+    and `concat` gather and stack rows, which is how sequences leave and join a decode batch.
+    """
+
+    def __init__(self) -> None:
+        self.hidden: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+        self.seq_len = 0
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        h = self.hidden
+        return () if h is None else (h,) if isinstance(h, torch.Tensor) else h
+
+    def _set(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.hidden = tensors[0] if isinstance(self.hidden, torch.Tensor) else tuple(tensors)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows (sequences) the state holds; 0 before the first call."""
+        t = self._tensors()
+        return 0 if not t else t[0].size(1)
+
+    def select(self, rows: Sequence[int], drop_left: int = 0) -> None:
+        """Keep `rows` (in that order). drop_left: accepted for the engine's KV-cache call; a
+        recurrent state has no padding slots to drop."""
+        t = self._tensors()
+        if not t:
+            return
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=t[0].device)
+        self._set([x.index_select(1, idx) for x in t])  # (n_layer, len(rows), H) each
+
+    @classmethod
+    def concat(cls, states: Sequence[RecurrentState]) -> RecurrentState:
+        """Stack non-empty states along the batch (rows in order), as the first one's class."""
+        parts = [s for s in states if s.batch_size > 0]
+        if not parts:
+            raise ModelError("concat needs at least one non-empty recurrent state")
+        out = type(parts[0])()
+        out.hidden = parts[0].hidden
+        out._set([torch.cat(ts, dim=1) for ts in zip(*(p._tensors() for p in parts), strict=True)])
+        out.seq_len = max(p.seq_len for p in parts)
+        return out
+
+
+@runtime_checkable
+class RecurrentLanguageModel(Protocol):
+    """A causal LM with a recurrent state: `model(idx, kv_cache=state)` -> logits (B, T, V).
+
+    The call reads `state` (or starts from zeros when it is empty) and replaces it with the
+    state after the new tokens, so the next call continues every row. No context limit.
+    """
+
+    vocab_size: int
+
+    def new_state(self) -> RecurrentState:
+        """An empty state (no rows yet) to pass as `kv_cache`."""
+        ...
+
+    def __call__(
+        self, idx: torch.Tensor, *, kv_cache: RecurrentState | None = None
+    ) -> torch.Tensor: ...
+
+
+DecodingModel = LanguageModel | RecurrentLanguageModel
+"""What generation decodes from: a KV-cache language model or a recurrent one."""
+
+
+def is_recurrent_language_model(obj: object) -> TypeGuard[RecurrentLanguageModel]:
+    """True for a module that satisfies `RecurrentLanguageModel` (the rnn with head lm)."""
+    return isinstance(obj, nn.Module) and isinstance(obj, RecurrentLanguageModel)
+
+
+def is_decoding_model(obj: object) -> TypeGuard[DecodingModel]:
+    """True for a module generation can decode from (either protocol)."""
+    return is_language_model(obj) or is_recurrent_language_model(obj)
+
+
+def context_limit(model: DecodingModel) -> int | None:
+    """Most tokens one sequence may hold: the model's `max_context`, None for a recurrent one."""
+    return None if isinstance(model, RecurrentLanguageModel) else model.max_context

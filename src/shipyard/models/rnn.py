@@ -8,7 +8,8 @@ Token embeddings, a stack of `nn.LSTM` / `nn.GRU` layers (dropout between layers
   token; backward: after the first).
 - head "lm": next-token logits at every position (B, T, V), one direction only. `forward` takes
   an `RNNState` (the recurrent counterpart of a KV cache) and carries it over, so generation
-  feeds the prompt once and then one token per step.
+  feeds the prompt once and then one token per step. It satisfies `RecurrentLanguageModel`
+  (models/protocol.py), so `generate` and the batching engine decode from it like from a GPT.
 
 Padding: token id 0 (`PAD_ID`, the tokenizers' pad id) is padding; a sequence's length is its
 count of non-padding tokens (right-padded), and an all-padding row is read as one token long.
@@ -25,6 +26,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
+from shipyard.models.protocol import RecurrentState
 
 PAD_ID = 0
 
@@ -60,16 +62,13 @@ class RNNConfig(StrictModel):
         return self
 
 
-class RNNState:
+class RNNState(RecurrentState):
     """Recurrent state carried between `RNN.forward` calls (head lm): the generation cache.
 
     `hidden` is (n_layer, B, hidden_size), or for an LSTM the pair (h, c); None before the first
-    call. `seq_len` counts the tokens consumed so far.
+    call. `seq_len` counts the tokens consumed so far. Rows leave and join a batch through
+    `select` / `concat` (see `RecurrentState`), which the batching engine uses.
     """
-
-    def __init__(self) -> None:
-        self.hidden: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
-        self.seq_len = 0
 
 
 class RNN(nn.Module):
@@ -111,9 +110,11 @@ class RNN(nn.Module):
 
     def new_state(self) -> RNNState:
         """An empty recurrent state to pass as `kv_cache` (head lm)."""
+        if not self.is_lm:
+            raise ModelError("rnn head 'sequence' takes no state; new_state is for head 'lm'")
         return RNNState()
 
-    def forward(self, idx: torch.Tensor, kv_cache: RNNState | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, kv_cache: RecurrentState | None = None) -> torch.Tensor:
         """(B, out_features) for head sequence, (B, T, V) logits for head lm.
 
         kv_cache: head lm only; its state is read and replaced, so the next call continues the

@@ -1,7 +1,8 @@
 """Language models in the server: one continuous-batching `Engine` per loaded LM version.
 
 `ModelRepository.add` calls `start_engine` for a language-modeling package whose model is a
-`shipyard.models.LanguageModel` with a tokenizer; the OpenAI routes submit to
+`shipyard.models.LanguageModel` (GPT, Llama) or a recurrent one (the rnn with head lm) with a
+tokenizer; the OpenAI routes submit to
 `ServedModel.engine`. `EngineMetrics` feeds the Prometheus token metrics from the engine thread
 (cheap: a counter increment or a histogram observation per token).
 """
@@ -12,15 +13,13 @@ from shipyard.config_base import LM_TASK
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
 from shipyard.generate import Engine, EngineObserver, GenerationResult
-from shipyard.generate.single import DecodingModel
-from shipyard.models.protocol import LanguageModel, is_language_model
-from shipyard.models.rnn import RNN
+from shipyard.models.protocol import DecodingModel, is_decoding_model
 from shipyard.package import LoadedModel
 from shipyard.serve import metrics
 from shipyard.serve.settings import ServeSettings
 
 
-def language_model(loaded: LoadedModel) -> tuple[LanguageModel, Tokenizer]:
+def language_model(loaded: LoadedModel) -> tuple[DecodingModel, Tokenizer]:
     """The model and tokenizer of a language-model package; GenerationError when it has none."""
     name = loaded.manifest.name
     if loaded.task != LM_TASK:
@@ -29,27 +28,19 @@ def language_model(loaded: LoadedModel) -> tuple[LanguageModel, Tokenizer]:
             f"{LM_TASK} package (e.g. one trained from examples/gpt-tiny.yaml)"
         )
     model = loaded.model
-    if not is_language_model(model) or loaded.tokenizer is None:
+    if not is_decoding_model(model) or loaded.tokenizer is None:
         kind = type(loaded.model).__name__
         raise GenerationError(
-            f"model {name!r} is a {kind} without a KV cache (e.g. an ONNX export) or has no "
-            "tokenizer; generate from the torch package it was exported from"
+            f"model {name!r} is a {kind} without a KV cache or recurrent state (e.g. an ONNX "
+            "export) or has no tokenizer; generate from the torch package it was exported from"
         )
     return model, loaded.tokenizer
-
-
-def decoding_model(loaded: LoadedModel) -> tuple[DecodingModel, Tokenizer]:
-    """The model and tokenizer `shipyard generate` decodes from: a LanguageModel, or an rnn LM
-    (which the batching engine, and so the OpenAI routes, do not serve yet)."""
-    if loaded.task == LM_TASK and isinstance(loaded.model, RNN) and loaded.tokenizer is not None:
-        return loaded.model, loaded.tokenizer
-    return language_model(loaded)
 
 
 def supports_generation(loaded: LoadedModel) -> bool:
     """True when `language_model(loaded)` would succeed."""
     return (
-        loaded.task == LM_TASK and is_language_model(loaded.model) and loaded.tokenizer is not None
+        loaded.task == LM_TASK and is_decoding_model(loaded.model) and loaded.tokenizer is not None
     )
 
 

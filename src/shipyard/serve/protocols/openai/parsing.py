@@ -26,6 +26,7 @@ CHAT_STOPS = FALLBACK_STOPS
 MAX_STOP = 4  # as OpenAI
 MAX_CHOICES = 16  # prompts x n per request
 MAX_LOGPROBS = 20
+UNLIMITED_CHAT_MAX_TOKENS = 256  # a chat's default max_tokens on a model without a context limit
 
 _COMMON = (
     "model",
@@ -178,8 +179,9 @@ def _resolve(state: ServerState, body: _Body, request: Request) -> tuple[ServedM
     request.state.model = served.name
     if served.engine is None:
         what = (
-            f"is a {served.loaded.manifest.architecture.name} language model, which the "
-            "batching engine does not run yet (use `shipyard generate` or /v2/models/.../infer)"
+            f"is a {served.loaded.manifest.architecture.name} language model without a torch "
+            "model or tokenizer (e.g. an ONNX export), which the batching engine cannot run "
+            "(serve the torch package it was exported from, or use /v2/models/.../infer)"
             if served.loaded.task == "language-modeling"
             else f"is not a language model (task {served.loaded.task!r})"
         )
@@ -244,7 +246,7 @@ def _sampling(
         )
     seed = body.integer("seed", None, -(2**63), 2**63 - 1 - MAX_CHOICES)
     top_k = body.integer("top_k", None, -1, 1 << 30)
-    block_size = req.engine.model.max_context
+    block_size = req.engine.max_context  # None: no limit (a recurrent model)
     body.string("user")  # accepted (OpenAI's end-user id) and not used
     req.stream = body.boolean("stream")
     req.include_usage = _stream_options(body, req.stream)
@@ -265,8 +267,10 @@ def _sampling(
     for ids in req.prompts:
         max_tokens = requested
         if max_tokens is None:
-            max_tokens = default_max_tokens or block_size - len(ids)
-        if len(ids) + max_tokens > block_size:
+            max_tokens = default_max_tokens or (
+                UNLIMITED_CHAT_MAX_TOKENS if block_size is None else block_size - len(ids)
+            )
+        if block_size is not None and len(ids) + max_tokens > block_size:
             param = prompt_param if len(ids) >= block_size else max_tokens_key
             raise OpenAIError(
                 f"this model's context is {block_size} tokens, but the prompt has {len(ids)} "
