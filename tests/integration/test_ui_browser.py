@@ -23,7 +23,13 @@ import httpx
 import numpy as np
 import pytest
 from tests.serve_support import running_server
-from tests.ui_support import append_records, digits_runs, read_records, start_live_run
+from tests.ui_support import (
+    append_records,
+    digits_runs,
+    grouped_runs,
+    read_records,
+    start_live_run,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -51,6 +57,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.getbasetemp()
     work = tmp_path_factory.mktemp("ui-site")
     runs = Path(shutil.copytree(digits_runs(base), work / "runs"))
+    shutil.copytree(grouped_runs(base), runs, dirs_exist_ok=True)  # a cv and a tune study
     package = runs / "digits-mlp" / "lr-3e-3" / "package"
     url = f"sqlite:///{work / 'registry.db'}"
     with Registry(url, work / "store") as reg:
@@ -131,8 +138,10 @@ def canvas_points(driver: Any, selector: str) -> int:
 
 def test_runs_table_lists_the_real_runs(browser: Any, site: dict[str, Any]) -> None:
     open_page(browser, site, "/ui/")
-    ids = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#runs-table tbody td.mono")]
-    assert sorted(ids) == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]
+    ids = [
+        e.text for e in browser.find_elements(By.CSS_SELECTOR, "#runs-table tr[data-id] td.mono")
+    ]
+    assert sorted(ids) == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]  # the groups are closed
     assert len(browser.find_elements(By.CSS_SELECTOR, "#runs-table svg.spark polyline")) == 2
     shot(browser, site, "runs")
     browser.find_element(By.ID, "filter").send_keys("1e-2")
@@ -140,6 +149,69 @@ def test_runs_table_lists_the_real_runs(browser: Any, site: dict[str, Any]) -> N
     browser.set_window_size(390, 844)  # a phone
     shot(browser, site, "runs-phone")
     browser.set_window_size(1280, 900)
+
+
+def test_runs_table_groups_cv_folds_and_study_trials(browser: Any, site: dict[str, Any]) -> None:
+    open_page(browser, site, "/ui/")
+    groups = {
+        e.get_attribute("data-group"): e.find_element(By.CSS_SELECTOR, ".group-value").text
+        for e in browser.find_elements(By.CSS_SELECTOR, "#runs-table tr.group-row")
+    }
+    api = httpx.get(
+        site["url"] + "/ui/api/runs", headers={"Authorization": f"Bearer {site['key']}"}
+    ).json()
+    cv, study = (next(g for g in api["groups"] if g["kind"] == k) for k in ("cv", "tune"))
+    fmt = "{:.4g}".format  # the page's number format (4 significant digits)
+    assert groups == {
+        cv["id"]: f"accuracy {fmt(cv['mean'])} ± {fmt(cv['std'])}",
+        study["id"]: f"accuracy {fmt(study['value'])} ★ trial {study['best_trial']}",
+    }
+
+    def rows() -> list[str]:
+        return list(
+            browser.execute_script(
+                "return [...document.querySelectorAll('#runs-table tbody tr')]"
+                ".map((r) => r.dataset.id || r.dataset.group)"
+            )
+        )
+
+    browser.find_element(By.CSS_SELECTOR, f"[data-toggle='{cv['id']}']").click()
+    after = rows()
+    i = after.index(cv["id"])
+    assert after[i + 1 : i + 3] == [m["run"] for m in cv["members"]]  # fold 0, fold 1
+    browser.find_element(By.CSS_SELECTOR, f"[data-toggle='{study['id']}']").click()
+    after = rows()
+    i = after.index(study["id"])
+    assert after[i + 1 : i + 4] == [m["run"] for m in study["members"]]  # best first
+    best = browser.find_element(By.CSS_SELECTOR, "#runs-table tr[data-best]")
+    assert best.get_attribute("data-id") == study["members"][0]["run"]
+    assert f"trial {study['best_trial']} ★" in best.text
+    shot(browser, site, "runs-groups")
+
+    # select the cv group and compare it: its folds, with the group's mean ± std on top
+    browser.find_element(
+        By.CSS_SELECTOR, f"tr[data-group='{cv['id']}'] input[type=checkbox]"
+    ).click()
+    browser.find_element(By.ID, "compare-button").click()
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.ready"))
+    assert "group=" in browser.current_url
+    row = browser.find_element(By.CSS_SELECTOR, f"#compare-groups tr[data-group='{cv['id']}']")
+    assert f"{fmt(cv['mean'])} ± {fmt(cv['std'])}" in row.text
+    compared = [
+        e.get_attribute("data-run")
+        for e in browser.find_elements(By.CSS_SELECTOR, "#compare-best tbody tr")
+    ]
+    assert compared == [m["run"] for m in cv["members"]]
+    keys = [
+        e.get_attribute("data-key")
+        for e in browser.find_elements(By.CSS_SELECTOR, "#compare-diff tbody tr")
+    ]
+    assert keys == ["data.folds.index"]
+    shot(browser, site, "compare-cv")
+
+    open_page(browser, site, "/ui/compare?group=" + study["id"])
+    best = browser.find_element(By.CSS_SELECTOR, "#compare-best tbody tr[data-best]")
+    assert best.get_attribute("data-run") == study["members"][0]["run"] and "★" in best.text
 
 
 def test_run_page_draws_curves_and_follows_a_growing_run(
