@@ -48,6 +48,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from tests.lm_support import loaded_lm
 
+    from shipyard.compress import BenchParams, compress
     from shipyard.package import load_package
     from shipyard.package.registry import Registry
     from shipyard.serve.auth import add_key
@@ -64,6 +65,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         reg.register(package, name="digits")
         reg.register(package, name="digits")
         reg.promote("digits", 1, "production", actor="setup")
+        quick = BenchParams(latency_calls=2, throughput_calls=1, warmup=1, rounds=1)
+        int8 = compress(package, work / "int8", quantize="int8", bench=quick)
+        reg.register(int8.package, name="digits-int8")  # a child: parent and report
     keys = work / "keys.json"
     admin_key, _ = add_key(keys, "admin", "alice")
     digits = load_package(package)
@@ -80,6 +84,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "digits": digits,
             "shots": shots,
             "app": app,
+            "int8": int8,
         }
 
 
@@ -301,6 +306,25 @@ def test_promote_and_rollback_with_confirmation_and_history(
         "return [...document.querySelectorAll('#history tbody tr')].map((r) => r.innerText)"
     )
     assert rows[0].split()[-3:] == ["rollback", "1", "alice"]
+
+
+def test_registry_shows_a_compressed_versions_parent_and_report(
+    browser: Any, site: dict[str, Any]
+) -> None:
+    from shipyard.compress.measure import report_rows
+
+    open_page(browser, site, "/ui/registry#digits-int8")
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.model") == "digits-int8")
+    lineage = browser.find_element(By.CSS_SELECTOR, "#versions tr[data-version='1'] .lineage")
+    parent = lineage.find_element(By.CSS_SELECTOR, "a[href='/ui/registry#digits']")
+    assert parent.text == "digits v1"
+    assert "quantize · report below" in lineage.text
+    cells = browser.execute_script(
+        "return [...document.querySelectorAll('section.report[data-version=\"1\"] tr')]"
+        ".map((r) => [...r.children].map((c) => c.textContent))"
+    )
+    assert cells == report_rows(site["int8"].report)  # the table `shipyard compress` prints
+    shot(browser, site, "registry-compressed")
 
 
 def test_playground_classifies_a_digit_like_the_model(browser: Any, site: dict[str, Any]) -> None:

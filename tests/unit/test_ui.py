@@ -16,6 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 from tests.ui_support import append_records, digits_runs, read_records, start_live_run
 
+from shipyard.compress import BenchParams, compress
+from shipyard.compress.measure import report_rows
 from shipyard.package.registry import Registry
 from shipyard.serve.auth import add_key
 from shipyard.serve.settings import ServeSettings
@@ -236,6 +238,43 @@ def test_promote_and_rollback_record_the_key_name(client: TestClient, keys: dict
         ("promote", 2, "alice", True),
         ("promote", 1, "alice", False),
     ]
+
+
+QUICK_BENCH = BenchParams(latency_calls=2, throughput_calls=1, warmup=1, rounds=1)
+
+
+def test_a_compressed_version_links_its_parent_and_its_report(
+    client: TestClient, runs: Path, registry_url: str, tmp_path: Path
+) -> None:
+    parent = runs / "digits-mlp" / "lr-3e-3" / "package"  # registered as digits v1 and v2
+    result = compress(parent, tmp_path / "int8", quantize="int8", bench=QUICK_BENCH)
+    with Registry(registry_url, tmp_path / "store") as reg:
+        reg.register(result.package, name="digits-int8")
+    (version,) = client.get("/ui/api/registry/models/digits-int8").json()["versions"]
+    # the child's lineage names its report; the registry kept it
+    assert version["lineage"]["compression_report"] == str(result.report_path.resolve())
+    assert version["parent_version"] == {"name": "digits", "version": 1}  # the first with it
+    report = json.loads(result.report_path.read_text())
+    shown = version["compression"]
+    assert shown["report"] == report and shown["rows"] == report_rows(report)
+    assert shown["method"] == "quantize" and shown["rows"][2][0].startswith("child: ")
+    assert shown["parent"]["manifest_sha256"] == report["parent"]["manifest_sha256"]
+    # a plain version has neither
+    plain = client.get("/ui/api/registry/models/digits").json()["versions"][0]
+    assert (plain["parent_version"], plain["compression"]) == (None, None)
+
+    # a report of another package at that path (the output compressed again) is not shown
+    report["child"]["manifest_sha256"] = "0" * 64
+    result.report_path.write_text(json.dumps(report))
+    (version,) = client.get("/ui/api/registry/models/digits-int8").json()["versions"]
+    assert set(version["compression"]) == {"path", "error"}
+    assert "describes another package" in version["compression"]["error"]
+    result.report_path.write_text("not json")
+    (version,) = client.get("/ui/api/registry/models/digits-int8").json()["versions"]
+    assert version["compression"]["error"].endswith("is not a compression report")
+    result.report_path.unlink()
+    (version,) = client.get("/ui/api/registry/models/digits-int8").json()["versions"]
+    assert version["compression"]["error"].startswith("the report is not at ")
 
 
 def test_registry_writes_need_an_admin_key(client: TestClient, keys: dict[str, str]) -> None:

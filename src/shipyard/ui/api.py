@@ -43,6 +43,7 @@ from shipyard.serve.http import authorize, parse_body, state_of
 from shipyard.train.checkpoint import list_checkpoints
 from shipyard.train.rundir import CHECKPOINTS_DIR, PACKAGE_DIR
 from shipyard.ui.groups import expand_groups, group_runs
+from shipyard.ui.lineage import registered_digests, with_lineage
 from shipyard.ui.runs import (
     RunNotFound,
     RunStore,
@@ -292,11 +293,13 @@ def build_router(ctx: UIContext) -> APIRouter:
 
         def work() -> dict[str, Any]:
             reg = ctx.registry()
-            versions = reg.list_versions(name)
+            versions = [_with_run(runs, v.to_dict()) for v in reversed(reg.list_versions(name))]
+            has_parent = any((v.get("lineage") or {}).get("parent") for v in versions)
+            digests = registered_digests(reg) if has_parent else None
             return {
                 "name": name,
                 "aliases": reg.aliases(name),
-                "versions": [_with_run(runs, v.to_dict()) for v in reversed(versions)],
+                "versions": with_lineage(versions, digests),
                 "history": [e.to_dict() for e in reg.history(name)],
             }
 

@@ -504,6 +504,7 @@
           el("td", {}, el("span", { class: "row" }, sel, btn))));
       }
       vt.append(body);
+      reports(m.versions);
       const ht = $("#history"); ht.textContent = "";
       ht.append(el("thead", {}, el("tr", {}, ...["when", "alias", "action", "version", "who"].map((h) => el("th", { text: h })))));
       const hb = el("tbody");
@@ -517,7 +518,32 @@
     const models = await loadModels();
     const want = decodeURIComponent(location.hash.slice(1)) || (models[0] && models[0].name);
     if (want) { await showModel(want); }
+    window.addEventListener("hashchange", () => {  // a parent link is a link to #NAME
+      const name = decodeURIComponent(location.hash.slice(1));
+      if (name && name !== document.body.dataset.model) { showModel(name).catch((e) => toast(e.message, true)); }
+    });
     document.body.dataset.ready = "1";
+  }
+
+  // each compressed version's report (OUT/report.json of `shipyard compress`): the CLI's table
+  function reports(versions) {
+    const box = $("#reports"); box.textContent = "";
+    const shown = versions.filter((v) => v.compression && !v.compression.error);
+    $("#reports-card").hidden = !shown.length;
+    for (const v of shown) {
+      const c = v.compression;
+      const from = v.parent_version ? v.parent_version.name + " v" + v.parent_version.version : c.parent.name + " " + c.parent.version;
+      const t = el("table", { class: "data report-table" });
+      t.append(el("thead", {}, el("tr", {}, ...c.rows[0].map((h) => el("th", { text: h })))));
+      const body = el("tbody");
+      for (const r of c.rows.slice(1)) { body.append(el("tr", {}, ...r.map((x, i) => el("td", { class: i ? "num" : "", text: x })))); }
+      t.append(body);
+      box.append(el("section", { class: "report", "data-version": String(v.version) },
+        el("h4", { text: "v" + v.version + " · " + c.method + " · from " + from }),
+        el("div", { class: "table-wrap" }, t),
+        el("p", { class: "muted small", text: "Measured on " + c.machine + "." }),
+        el("p", { class: "muted small mono", text: c.path })));
+    }
   }
 
   function metricsText(m) {
@@ -538,7 +564,12 @@
     if (v.run_id) { line("run", v.run_id, "/ui/runs/" + encodeURI(v.run_id)); } else if (l.run_dir) { line("run", String(l.run_dir)); }
     if (l.checkpoint_step !== undefined && l.checkpoint_step !== null) { line("step", String(l.checkpoint_step)); }
     if (l.data_fingerprint) { line("data", String(l.data_fingerprint).slice(0, 12)); }
-    if (l.parent) { line("parent", typeof l.parent === "object" ? JSON.stringify(l.parent) : String(l.parent)); }
+    if (v.parent_version) { line("parent", v.parent_version.name + " v" + v.parent_version.version, "/ui/registry#" + encodeURIComponent(v.parent_version.name)); }
+    else if (l.parent) { line("parent", typeof l.parent === "object" ? l.parent.name + " " + l.parent.version + " (not registered)" : String(l.parent)); }
+    if (v.compression) {
+      if (v.compression.error) { line("report", v.compression.error); }
+      else { line("compressed", v.compression.method + " · report below"); }
+    }
     if (l.git_commit) { line("git", String(l.git_commit).slice(0, 10)); }
     if (!td.childNodes.length) { td.textContent = "–"; }
     return td;
