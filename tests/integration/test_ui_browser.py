@@ -108,10 +108,20 @@ def browser(site: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> I
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
-        driver.get(site["url"] + "/ui/static/favicon.svg")  # the origin, without calling the API
-        driver.execute_script(
-            "sessionStorage.setItem('shipyard.apiKey', arguments[0])", site["key"]
-        )
+        # the server has keys: the first page is the login form, whatever was asked for
+        driver.get(site["url"] + "/ui/registry")
+        wait(driver, lambda d: "/ui/login?next=" in d.current_url)
+        assert driver.find_elements(By.CSS_SELECTOR, "link[rel=stylesheet], script[src]") == []
+        driver.find_element(By.ID, "key").send_keys(site["key"])
+        driver.find_element(By.CSS_SELECTOR, "#login button").click()
+        wait(driver, lambda d: d.execute_script("return document.body.dataset.ready"))
+        assert driver.current_url == site["url"] + "/ui/registry"
+        cookie = driver.get_cookie("shipyard_ui")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
+        assert driver.execute_script("return document.cookie") == ""  # scripts cannot read it
+        # the login form also left the key in this tab for the playground's inference calls
+        stored = driver.execute_script("return sessionStorage.getItem('shipyard.apiKey')")
+        assert stored == site["key"]
         yield driver
     finally:
         driver.quit()

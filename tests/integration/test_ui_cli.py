@@ -39,7 +39,7 @@ def started(*args: str) -> Iterator[tuple[str, str]]:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         second = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", first)
+        match = re.search(r"http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)", first)
         assert match, (first, proc.stderr.read() if proc.stderr else "")
         url = f"http://127.0.0.1:{match.group(1)}"
         deadline = time.monotonic() + 120
@@ -68,6 +68,34 @@ def test_shipyard_ui_serves_the_runs(runs: Path) -> None:
         )
         ids = sorted(r["id"] for r in httpx.get(f"{url}/ui/api/runs").json()["runs"])
         assert ids == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]
+
+
+def test_off_loopback_nothing_answers_without_a_key_over_http(runs: Path, tmp_path: Path) -> None:
+    from shipyard.serve.auth import add_key
+
+    keys = tmp_path / "keys.json"
+    key, _ = add_key(keys, "infer", "bob")
+    args = ("ui", "--runs", str(runs), "--host", "0.0.0.0", "--keys-file", str(keys))
+    with started(*args) as (url, printed), httpx.Client(base_url=url) as anonymous:
+        assert "http://0.0.0.0:" in printed  # bound off loopback (reached here via 127.0.0.1)
+        for path in ("/ui/", "/ui/runs/digits-mlp/lr-3e-3", "/ui/compare", "/ui/server"):
+            r = anonymous.get(path)
+            assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next=")
+        for path in ("/ui/static/ui.js", "/ui/static/chart.js", "/ui/static/ui.css"):
+            assert anonymous.get(path).status_code == 401, path
+        assert anonymous.get("/ui/api/runs").status_code == 401
+        assert anonymous.get("/ui/login").status_code == 200
+        with httpx.Client(base_url=url) as browser:  # keeps cookies, as a browser does
+            r = browser.post("/ui/login", data={"key": key, "next": "/ui/compare"})
+            assert r.status_code == 303 and r.headers["location"] == "/ui/compare"
+            assert "HttpOnly" in r.headers["set-cookie"]
+            assert browser.get("/ui/static/ui.js").status_code == 200
+            page = browser.get("/ui/compare")
+            assert page.status_code == 200 and "/ui/static/ui.js" in page.text
+            ids = sorted(r["id"] for r in browser.get("/ui/api/runs").json()["runs"])
+            assert ids == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]
+            browser.post("/ui/logout")
+            assert browser.get("/ui/api/runs").status_code == 401
 
 
 def test_serve_with_ui_mounts_the_dashboard_beside_the_model(runs: Path) -> None:

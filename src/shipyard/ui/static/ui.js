@@ -31,7 +31,10 @@
     try { data = await res.json(); } catch (e) { data = null; }
     if (!res.ok) {
       const msg = (data && (data.error && (data.error.message || data.error))) || res.statusText;
-      if (res.status === 401) { askKey(); }
+      if (res.status === 401) {  // the session cookie is gone (logged out, key revoked): log in again
+        if (!sessionStorage.getItem(KEY)) { location.href = "/ui/login?next=" + encodeURIComponent(location.pathname + location.search + location.hash); }
+        else { askKey(); }
+      }
       const err = new Error(String(msg)); err.status = res.status; throw err;
     }
     return data;
@@ -812,7 +815,10 @@
     $("#key-dialog").addEventListener("close", () => {
       const d = $("#key-dialog");
       if (d.returnValue === "save" && $("#key-input").value.trim()) { sessionStorage.setItem(KEY, $("#key-input").value.trim()); location.reload(); }
-      if (d.returnValue === "clear") { sessionStorage.removeItem(KEY); location.reload(); }
+      if (d.returnValue === "clear") {  // forget it here and end the cookie session
+        sessionStorage.removeItem(KEY);
+        fetch("/ui/logout", { method: "POST" }).finally(() => location.reload());
+      }
     });
     $("#key-button").textContent = sessionStorage.getItem(KEY) ? "Key ✓" : "Key";
     const pg = $("#pg-run");
