@@ -398,6 +398,9 @@ def test_server_page_charts_live_metrics(browser: Any, site: dict[str, Any]) -> 
         for e in browser.find_elements(By.CSS_SELECTOR, "#server-models tbody td:first-child")
     ]
     assert sorted(names) == ["digits-mlp", "tiny-lm"]
+    scope = browser.find_element(By.ID, "server-scope")  # one process: its own numbers
+    assert scope.get_attribute("data-scope") == "this-process"
+    assert scope.text.startswith("1 process (pid ")
     # charts start from the second sample (rates need two); the page samples every 2 s
     wait(browser, lambda d: canvas_points(d, "#m-rps") >= 1, timeout=30)
     shot(browser, site, "server")

@@ -109,6 +109,37 @@ def test_serve_with_ui_mounts_the_dashboard_beside_the_model(runs: Path) -> None
         assert "content-security-policy" not in httpx.get(f"{url}/v2/models/digits-mlp").headers
 
 
+def test_the_server_page_with_two_workers_counts_every_workers_requests(runs: Path) -> None:
+    package = runs / "digits-mlp" / "lr-3e-3" / "package"
+    body = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]
+    }
+    args = ("serve", str(package), "--ui", "--runs", str(runs), "--workers", "2")
+    with started(*args) as (url, printed):
+        assert "2 worker(s)" in printed
+        name = httpx.get(f"{url}/ui/api/server/models/digits-mlp").json()["inputs"][0]["name"]
+        tensor = {"name": name, "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}
+        body = {"inputs": [tensor]}
+        pids, sent = set(), 0
+        for _ in range(24):  # a new connection each time: any worker may answer
+            with httpx.Client(base_url=url) as client:
+                info = client.get("/ui/api/server").json()
+                assert (info["workers"], info["metrics_scope"]) == (2, "all-workers")
+                assert [m["name"] for m in info["models"]] == ["digits-mlp"]  # in every worker
+                pids.add(info["pid"])
+                r = client.post("/v2/models/digits-mlp/infer", json=body)
+                assert r.status_code == 200, r.text
+                sent += 1
+        for _ in range(8):
+            with httpx.Client(base_url=url) as client:
+                snap = client.get("/ui/api/server/metrics").json()
+            # whichever worker answers, the charts' counts hold every worker's requests
+            assert snap["scope"] == "all-workers"
+            assert snap["counters"]["shipyard_requests"] >= sent
+            pids.add(snap["pid"])
+        assert 1 <= len(pids) <= 2
+
+
 def test_ui_refuses_bad_arguments_with_one_line(runs: Path, tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -443,7 +444,10 @@ def test_csp_reports_are_collected(client: TestClient) -> None:
 def test_server_endpoints_without_models(client: TestClient) -> None:
     body = client.get("/ui/api/server").json()
     assert body["ready"] is True and body["models"] == [] and body["auth"] is True
+    # one process (no Prometheus multiprocess directory): the numbers are this process's
+    assert (body["workers"], body["pid"], body["metrics_scope"]) == (1, os.getpid(), "this-process")
     snap = client.get("/ui/api/server/metrics").json()
+    assert (snap["scope"], snap["pid"]) == ("this-process", os.getpid())
     assert snap["counters"]["shipyard_requests"] >= 1  # this client's own requests
     r = client.get("/ui/api/server/models/nope")
     assert r.status_code == 404

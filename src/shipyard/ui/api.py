@@ -11,8 +11,8 @@
     GET  /ui/api/registry/models/{name}            versions (lineage, metrics, aliases) + history
     POST /ui/api/registry/models/{name}/promote    {"version": 3, "alias": "production"}   admin
     POST /ui/api/registry/models/{name}/rollback   {"alias": "production"}                 admin
-    GET  /ui/api/server                            health, loaded models
-    GET  /ui/api/server/metrics                    a snapshot of /metrics as JSON
+    GET  /ui/api/server                            health, loaded models (of the worker answering)
+    GET  /ui/api/server/metrics                    a snapshot of /metrics as JSON (every worker)
     GET  /ui/api/server/models/{name}              what the playground needs: signature, labels
 
 Reads need any valid API key when the server has keys; writes need an admin key, and the key's
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -348,6 +349,10 @@ def build_router(ctx: UIContext) -> APIRouter:
             "ready": repo.ready and not state.shutting_down,
             "workers": state.settings.workers,
             "auth": state.settings.auth_enabled,
+            # the worker that answered: its readiness and models' load times are its own (every
+            # worker loads the same models: with --workers > 1 the admin API cannot change them)
+            "pid": os.getpid(),
+            "metrics_scope": metrics_scope(),
             "models": models,
         }
 
@@ -355,7 +360,11 @@ def build_router(ctx: UIContext) -> APIRouter:
     async def server_metrics(request: Request) -> dict[str, Any]:
         await authorize(request, "infer")
         body, _ = metrics.render()
-        return metrics_snapshot(body.decode())
+        return {
+            **metrics_snapshot(body.decode()),
+            "scope": metrics_scope(),
+            "pid": os.getpid(),
+        }
 
     @router.get("/server/models/{name}")
     async def server_model(request: Request, name: str) -> dict[str, Any]:
@@ -387,6 +396,12 @@ def _groups_of(
             g["compared"].append(s["id"])
             gid = g.get("parent")
     return list(out.values())
+
+
+def metrics_scope() -> str:
+    """Whose requests /metrics counts: "all-workers" when `shipyard serve --workers N` shares
+    a Prometheus multiprocess directory between its workers, else "this-process"."""
+    return "all-workers" if os.environ.get(metrics.MULTIPROC_ENV) else "this-process"
 
 
 def _with_run(runs: RunStore, version: dict[str, Any]) -> dict[str, Any]:

@@ -597,6 +597,13 @@
     async function tick() {
       const [info, snap] = await Promise.all([api("/ui/api/server"), api("/ui/api/server/metrics")]);
       const h = $("#health"); h.textContent = info.ready ? "ready" : "not ready"; h.className = "badge " + (info.ready ? "ok" : "bad");
+      // with --workers N each request reaches one worker: say whose view each part is
+      const scope = $("#server-scope");
+      const whose = snap.scope === "all-workers" ? "Charts: every worker's requests (Prometheus multiprocess)." : "Charts: this process's requests.";
+      scope.textContent = info.workers > 1
+        ? info.workers + " workers. " + whose + " Health, loaded models and load times: worker pid " + info.pid + ", the one that answered (each worker loads the same models)."
+        : "1 process (pid " + info.pid + "). " + whose;
+      scope.dataset.scope = snap.scope; scope.dataset.workers = String(info.workers);
       const t = $("#server-models"); t.textContent = "";
       t.append(el("thead", {}, el("tr", {}, ...["model", "version", "default", "task", "kind", "source", "loaded", "load time"].map((x) => el("th", { text: x })))));
       const body = el("tbody");
