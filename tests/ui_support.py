@@ -54,3 +54,37 @@ def append_records(run: Path, records: list[dict[str, object]]) -> None:
     with open(run / "metrics.jsonl", "a") as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")
+
+
+def grouped_runs(base: Path) -> Path:
+    """A runs folder with a real 2-fold cross-validation (`shipyard cv`) and a real 3-trial
+    study (`shipyard tune`) of examples/digits-mlp.yaml, two short epochs each: what the runs and
+    compare pages group. cv: digits-mlp/cv-test/fold-{0,1}; tune: digits-mlp/tune-lr/trial-000N."""
+    root = base / "ui-grouped-runs"
+    done = root / ".done"
+    if done.is_file():
+        return root
+    import yaml
+
+    from shipyard.config import load_config, load_raw_config
+    from shipyard.tuning import cross_validate, tune
+
+    short = ["train.epochs=2", "train.batch_size=128", "schedule.warmup_steps=2"]
+    config = load_config(ROOT / "examples" / "digits-mlp.yaml", short)
+    cross_validate(config, 2, out_dir=root / "digits-mlp" / "cv-test", runs_root=root)
+    raw, _ = load_raw_config(ROOT / "examples" / "digits-mlp.yaml", short)
+    raw["tune"] = {
+        "study": "lr",
+        "sampler": "random",
+        "pruner": "none",
+        "params": {"optim.lr": {"low": 0.0003, "high": 0.03, "log": True}},
+    }
+    (base / "digits-tune-ui.yaml").write_text(yaml.safe_dump(raw))
+    tune(
+        base / "digits-tune-ui.yaml",
+        3,
+        storage=f"sqlite:///{base / 'ui-study.db'}",
+        runs_root=root,
+    )
+    done.write_text("ok")
+    return root

@@ -103,6 +103,10 @@ def test_quantize_int8_digits(digits: Path, work: Path) -> None:
     report = json.loads((work / "int8" / "report.json").read_text())
     assert report == json.loads(json.dumps(result.report))
     assert "| child:" in (work / "int8" / "report.md").read_text()
+    # the child names its report, and the report the exact packages it measured
+    assert manifest.lineage.compression_report == str((work / "int8" / "report.json").resolve())
+    assert report["child"]["manifest_sha256"] == manifest_sha256(result.package)
+    assert report["parent"]["manifest_sha256"] == manifest_sha256(digits)
     # the report's numbers are the measured ones
     child_acc = separate_accuracy(result.package)["accuracy"]
     assert report["child"]["quality"]["accuracy"] == child_acc

@@ -23,7 +23,13 @@ import httpx
 import numpy as np
 import pytest
 from tests.serve_support import running_server
-from tests.ui_support import append_records, digits_runs, read_records, start_live_run
+from tests.ui_support import (
+    append_records,
+    digits_runs,
+    grouped_runs,
+    read_records,
+    start_live_run,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -42,6 +48,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from tests.lm_support import loaded_lm
 
+    from shipyard.compress import BenchParams, compress
     from shipyard.package import load_package
     from shipyard.package.registry import Registry
     from shipyard.serve.auth import add_key
@@ -51,12 +58,16 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.getbasetemp()
     work = tmp_path_factory.mktemp("ui-site")
     runs = Path(shutil.copytree(digits_runs(base), work / "runs"))
+    shutil.copytree(grouped_runs(base), runs, dirs_exist_ok=True)  # a cv and a tune study
     package = runs / "digits-mlp" / "lr-3e-3" / "package"
     url = f"sqlite:///{work / 'registry.db'}"
     with Registry(url, work / "store") as reg:
         reg.register(package, name="digits")
         reg.register(package, name="digits")
         reg.promote("digits", 1, "production", actor="setup")
+        quick = BenchParams(latency_calls=2, throughput_calls=1, warmup=1, rounds=1)
+        int8 = compress(package, work / "int8", quantize="int8", bench=quick)
+        reg.register(int8.package, name="digits-int8")  # a child: parent and report
     keys = work / "keys.json"
     admin_key, _ = add_key(keys, "admin", "alice")
     digits = load_package(package)
@@ -73,6 +84,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "digits": digits,
             "shots": shots,
             "app": app,
+            "int8": int8,
         }
 
 
@@ -96,10 +108,20 @@ def browser(site: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> I
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
-        driver.get(site["url"] + "/ui/static/favicon.svg")  # the origin, without calling the API
-        driver.execute_script(
-            "sessionStorage.setItem('shipyard.apiKey', arguments[0])", site["key"]
-        )
+        # the server has keys: the first page is the login form, whatever was asked for
+        driver.get(site["url"] + "/ui/registry")
+        wait(driver, lambda d: "/ui/login?next=" in d.current_url)
+        assert driver.find_elements(By.CSS_SELECTOR, "link[rel=stylesheet], script[src]") == []
+        driver.find_element(By.ID, "key").send_keys(site["key"])
+        driver.find_element(By.CSS_SELECTOR, "#login button").click()
+        wait(driver, lambda d: d.execute_script("return document.body.dataset.ready"))
+        assert driver.current_url == site["url"] + "/ui/registry"
+        cookie = driver.get_cookie("shipyard_ui")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
+        assert driver.execute_script("return document.cookie") == ""  # scripts cannot read it
+        # the login form also left the key in this tab for the playground's inference calls
+        stored = driver.execute_script("return sessionStorage.getItem('shipyard.apiKey')")
+        assert stored == site["key"]
         yield driver
     finally:
         driver.quit()
@@ -131,8 +153,10 @@ def canvas_points(driver: Any, selector: str) -> int:
 
 def test_runs_table_lists_the_real_runs(browser: Any, site: dict[str, Any]) -> None:
     open_page(browser, site, "/ui/")
-    ids = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#runs-table tbody td.mono")]
-    assert sorted(ids) == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]
+    ids = [
+        e.text for e in browser.find_elements(By.CSS_SELECTOR, "#runs-table tr[data-id] td.mono")
+    ]
+    assert sorted(ids) == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]  # the groups are closed
     assert len(browser.find_elements(By.CSS_SELECTOR, "#runs-table svg.spark polyline")) == 2
     shot(browser, site, "runs")
     browser.find_element(By.ID, "filter").send_keys("1e-2")
@@ -140,6 +164,69 @@ def test_runs_table_lists_the_real_runs(browser: Any, site: dict[str, Any]) -> N
     browser.set_window_size(390, 844)  # a phone
     shot(browser, site, "runs-phone")
     browser.set_window_size(1280, 900)
+
+
+def test_runs_table_groups_cv_folds_and_study_trials(browser: Any, site: dict[str, Any]) -> None:
+    open_page(browser, site, "/ui/")
+    groups = {
+        e.get_attribute("data-group"): e.find_element(By.CSS_SELECTOR, ".group-value").text
+        for e in browser.find_elements(By.CSS_SELECTOR, "#runs-table tr.group-row")
+    }
+    api = httpx.get(
+        site["url"] + "/ui/api/runs", headers={"Authorization": f"Bearer {site['key']}"}
+    ).json()
+    cv, study = (next(g for g in api["groups"] if g["kind"] == k) for k in ("cv", "tune"))
+    fmt = "{:.4g}".format  # the page's number format (4 significant digits)
+    assert groups == {
+        cv["id"]: f"accuracy {fmt(cv['mean'])} ± {fmt(cv['std'])}",
+        study["id"]: f"accuracy {fmt(study['value'])} ★ trial {study['best_trial']}",
+    }
+
+    def rows() -> list[str]:
+        return list(
+            browser.execute_script(
+                "return [...document.querySelectorAll('#runs-table tbody tr')]"
+                ".map((r) => r.dataset.id || r.dataset.group)"
+            )
+        )
+
+    browser.find_element(By.CSS_SELECTOR, f"[data-toggle='{cv['id']}']").click()
+    after = rows()
+    i = after.index(cv["id"])
+    assert after[i + 1 : i + 3] == [m["run"] for m in cv["members"]]  # fold 0, fold 1
+    browser.find_element(By.CSS_SELECTOR, f"[data-toggle='{study['id']}']").click()
+    after = rows()
+    i = after.index(study["id"])
+    assert after[i + 1 : i + 4] == [m["run"] for m in study["members"]]  # best first
+    best = browser.find_element(By.CSS_SELECTOR, "#runs-table tr[data-best]")
+    assert best.get_attribute("data-id") == study["members"][0]["run"]
+    assert f"trial {study['best_trial']} ★" in best.text
+    shot(browser, site, "runs-groups")
+
+    # select the cv group and compare it: its folds, with the group's mean ± std on top
+    browser.find_element(
+        By.CSS_SELECTOR, f"tr[data-group='{cv['id']}'] input[type=checkbox]"
+    ).click()
+    browser.find_element(By.ID, "compare-button").click()
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.ready"))
+    assert "group=" in browser.current_url
+    row = browser.find_element(By.CSS_SELECTOR, f"#compare-groups tr[data-group='{cv['id']}']")
+    assert f"{fmt(cv['mean'])} ± {fmt(cv['std'])}" in row.text
+    compared = [
+        e.get_attribute("data-run")
+        for e in browser.find_elements(By.CSS_SELECTOR, "#compare-best tbody tr")
+    ]
+    assert compared == [m["run"] for m in cv["members"]]
+    keys = [
+        e.get_attribute("data-key")
+        for e in browser.find_elements(By.CSS_SELECTOR, "#compare-diff tbody tr")
+    ]
+    assert keys == ["data.folds.index"]
+    shot(browser, site, "compare-cv")
+
+    open_page(browser, site, "/ui/compare?group=" + study["id"])
+    best = browser.find_element(By.CSS_SELECTOR, "#compare-best tbody tr[data-best]")
+    assert best.get_attribute("data-run") == study["members"][0]["run"] and "★" in best.text
 
 
 def test_run_page_draws_curves_and_follows_a_growing_run(
@@ -231,6 +318,25 @@ def test_promote_and_rollback_with_confirmation_and_history(
     assert rows[0].split()[-3:] == ["rollback", "1", "alice"]
 
 
+def test_registry_shows_a_compressed_versions_parent_and_report(
+    browser: Any, site: dict[str, Any]
+) -> None:
+    from shipyard.compress.measure import report_rows
+
+    open_page(browser, site, "/ui/registry#digits-int8")
+    wait(browser, lambda d: d.execute_script("return document.body.dataset.model") == "digits-int8")
+    lineage = browser.find_element(By.CSS_SELECTOR, "#versions tr[data-version='1'] .lineage")
+    parent = lineage.find_element(By.CSS_SELECTOR, "a[href='/ui/registry#digits']")
+    assert parent.text == "digits v1"
+    assert "quantize · report below" in lineage.text
+    cells = browser.execute_script(
+        "return [...document.querySelectorAll('section.report[data-version=\"1\"] tr')]"
+        ".map((r) => [...r.children].map((c) => c.textContent))"
+    )
+    assert cells == report_rows(site["int8"].report)  # the table `shipyard compress` prints
+    shot(browser, site, "registry-compressed")
+
+
 def test_playground_classifies_a_digit_like_the_model(browser: Any, site: dict[str, Any]) -> None:
     from sklearn.datasets import load_digits
 
@@ -292,6 +398,9 @@ def test_server_page_charts_live_metrics(browser: Any, site: dict[str, Any]) -> 
         for e in browser.find_elements(By.CSS_SELECTOR, "#server-models tbody td:first-child")
     ]
     assert sorted(names) == ["digits-mlp", "tiny-lm"]
+    scope = browser.find_element(By.ID, "server-scope")  # one process: its own numbers
+    assert scope.get_attribute("data-scope") == "this-process"
+    assert scope.text.startswith("1 process (pid ")
     # charts start from the second sample (rates need two); the page samples every 2 s
     wait(browser, lambda d: canvas_points(d, "#m-rps") >= 1, timeout=30)
     shot(browser, site, "server")

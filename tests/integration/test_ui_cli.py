@@ -39,7 +39,7 @@ def started(*args: str) -> Iterator[tuple[str, str]]:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         second = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", first)
+        match = re.search(r"http://(?:127\.0\.0\.1|0\.0\.0\.0):(\d+)", first)
         assert match, (first, proc.stderr.read() if proc.stderr else "")
         url = f"http://127.0.0.1:{match.group(1)}"
         deadline = time.monotonic() + 120
@@ -70,6 +70,34 @@ def test_shipyard_ui_serves_the_runs(runs: Path) -> None:
         assert ids == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]
 
 
+def test_off_loopback_nothing_answers_without_a_key_over_http(runs: Path, tmp_path: Path) -> None:
+    from shipyard.serve.auth import add_key
+
+    keys = tmp_path / "keys.json"
+    key, _ = add_key(keys, "infer", "bob")
+    args = ("ui", "--runs", str(runs), "--host", "0.0.0.0", "--keys-file", str(keys))
+    with started(*args) as (url, printed), httpx.Client(base_url=url) as anonymous:
+        assert "http://0.0.0.0:" in printed  # bound off loopback (reached here via 127.0.0.1)
+        for path in ("/ui/", "/ui/runs/digits-mlp/lr-3e-3", "/ui/compare", "/ui/server"):
+            r = anonymous.get(path)
+            assert r.status_code == 303 and r.headers["location"].startswith("/ui/login?next=")
+        for path in ("/ui/static/ui.js", "/ui/static/chart.js", "/ui/static/ui.css"):
+            assert anonymous.get(path).status_code == 401, path
+        assert anonymous.get("/ui/api/runs").status_code == 401
+        assert anonymous.get("/ui/login").status_code == 200
+        with httpx.Client(base_url=url) as browser:  # keeps cookies, as a browser does
+            r = browser.post("/ui/login", data={"key": key, "next": "/ui/compare"})
+            assert r.status_code == 303 and r.headers["location"] == "/ui/compare"
+            assert "HttpOnly" in r.headers["set-cookie"]
+            assert browser.get("/ui/static/ui.js").status_code == 200
+            page = browser.get("/ui/compare")
+            assert page.status_code == 200 and "/ui/static/ui.js" in page.text
+            ids = sorted(r["id"] for r in browser.get("/ui/api/runs").json()["runs"])
+            assert ids == ["digits-mlp/lr-1e-2", "digits-mlp/lr-3e-3"]
+            browser.post("/ui/logout")
+            assert browser.get("/ui/api/runs").status_code == 401
+
+
 def test_serve_with_ui_mounts_the_dashboard_beside_the_model(runs: Path) -> None:
     package = runs / "digits-mlp" / "lr-3e-3" / "package"
     with started("serve", str(package), "--ui", "--runs", str(runs)) as (url, _):
@@ -79,6 +107,37 @@ def test_serve_with_ui_mounts_the_dashboard_beside_the_model(runs: Path) -> None
         assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8] and len(meta["labels"]) == 10
         # the inference routes are untouched by the dashboard's headers
         assert "content-security-policy" not in httpx.get(f"{url}/v2/models/digits-mlp").headers
+
+
+def test_the_server_page_with_two_workers_counts_every_workers_requests(runs: Path) -> None:
+    package = runs / "digits-mlp" / "lr-3e-3" / "package"
+    body = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]
+    }
+    args = ("serve", str(package), "--ui", "--runs", str(runs), "--workers", "2")
+    with started(*args) as (url, printed):
+        assert "2 worker(s)" in printed
+        name = httpx.get(f"{url}/ui/api/server/models/digits-mlp").json()["inputs"][0]["name"]
+        tensor = {"name": name, "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}
+        body = {"inputs": [tensor]}
+        pids, sent = set(), 0
+        for _ in range(24):  # a new connection each time: any worker may answer
+            with httpx.Client(base_url=url) as client:
+                info = client.get("/ui/api/server").json()
+                assert (info["workers"], info["metrics_scope"]) == (2, "all-workers")
+                assert [m["name"] for m in info["models"]] == ["digits-mlp"]  # in every worker
+                pids.add(info["pid"])
+                r = client.post("/v2/models/digits-mlp/infer", json=body)
+                assert r.status_code == 200, r.text
+                sent += 1
+        for _ in range(8):
+            with httpx.Client(base_url=url) as client:
+                snap = client.get("/ui/api/server/metrics").json()
+            # whichever worker answers, the charts' counts hold every worker's requests
+            assert snap["scope"] == "all-workers"
+            assert snap["counters"]["shipyard_requests"] >= sent
+            pids.add(snap["pid"])
+        assert 1 <= len(pids) <= 2
 
 
 def test_ui_refuses_bad_arguments_with_one_line(runs: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from tests.ui_support import append_records, digits_runs, read_records, start_live_run
 
+from shipyard.compress import BenchParams, compress
+from shipyard.compress.measure import report_rows
 from shipyard.package.registry import Registry
 from shipyard.serve.auth import add_key
 from shipyard.serve.settings import ServeSettings
@@ -238,6 +241,43 @@ def test_promote_and_rollback_record_the_key_name(client: TestClient, keys: dict
     ]
 
 
+QUICK_BENCH = BenchParams(latency_calls=2, throughput_calls=1, warmup=1, rounds=1)
+
+
+def test_a_compressed_version_links_its_parent_and_its_report(
+    client: TestClient, runs: Path, registry_url: str, tmp_path: Path
+) -> None:
+    parent = runs / "digits-mlp" / "lr-3e-3" / "package"  # registered as digits v1 and v2
+    result = compress(parent, tmp_path / "int8", quantize="int8", bench=QUICK_BENCH)
+    with Registry(registry_url, tmp_path / "store") as reg:
+        reg.register(result.package, name="digits-int8")
+    (version,) = client.get("/ui/api/registry/models/digits-int8").json()["versions"]
+    # the child's lineage names its report; the registry kept it
+    assert version["lineage"]["compression_report"] == str(result.report_path.resolve())
+    assert version["parent_version"] == {"name": "digits", "version": 1}  # the first with it
+    report = json.loads(result.report_path.read_text())
+    shown = version["compression"]
+    assert shown["report"] == report and shown["rows"] == report_rows(report)
+    assert shown["method"] == "quantize" and shown["rows"][2][0].startswith("child: ")
+    assert shown["parent"]["manifest_sha256"] == report["parent"]["manifest_sha256"]
+    # a plain version has neither
+    plain = client.get("/ui/api/registry/models/digits").json()["versions"][0]
+    assert (plain["parent_version"], plain["compression"]) == (None, None)
+
+    # a report of another package at that path (the output compressed again) is not shown
+    report["child"]["manifest_sha256"] = "0" * 64
+    result.report_path.write_text(json.dumps(report))
+    (version,) = client.get("/ui/api/registry/models/digits-int8").json()["versions"]
+    assert set(version["compression"]) == {"path", "error"}
+    assert "describes another package" in version["compression"]["error"]
+    result.report_path.write_text("not json")
+    (version,) = client.get("/ui/api/registry/models/digits-int8").json()["versions"]
+    assert version["compression"]["error"].endswith("is not a compression report")
+    result.report_path.unlink()
+    (version,) = client.get("/ui/api/registry/models/digits-int8").json()["versions"]
+    assert version["compression"]["error"].startswith("the report is not at ")
+
+
 def test_registry_writes_need_an_admin_key(client: TestClient, keys: dict[str, str]) -> None:
     url = "/ui/api/registry/models/digits/promote"
     r = client.post(url, json={"version": 1, "alias": "production"})  # the infer key
@@ -316,18 +356,78 @@ def test_pages_render_with_a_strict_csp_and_local_assets(client: TestClient) -> 
         "/ui/server",
         "/ui/playground",
     ):
-        r = client.get(path, headers={"Authorization": ""})  # shells hold no data
+        r = client.get(path)  # the client's key
         assert r.status_code == 200, path
         csp = r.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp
         assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
         assert "<script>" not in r.text and "style=" not in r.text and "http" not in r.text
-    page = client.get("/ui/runs/%3Cscript%3Ex", headers={"Authorization": ""}).text
+    page = client.get("/ui/runs/%3Cscript%3Ex").text
     assert "<script>x" not in page and "&lt;script&gt;x" in page  # autoescaped
     for asset in ("ui.js", "chart.js", "ui.css", "favicon.svg"):
-        r = client.get(f"/ui/static/{asset}", headers={"Authorization": ""})
+        r = client.get(f"/ui/static/{asset}")
         assert r.status_code == 200 and r.headers["x-content-type-options"] == "nosniff"
     assert "content-security-policy" not in client.get("/v2/health/live").headers
+
+
+def test_with_keys_nothing_under_ui_answers_without_one(
+    client: TestClient, keys: dict[str, str]
+) -> None:
+    anonymous = {"Authorization": ""}
+    for path in ("/ui/", "/ui/runs/digits-mlp/lr-3e-3", "/ui/compare?run=a", "/ui/registry"):
+        r = client.get(path, headers=anonymous, follow_redirects=False)
+        assert r.status_code == 303 and r.text == "", path  # to the login form, no data
+        assert r.headers["location"].startswith("/ui/login?next=%2Fui%2F")
+        assert "default-src 'none'" in r.headers["content-security-policy"]
+    for path in ("/ui/static/ui.js", "/ui/static/ui.css", "/ui/static/favicon.svg", "/ui/api/runs"):
+        r = client.get(path, headers=anonymous)
+        assert r.status_code == 401 and "ui.js" not in r.text, path
+    bad = {"Authorization": "Bearer sy_00000000_" + "A" * 43}
+    assert client.get("/ui/static/ui.js", headers=bad).status_code == 401
+    assert client.get("/ui/", headers=bad, follow_redirects=False).status_code == 303
+    # the login form itself is open, and self-contained: nothing else loads before a key
+    form = client.get("/ui/login", headers=anonymous)
+    assert form.status_code == 200 and 'action="/ui/login"' in form.text
+    assert "/ui/static" not in form.text and "src=" not in form.text
+    csp = form.headers["content-security-policy"]
+    assert "style-src 'sha256-" in csp and "script-src 'sha256-" in csp and "unsafe" not in csp
+
+
+def test_login_sets_a_strict_session_cookie_that_opens_the_dashboard(
+    client: TestClient, keys: dict[str, str]
+) -> None:
+    client.headers.pop("Authorization")
+    r = client.post(
+        "/ui/login",
+        data={"key": "sy_00000000_" + "A" * 43, "next": "/ui/registry"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 401 and "invalid API key" in r.text and "set-cookie" not in r.headers
+    r = client.post(
+        "/ui/login",
+        data={"key": keys["admin"], "next": "https://evil.example/"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/ui/"  # only dashboard paths
+    cookie = r.headers["set-cookie"]
+    assert cookie.startswith(f"shipyard_ui={keys['admin']};")
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
+    assert "Secure" not in cookie  # plain http (the test client); set over https
+    assert client.get("/ui/static/ui.js").status_code == 200
+    assert client.get("/ui/registry").status_code == 200
+    assert client.get("/ui/api/runs").status_code == 200
+    # a write with the cookie: the key's name is recorded, as with the header
+    url = "/ui/api/registry/models/digits/promote"
+    r = client.post(url, json={"version": 1, "alias": "production"})
+    assert r.status_code == 200 and r.json()["actor"] == "alice"
+    # ...but not from another site's page (SameSite=Strict already keeps browsers from it)
+    r = client.post(url, json={"version": 2}, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
+    assert client.get("/ui/api/registry/models/digits").json()["aliases"] == {"production": 1}
+    # the inference routes never take the cookie
+    assert client.get("/v1/models").status_code == 401
+    client.post("/ui/logout")
+    assert client.get("/ui/static/ui.js").status_code == 401
 
 
 def test_csp_reports_are_collected(client: TestClient) -> None:
@@ -344,7 +444,10 @@ def test_csp_reports_are_collected(client: TestClient) -> None:
 def test_server_endpoints_without_models(client: TestClient) -> None:
     body = client.get("/ui/api/server").json()
     assert body["ready"] is True and body["models"] == [] and body["auth"] is True
+    # one process (no Prometheus multiprocess directory): the numbers are this process's
+    assert (body["workers"], body["pid"], body["metrics_scope"]) == (1, os.getpid(), "this-process")
     snap = client.get("/ui/api/server/metrics").json()
+    assert (snap["scope"], snap["pid"]) == ("this-process", os.getpid())
     assert snap["counters"]["shipyard_requests"] >= 1  # this client's own requests
     r = client.get("/ui/api/server/models/nope")
     assert r.status_code == 404

@@ -25,7 +25,7 @@ from shipyard.compress.layers import DynamicInt8Linear, Int8Linear
 from shipyard.config import RunConfig
 from shipyard.data import PreparedData
 from shipyard.generate.packed import cpu_flags
-from shipyard.package import LoadedModel
+from shipyard.package import LoadedModel, manifest_sha256
 from shipyard.train.evaluation import evaluate_model
 
 QUALITY_METRICS = {
@@ -195,6 +195,7 @@ def build_report(
             "name": m.name,
             "version": m.version,
             "path": str(loaded.path),
+            "manifest_sha256": manifest_sha256(loaded.path),  # which package was measured
             "backend": m.backend,
             "file_bytes": package_bytes(loaded.path),
             **model_stats(loaded),

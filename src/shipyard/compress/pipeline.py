@@ -41,6 +41,7 @@ from shipyard.train.checkpoint import load_weights
 QuantizeMethod = Literal["int8", "int8-weight"]
 QUANTIZE_METHODS: tuple[str, ...] = ("int8", "int8-weight")
 PACKAGE_SUBDIR = "package"  # OUT/package is the child; OUT/report.{json,md} beside it
+REPORT_LINEAGE_KEY = "compression_report"  # the child's lineage: the absolute path of its report
 
 
 @dataclass
@@ -330,6 +331,9 @@ def _finish(
         derivation=derivation,
         parent=parent.ref,
         quantization=child.quantization,
+        # where the report on this child will be (written below, once the child is measured):
+        # the registry keeps the lineage, so a registered child leads back to its report
+        lineage_extra={REPORT_LINEAGE_KEY: str((out_dir / "report.json").resolve())},
     )
     loaded_child = load_package(path)
     parent_quality = quality(parent.loaded.model, data, parent.config)

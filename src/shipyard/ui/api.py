@@ -1,17 +1,18 @@
 """The dashboard's JSON endpoints, under `/ui/api` (every page is drawn from these).
 
-    GET  /ui/api/runs                              runs table (summaries, sparklines)
+    GET  /ui/api/runs                              runs table (summaries, sparklines, cv/tune)
     GET  /ui/api/runs/{id}                         one run: config, summary, report, files
     GET  /ui/api/runs/{id}/series?keys=&x=&max_points=   downsampled curves + best points
     GET  /ui/api/runs/{id}/tail?offset=            records appended since `offset`
     GET  /ui/api/runs/{id}/files/{name}            a report plot (PNG) of the run
-    GET  /ui/api/compare?run=A&run=B[&full=1]      differing settings, best metrics, curves
+    GET  /ui/api/compare?run=A&run=B[&group=G][&full=1]   differing settings, best metrics,
+                                                   curves, the cv/tune groups of the runs
     GET  /ui/api/registry/models                   registered models
     GET  /ui/api/registry/models/{name}            versions (lineage, metrics, aliases) + history
     POST /ui/api/registry/models/{name}/promote    {"version": 3, "alias": "production"}   admin
     POST /ui/api/registry/models/{name}/rollback   {"alias": "production"}                 admin
-    GET  /ui/api/server                            health, loaded models
-    GET  /ui/api/server/metrics                    a snapshot of /metrics as JSON
+    GET  /ui/api/server                            health, loaded models (of the worker answering)
+    GET  /ui/api/server/metrics                    a snapshot of /metrics as JSON (every worker)
     GET  /ui/api/server/models/{name}              what the playground needs: signature, labels
 
 Reads need any valid API key when the server has keys; writes need an admin key, and the key's
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +43,8 @@ from shipyard.serve.errors import BadRequest, NotFound
 from shipyard.serve.http import authorize, parse_body, state_of
 from shipyard.train.checkpoint import list_checkpoints
 from shipyard.train.rundir import CHECKPOINTS_DIR, PACKAGE_DIR
+from shipyard.ui.groups import expand_groups, group_runs
+from shipyard.ui.lineage import registered_digests, with_lineage
 from shipyard.ui.runs import (
     RunNotFound,
     RunStore,
@@ -124,11 +128,15 @@ def build_router(ctx: UIContext) -> APIRouter:
 
     # -- runs ---------------------------------------------------------------------------
 
+    def grouped() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        rows = runs.list_runs()
+        return rows, group_runs(runs, rows)
+
     @router.get("/runs")
     async def list_runs(request: Request) -> dict[str, Any]:
         await authorize(request, "infer")
-        rows = await _call(runs.list_runs)
-        return {"root": str(runs.root), "runs": rows}
+        rows, groups = await _call(grouped)
+        return {"root": str(runs.root), "runs": rows, "groups": groups}
 
     @router.get("/runs/{run_id:path}/series")
     async def series(
@@ -209,21 +217,34 @@ def build_router(ctx: UIContext) -> APIRouter:
     async def compare(
         request: Request,
         run: list[str] = Query(default_factory=list),
+        group: list[str] = Query(default_factory=list),
         full: bool = False,
         x: str = "step",
         max_points: int = 500,
     ) -> dict[str, Any]:
         await authorize(request, "infer")
-        if not 2 <= len(run) <= MAX_COMPARE:
-            raise BadRequest(
-                f"compare needs 2 to {MAX_COMPARE} runs, got {len(run)}: "
-                "/ui/api/compare?run=ID1&run=ID2"
-            )
 
         def work() -> dict[str, Any]:
-            dirs = [runs.resolve(r) for r in run]
+            rows, groups = grouped() if group or run else ([], [])
+            ids = list(run)
+            if group:
+                try:
+                    ids += expand_groups(groups, group, MAX_COMPARE - len(run))
+                except KeyError as exc:
+                    known = ", ".join(g["id"] for g in groups) or "none"
+                    raise UIError(
+                        f"no cv or tune group {str(exc.args[0])[:200]!r}; groups: {known[:500]}"
+                    ) from None
+            ids = list(dict.fromkeys(ids))
+            if not 2 <= len(ids) <= MAX_COMPARE:
+                raise UIError(
+                    f"compare needs 2 to {MAX_COMPARE} runs, got {len(ids)}: "
+                    "/ui/api/compare?run=ID1&run=ID2 (or group=CV-OR-STUDY-ID)"
+                )
+            dirs = [runs.resolve(r) for r in ids]
             configs = [runs.config(d) for d in dirs]
-            summaries = [runs.summary(d) for d in dirs]
+            listed = {r["id"]: r for r in rows}
+            summaries = [listed.get(i) or runs.summary(d) for i, d in zip(ids, dirs, strict=True)]
             curves = []
             for d, cfg in zip(dirs, configs, strict=True):
                 metric, _ = watched_metric(cfg)
@@ -250,6 +271,7 @@ def build_router(ctx: UIContext) -> APIRouter:
                 )
             return {
                 "runs": summaries,
+                "groups": _groups_of(groups, summaries),
                 "at_best": at_best,
                 "differences": config_diff(configs, full=full),
                 "full": full,
@@ -272,11 +294,13 @@ def build_router(ctx: UIContext) -> APIRouter:
 
         def work() -> dict[str, Any]:
             reg = ctx.registry()
-            versions = reg.list_versions(name)
+            versions = [_with_run(runs, v.to_dict()) for v in reversed(reg.list_versions(name))]
+            has_parent = any((v.get("lineage") or {}).get("parent") for v in versions)
+            digests = registered_digests(reg) if has_parent else None
             return {
                 "name": name,
                 "aliases": reg.aliases(name),
-                "versions": [_with_run(runs, v.to_dict()) for v in reversed(versions)],
+                "versions": with_lineage(versions, digests),
                 "history": [e.to_dict() for e in reg.history(name)],
             }
 
@@ -325,6 +349,10 @@ def build_router(ctx: UIContext) -> APIRouter:
             "ready": repo.ready and not state.shutting_down,
             "workers": state.settings.workers,
             "auth": state.settings.auth_enabled,
+            # the worker that answered: its readiness and models' load times are its own (every
+            # worker loads the same models: with --workers > 1 the admin API cannot change them)
+            "pid": os.getpid(),
+            "metrics_scope": metrics_scope(),
             "models": models,
         }
 
@@ -332,7 +360,11 @@ def build_router(ctx: UIContext) -> APIRouter:
     async def server_metrics(request: Request) -> dict[str, Any]:
         await authorize(request, "infer")
         body, _ = metrics.render()
-        return metrics_snapshot(body.decode())
+        return {
+            **metrics_snapshot(body.decode()),
+            "scope": metrics_scope(),
+            "pid": os.getpid(),
+        }
 
     @router.get("/server/models/{name}")
     async def server_model(request: Request, name: str) -> dict[str, Any]:
@@ -348,6 +380,28 @@ def build_router(ctx: UIContext) -> APIRouter:
         }
 
     return router
+
+
+def _groups_of(
+    groups: list[dict[str, Any]], summaries: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The groups the compared runs belong to (and the studies those belong to), each with
+    `compared`: the ids of its runs on the page."""
+    by_id = {g["id"]: g for g in groups}
+    out: dict[str, dict[str, Any]] = {}
+    for s in summaries:
+        gid = s.get("group")
+        while isinstance(gid, str) and gid in by_id:
+            g = out.setdefault(gid, {**by_id[gid], "compared": []})
+            g["compared"].append(s["id"])
+            gid = g.get("parent")
+    return list(out.values())
+
+
+def metrics_scope() -> str:
+    """Whose requests /metrics counts: "all-workers" when `shipyard serve --workers N` shares
+    a Prometheus multiprocess directory between its workers, else "this-process"."""
+    return "all-workers" if os.environ.get(metrics.MULTIPROC_ENV) else "this-process"
 
 
 def _with_run(runs: RunStore, version: dict[str, Any]) -> dict[str, Any]:

@@ -2,9 +2,8 @@
 
 `shipyard ui` is a server with no models plus the dashboard; `shipyard serve --ui` mounts it on a
 server that serves models, so the server and playground pages show (and call) that server. Both
-reuse the server's API keys: a page is a static shell, and every piece of data comes from
-`/ui/api` with the key the browser holds (sessionStorage), so nothing is reachable without one
-when keys are configured.
+reuse the server's API keys: with keys, every /ui path (pages, assets, JSON) needs one, sent as a
+bearer header or as the session cookie the login form sets (`shipyard.ui.login`).
 
 Every response under /ui carries a strict Content-Security-Policy: scripts, styles, images and
 connections from this origin only, no inline code, no frames. Violations the browser sees are
@@ -33,6 +32,7 @@ from shipyard.serve.app import create_app
 from shipyard.serve.http import authorize, read_body
 from shipyard.serve.settings import ServeSettings
 from shipyard.ui.api import UIContext, build_router
+from shipyard.ui.login import UIAuth, build_login
 from shipyard.ui.pages import build_pages
 from shipyard.ui.runs import RunStore
 
@@ -103,6 +103,7 @@ def mount_ui(app: FastAPI, settings: UISettings) -> FastAPI:
     )
     violations: list[dict[str, Any]] = []
 
+    app.add_middleware(UIAuth)  # inside SecurityHeaders: its 401s and redirects get the CSP too
     app.add_middleware(SecurityHeaders)
 
     @app.post("/ui/api/csp-report", include_in_schema=False)
@@ -124,6 +125,7 @@ def mount_ui(app: FastAPI, settings: UISettings) -> FastAPI:
         return JSONResponse({"violations": violations})
 
     app.include_router(build_router(ctx))
+    app.include_router(build_login())
     app.include_router(build_pages())
     app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
 

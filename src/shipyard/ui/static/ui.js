@@ -31,7 +31,10 @@
     try { data = await res.json(); } catch (e) { data = null; }
     if (!res.ok) {
       const msg = (data && (data.error && (data.error.message || data.error))) || res.statusText;
-      if (res.status === 401) { askKey(); }
+      if (res.status === 401) {  // the session cookie is gone (logged out, key revoked): log in again
+        if (!sessionStorage.getItem(KEY)) { location.href = "/ui/login?next=" + encodeURIComponent(location.pathname + location.search + location.hash); }
+        else { askKey(); }
+      }
       const err = new Error(String(msg)); err.status = res.status; throw err;
     }
     return data;
@@ -90,43 +93,109 @@
 
   // ---------------------------------------------------------------------------- runs page
 
+  // cross-validation folds and tuning trials come grouped (GET /ui/api/runs "groups"): a group
+  // row (cv: mean ± std of the folds' best value; study: the best trial) that expands to its runs
+  function groupValue(g) {
+    if (g.value === null || g.value === undefined) { return "–"; }
+    if (g.kind === "cv") { return g.metric + " " + fmt(g.mean) + " ± " + fmt(g.std); }
+    return g.metric + " " + fmt(g.value) + " ★ trial " + g.best_trial;
+  }
+  function groupBadge(g) {
+    return g.kind === "cv" ? "cv · " + g.n + " of " + g.k + " folds" : "study " + g.study + " · " + g.trials + " trials";
+  }
+
   async function runsPage() {
     const data = await api("/ui/api/runs");
     const rows = data.runs;
+    const groups = data.groups || [];
+    const runById = new Map(rows.map((r) => [r.id, r]));
+    const groupById = new Map(groups.map((g) => [g.id, g]));
     $("#runs-root").textContent = "Folder: " + data.root;
     const tbody = $("#runs-table tbody");
-    const selected = new Set();
-    let sortKey = "started", sortDir = -1, shown = 200, filtered = rows;
-    const value = (r, k) => (k === "best" ? (r.best ? r.best.value : null) : r[k]);
+    const selected = new Set(), selectedGroups = new Set(), open = new Set();
+    let sortKey = "started", sortDir = -1, shown = 200, filtered = [];
+    // the top level: runs outside any group, and groups that are not inside another group
+    const items = rows.filter((r) => !r.group).map((r) => ({ run: r }))
+      .concat(groups.filter((g) => !g.parent).map((g) => ({ group: g })));
+    const itemValue = (it, k) => {
+      if (it.run) { return k === "best" ? (it.run.best ? it.run.best.value : null) : it.run[k]; }
+      const g = it.group;
+      return { name: g.name, id: g.id, status: g.status, started: g.started, best: g.value }[k];
+    };
+    const runText = (r) => [r.name, r.id, r.status, r.model, r.task].join(" ").toLowerCase();
+    function groupMatches(g, q) {
+      if ((g.name + " " + g.id + " " + g.kind + " " + g.status).toLowerCase().includes(q)) { return true; }
+      return g.members.some((m) => (m.run && runById.has(m.run) && runText(runById.get(m.run)).includes(q)) || (m.group && groupById.has(m.group) && groupMatches(groupById.get(m.group), q)));
+    }
+    function updateButton() {
+      const n = selected.size + [...selectedGroups].reduce((a, id) => a + groupById.get(id).members.length, 0);
+      $("#compare-button").disabled = n < 2;
+    }
+    function checkbox(set, id) {
+      const cb = el("input", { type: "checkbox", "aria-label": "select " + id });
+      cb.checked = set.has(id);
+      cb.addEventListener("change", () => { if (cb.checked) { set.add(id); } else { set.delete(id); } updateButton(); });
+      return cb;
+    }
+    function runRow(r, member, depth, star) {
+      const best = r.best ? r.metric + " " + fmt(r.best.value) : "–";
+      const name = el("td", { class: depth ? "indent-" + Math.min(depth, 2) : null });
+      if (member) { name.append(el("span", { class: "member", text: member + (star ? " ★" : "") }), " "); }
+      name.append(el("a", { href: "/ui/runs/" + encodeURI(r.id), text: r.name }));
+      return el("tr", { "data-id": r.id, class: depth ? "member-row" : null, "data-best": star ? "1" : null },
+        el("td", { class: "check" }, checkbox(selected, r.id)),
+        name,
+        el("td", { class: "hide-sm muted mono", text: r.id }),
+        el("td", {}, badge(r.status)),
+        el("td", { class: "hide-sm", text: when(r.started) }),
+        el("td", { class: "hide-sm num", text: duration(r.duration_s) }),
+        el("td", { class: "num", text: best }),
+        el("td", { class: "num", text: fmt(r.final_loss) }),
+        el("td", {}, sparkline(r.spark)));
+    }
+    function groupRows(g, frag, depth, member, star) {
+      const isOpen = open.has(g.id);
+      const toggle = el("button", { type: "button", class: "ghost small toggle", "aria-expanded": isOpen ? "true" : "false", "data-toggle": g.id, text: isOpen ? "▾" : "▸" });
+      toggle.addEventListener("click", () => { if (open.has(g.id)) { open.delete(g.id); } else { open.add(g.id); } render(); });
+      const name = el("td", { class: depth ? "indent-" + Math.min(depth, 2) : null }, toggle, " ");
+      if (member) { name.append(el("span", { class: "member", text: member + (star ? " ★" : "") }), " "); }
+      name.append(el("b", { text: g.name }), " ", badge(groupBadge(g), "group-kind"));
+      frag.append(el("tr", { class: "group-row", "data-group": g.id, "data-kind": g.kind },
+        el("td", { class: "check" }, depth ? null : checkbox(selectedGroups, g.id)),
+        name,
+        el("td", { class: "hide-sm muted gid", text: g.id }),
+        el("td", {}, badge(g.status)),
+        el("td", { class: "hide-sm", text: when(g.started) }),
+        el("td", { class: "hide-sm num", text: "–" }),
+        el("td", { class: "num group-value", text: groupValue(g) }),
+        el("td", { class: "num", text: "–" }),
+        el("td", {})));
+      if (!isOpen) { return; }
+      for (const m of g.members) {
+        const star = g.kind === "tune" && m.best;
+        const label = m.label + (g.kind === "tune" && m.state !== "COMPLETE" ? " (" + m.state.toLowerCase() + ")" : "");
+        if (m.run && runById.has(m.run)) { frag.append(runRow(runById.get(m.run), label, depth + 1, star)); }
+        else if (m.group && groupById.has(m.group)) { groupRows(groupById.get(m.group), frag, depth + 1, label, star); }
+        else { frag.append(el("tr", { class: "member-row", "data-trial": String(m.number) }, el("td", {}), el("td", { class: "indent-" + Math.min(depth + 1, 2), colspan: "8" }, el("span", { class: "member", text: label }), " ", el("span", { class: "muted", text: m.error || "no run directory" })))); }
+      }
+      if (g.final && runById.has(g.final)) { frag.append(runRow(runById.get(g.final), "final (every fold)", depth + 1, false)); }
+    }
 
     function render() {
       const q = $("#filter").value.trim().toLowerCase();
-      filtered = rows.filter((r) => !q || [r.name, r.id, r.status, r.model, r.task].join(" ").toLowerCase().includes(q));
+      filtered = items.filter((it) => !q || (it.run ? runText(it.run).includes(q) : groupMatches(it.group, q)));
       filtered.sort((a, b) => {
-        const x = value(a, sortKey), y = value(b, sortKey);
+        const x = itemValue(a, sortKey), y = itemValue(b, sortKey);
         if (x === y) { return 0; } if (x === null || x === undefined) { return 1; } if (y === null || y === undefined) { return -1; }
         return (x < y ? -1 : 1) * sortDir;
       });
       tbody.textContent = "";
       const frag = document.createDocumentFragment();
-      for (const r of filtered.slice(0, shown)) {
-        const cb = el("input", { type: "checkbox", "aria-label": "select " + r.id });
-        cb.checked = selected.has(r.id);
-        cb.addEventListener("change", () => { if (cb.checked) { selected.add(r.id); } else { selected.delete(r.id); } $("#compare-button").disabled = selected.size < 2; });
-        const best = r.best ? r.metric + " " + fmt(r.best.value) : "–";
-        frag.append(el("tr", { "data-id": r.id },
-          el("td", { class: "check" }, cb),
-          el("td", {}, el("a", { href: "/ui/runs/" + encodeURI(r.id), text: r.name })),
-          el("td", { class: "hide-sm muted mono", text: r.id }),
-          el("td", {}, badge(r.status)),
-          el("td", { class: "hide-sm", text: when(r.started) }),
-          el("td", { class: "hide-sm num", text: duration(r.duration_s) }),
-          el("td", { class: "num", text: best }),
-          el("td", { class: "num", text: fmt(r.final_loss) }),
-          el("td", {}, sparkline(r.spark))));
+      for (const it of filtered.slice(0, shown)) {
+        if (it.run) { frag.append(runRow(it.run, null, 0, false)); } else { groupRows(it.group, frag, 0, null, false); }
       }
       tbody.append(frag);
-      $("#run-count").textContent = filtered.length + (filtered.length === rows.length ? "" : " of " + rows.length);
+      $("#run-count").textContent = rows.length + " runs" + (groups.length ? " · " + groups.length + " groups" : "") + (filtered.length === items.length ? "" : " · " + filtered.length + " shown");
       $("#more").hidden = filtered.length <= shown;
       $("#empty").hidden = rows.length > 0;
       for (const th of document.querySelectorAll("#runs-table th[data-sort]")) {
@@ -141,7 +210,8 @@
       th.addEventListener("click", () => { if (sortKey === th.dataset.sort) { sortDir = -sortDir; } else { sortKey = th.dataset.sort; sortDir = 1; } render(); });
     }
     $("#compare-button").addEventListener("click", () => {
-      location.href = "/ui/compare?" + [...selected].map((id) => "run=" + encodeURIComponent(id)).join("&");
+      const q = [...selected].map((id) => "run=" + encodeURIComponent(id)).concat([...selectedGroups].map((id) => "group=" + encodeURIComponent(id)));
+      location.href = "/ui/compare?" + q.join("&");
     });
     render();
     document.body.dataset.ready = "1";
@@ -295,21 +365,46 @@
   // ------------------------------------------------------------------------- compare page
 
   async function comparePage() {
-    const ids = new URLSearchParams(location.search).getAll("run");
-    if (ids.length < 2) { document.body.dataset.ready = "1"; return; }
-    $("#compare-hint").textContent = ids.length + " runs: " + ids.join(", ");
+    const params = new URLSearchParams(location.search);
+    const ids = params.getAll("run"), gids = params.getAll("group");
+    if (ids.length < 2 && !gids.length) { document.body.dataset.ready = "1"; return; }
+    $("#compare-hint").textContent = [ids.length ? ids.length + " runs: " + ids.join(", ") : "", gids.length ? "groups: " + gids.join(", ") : ""].filter(Boolean).join(" · ");
     const palette = window.ShipyardChart.palette();
     const chart = new window.ShipyardChart.LineChart($("#compare-chart"), { xLabel: "step" });
     let data = null;
     async function load(full) {
-      const q = new URLSearchParams(ids.map((id) => ["run", id]));
+      const q = new URLSearchParams(ids.map((id) => ["run", id]).concat(gids.map((id) => ["group", id])));
       if (full) { q.set("full", "1"); }
       data = await api("/ui/api/compare?" + q);
-      diff(); best(); curves();
+      diff(); best(); curves(); grouped();
+    }
+    // the runs' cv and tune groups: mean ± std over every fold, the study's ranking
+    const label = (r) => r.name + " · " + r.id + (r.member ? " · " + r.member : "");
+    function starred() {
+      const out = new Set();
+      for (const g of data.groups) { for (const m of g.members) { if (m.best && m.run) { out.add(m.run); } } }
+      return out;
+    }
+    function grouped() {
+      const t = $("#compare-groups"); t.textContent = "";
+      $("#compare-groups-card").hidden = !data.groups.length;
+      if (!data.groups.length) { return; }
+      t.append(el("thead", {}, el("tr", {}, ...["group", "kind", "value", "members (best first for a study)", "on this page"].map((h) => el("th", { text: h })))));
+      const body = el("tbody");
+      for (const g of data.groups) {
+        const members = g.members.map((m) => m.label + (m.value === null || m.value === undefined ? "" : " " + fmt(m.value)) + (m.best ? " ★" : "")).join(" · ");
+        body.append(el("tr", { "data-group": g.id, "data-kind": g.kind },
+          el("td", { class: "mono", text: g.id }),
+          el("td", {}, badge(groupBadge(g), "group-kind")),
+          el("td", { class: "num group-value", text: groupValue(g) }),
+          el("td", { class: "wrap small", text: members }),
+          el("td", { class: "num", text: String(g.compared.length) })));
+      }
+      t.append(body);
     }
     function diff() {
       const t = $("#compare-diff"); t.textContent = "";
-      const head = el("tr", {}, el("th", { text: "setting" }), ...data.runs.map((r) => el("th", { text: r.name + " · " + r.id })));
+      const head = el("tr", {}, el("th", { text: "setting" }), ...data.runs.map((r) => el("th", { text: label(r) })));
       t.append(el("thead", {}, head));
       const body = el("tbody");
       const entries = Object.entries(data.differences);
@@ -326,6 +421,7 @@
       const metrics = [...new Set(data.at_best.flatMap((m) => Object.keys(m)))];
       t.append(el("thead", {}, el("tr", {}, el("th", { text: "run" }), el("th", { text: "best step" }), ...metrics.map((m) => el("th", { text: "val " + m })), el("th", { text: "final loss" }), el("th", { text: "status" }))));
       const body = el("tbody");
+      const stars = starred();
       data.runs.forEach((r, i) => {
         const sw = el("i", { class: "swatch" });
         sw.style.display = "inline-block"; sw.style.width = "10px"; sw.style.height = "10px"; sw.style.marginRight = "6px"; sw.style.background = palette[i % palette.length];
@@ -336,7 +432,8 @@
           const top = vals.length > 1 && v === (lower ? Math.min(...vals) : Math.max(...vals));
           return el("td", { class: "num" + (top ? " top" : ""), text: fmt(v) });
         });
-        body.append(el("tr", { "data-run": r.id }, el("td", {}, sw, el("a", { href: "/ui/runs/" + encodeURI(r.id), text: r.name + " · " + r.id })), el("td", { class: "num", text: r.best ? r.best.step : "–" }), ...cells, el("td", { class: "num", text: fmt(r.final_loss) }), el("td", {}, badge(r.status))));
+        const star = stars.has(r.id);
+        body.append(el("tr", { "data-run": r.id, "data-best": star ? "1" : null }, el("td", {}, sw, el("a", { href: "/ui/runs/" + encodeURI(r.id), text: label(r) + (star ? " ★" : "") })), el("td", { class: "num", text: r.best ? r.best.step : "–" }), ...cells, el("td", { class: "num", text: fmt(r.final_loss) }), el("td", {}, badge(r.status))));
       });
       t.append(body);
       $("#compare-best-card").hidden = false;
@@ -346,7 +443,7 @@
       const series = [];
       data.curves.forEach((c, i) => {
         const key = which === "loss" ? "loss" : Object.keys(c).find((k) => k.startsWith("val_"));
-        if (key && c[key]) { series.push({ name: data.runs[i].name + " · " + data.runs[i].id + " · " + key, color: palette[i % palette.length], x: c[key].x, y: c[key].y, best: c[key].best }); }
+        if (key && c[key]) { series.push({ name: label(data.runs[i]) + " · " + key, color: palette[i % palette.length], x: c[key].x, y: c[key].y, best: c[key].best }); }
       });
       chart.setData(series);
       $("#compare-curves-card").hidden = false;
@@ -410,6 +507,7 @@
           el("td", {}, el("span", { class: "row" }, sel, btn))));
       }
       vt.append(body);
+      reports(m.versions);
       const ht = $("#history"); ht.textContent = "";
       ht.append(el("thead", {}, el("tr", {}, ...["when", "alias", "action", "version", "who"].map((h) => el("th", { text: h })))));
       const hb = el("tbody");
@@ -423,7 +521,32 @@
     const models = await loadModels();
     const want = decodeURIComponent(location.hash.slice(1)) || (models[0] && models[0].name);
     if (want) { await showModel(want); }
+    window.addEventListener("hashchange", () => {  // a parent link is a link to #NAME
+      const name = decodeURIComponent(location.hash.slice(1));
+      if (name && name !== document.body.dataset.model) { showModel(name).catch((e) => toast(e.message, true)); }
+    });
     document.body.dataset.ready = "1";
+  }
+
+  // each compressed version's report (OUT/report.json of `shipyard compress`): the CLI's table
+  function reports(versions) {
+    const box = $("#reports"); box.textContent = "";
+    const shown = versions.filter((v) => v.compression && !v.compression.error);
+    $("#reports-card").hidden = !shown.length;
+    for (const v of shown) {
+      const c = v.compression;
+      const from = v.parent_version ? v.parent_version.name + " v" + v.parent_version.version : c.parent.name + " " + c.parent.version;
+      const t = el("table", { class: "data report-table" });
+      t.append(el("thead", {}, el("tr", {}, ...c.rows[0].map((h) => el("th", { text: h })))));
+      const body = el("tbody");
+      for (const r of c.rows.slice(1)) { body.append(el("tr", {}, ...r.map((x, i) => el("td", { class: i ? "num" : "", text: x })))); }
+      t.append(body);
+      box.append(el("section", { class: "report", "data-version": String(v.version) },
+        el("h4", { text: "v" + v.version + " · " + c.method + " · from " + from }),
+        el("div", { class: "table-wrap" }, t),
+        el("p", { class: "muted small", text: "Measured on " + c.machine + "." }),
+        el("p", { class: "muted small mono", text: c.path })));
+    }
   }
 
   function metricsText(m) {
@@ -444,7 +567,12 @@
     if (v.run_id) { line("run", v.run_id, "/ui/runs/" + encodeURI(v.run_id)); } else if (l.run_dir) { line("run", String(l.run_dir)); }
     if (l.checkpoint_step !== undefined && l.checkpoint_step !== null) { line("step", String(l.checkpoint_step)); }
     if (l.data_fingerprint) { line("data", String(l.data_fingerprint).slice(0, 12)); }
-    if (l.parent) { line("parent", typeof l.parent === "object" ? JSON.stringify(l.parent) : String(l.parent)); }
+    if (v.parent_version) { line("parent", v.parent_version.name + " v" + v.parent_version.version, "/ui/registry#" + encodeURIComponent(v.parent_version.name)); }
+    else if (l.parent) { line("parent", typeof l.parent === "object" ? l.parent.name + " " + l.parent.version + " (not registered)" : String(l.parent)); }
+    if (v.compression) {
+      if (v.compression.error) { line("report", v.compression.error); }
+      else { line("compressed", v.compression.method + " · report below"); }
+    }
     if (l.git_commit) { line("git", String(l.git_commit).slice(0, 10)); }
     if (!td.childNodes.length) { td.textContent = "–"; }
     return td;
@@ -469,6 +597,13 @@
     async function tick() {
       const [info, snap] = await Promise.all([api("/ui/api/server"), api("/ui/api/server/metrics")]);
       const h = $("#health"); h.textContent = info.ready ? "ready" : "not ready"; h.className = "badge " + (info.ready ? "ok" : "bad");
+      // with --workers N each request reaches one worker: say whose view each part is
+      const scope = $("#server-scope");
+      const whose = snap.scope === "all-workers" ? "Charts: every worker's requests (Prometheus multiprocess)." : "Charts: this process's requests.";
+      scope.textContent = info.workers > 1
+        ? info.workers + " workers. " + whose + " Health, loaded models and load times: worker pid " + info.pid + ", the one that answered (each worker loads the same models)."
+        : "1 process (pid " + info.pid + "). " + whose;
+      scope.dataset.scope = snap.scope; scope.dataset.workers = String(info.workers);
       const t = $("#server-models"); t.textContent = "";
       t.append(el("thead", {}, el("tr", {}, ...["model", "version", "default", "task", "kind", "source", "loaded", "load time"].map((x) => el("th", { text: x })))));
       const body = el("tbody");
@@ -687,7 +822,10 @@
     $("#key-dialog").addEventListener("close", () => {
       const d = $("#key-dialog");
       if (d.returnValue === "save" && $("#key-input").value.trim()) { sessionStorage.setItem(KEY, $("#key-input").value.trim()); location.reload(); }
-      if (d.returnValue === "clear") { sessionStorage.removeItem(KEY); location.reload(); }
+      if (d.returnValue === "clear") {  // forget it here and end the cookie session
+        sessionStorage.removeItem(KEY);
+        fetch("/ui/logout", { method: "POST" }).finally(() => location.reload());
+      }
     });
     $("#key-button").textContent = sessionStorage.getItem(KEY) ? "Key ✓" : "Key";
     const pg = $("#pg-run");
