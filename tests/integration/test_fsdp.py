@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from tests.conftest import ROOT
 
 from shipyard.config import load_config
+from shipyard.package import manifest_sha256, verify_package
 from shipyard.train import fit
 from shipyard.train.checkpoint import list_checkpoints
 
@@ -201,3 +204,73 @@ def test_fsdp_gpt_with_activation_checkpointing_killed_on_one_resumes_on_two(
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same(ref_losses, losses(killed), 1e-4)
+
+
+LORA = {"method": "lora", "rank": 2, "alpha": 4, "targets": ["q_proj", "v_proj", "down_proj"]}
+LORA_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def lora_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA run (fsdp) on the tiny Llama, trained one step and packaged as its base."""
+    tmp = tmp_path_factory.mktemp("lora-base")
+    raw = json.loads(json.dumps(CONFIG))
+    raw.pop("schedule")  # one step: no room for warm-up
+    raw["train"].update(strategy="ddp", max_steps=1, checkpoint={"every_steps": 100})
+    base = fit(load_config(raw), run_dir=tmp / "base").run_dir / "package"
+    raw = json.loads(json.dumps(CONFIG))
+    raw["name"] = "fsdp-lora"
+    raw["data"].pop("tokenizer")  # the base brings its own
+    raw["model"] = {"name": "pretrained", "path": str(base)}
+    raw["finetune"] = LORA
+    raw["schedule"]["warmup_steps"] = 2
+    raw["train"].update(max_steps=LORA_STEPS, checkpoint={"every_steps": 100})
+    raw["eval"]["every_steps"] = LORA_STEPS
+    path = tmp / "lora.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_fsdp_lora_on_two_processes_matches_one_and_packages_the_adapter(
+    tmp_path: Path, lora_config: Path
+) -> None:
+    config = load_config(lora_config)
+    one = fit(
+        config.model_copy(update={"train": config.train.model_copy(update={"strategy": "ddp"})}),
+        run_dir=tmp_path / "one",
+    )
+    two = tmp_path / "two"
+    out = shipyard("train", str(lora_config), "--nproc", "2", "--run-dir", str(two))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same(losses(one.run_dir), losses(two), 1e-5)
+    report = json.loads((two / "report.json").read_text())["run"]
+    assert report["strategy"] == "fsdp" and report["processes"] == 2
+    assert report["trainable_parameters"] == one.summary["trainable_parameters"]
+    # the frozen base is sharded too: each rank holds about half of the one-process state
+    for value in report["memory"]["per_rank_bytes"]:
+        assert (
+            0.45 * one.summary["memory"]["max_bytes"]
+            <= value
+            <= 0.55 * one.summary["memory"]["max_bytes"]
+        )
+    # the package: the base's weights untouched, the adapters trained, the base's fingerprint
+    base = Path(config.model.path)  # type: ignore[union-attr]
+    manifest = verify_package(two / "package")
+    assert manifest.lora is not None
+    assert manifest.lora.layers == [
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    ]
+    assert manifest.lora.base.manifest_sha256 == manifest_sha256(base)
+    ours = load_file(str(two / "package" / "model.safetensors"))
+    reference = load_file(str(one.run_dir / "package" / "model.safetensors"))
+    frozen = load_file(str(base / "model.safetensors"))
+    assert sorted(ours) == sorted(reference)
+    for name, tensor in frozen.items():
+        assert torch.equal(ours[name], tensor), name
+    adapters = [n for n in ours if n not in frozen]
+    assert len(adapters) == 12 and all(".lora_" in n for n in adapters)
+    for name in adapters:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-6)
+    assert all(float(ours[n].abs().max()) > 0 for n in adapters if n.endswith("lora_B"))

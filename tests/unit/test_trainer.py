@@ -275,3 +275,36 @@ def test_tensorboard_event_files(tmp_path: Path) -> None:
     assert "train/loss" in scalars and "val/mse" in scalars
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20]
     assert result.summary["samples_per_s"] > 0
+
+
+def test_train_mode_is_set_once_and_again_only_after_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropout is back on after each validation (so validating changes no training loss), and
+    the trainer walks the model's modules to set train mode only then, not on every step."""
+
+    def losses(run: Path) -> list[float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if json.loads(x)["kind"] == "train"]
+
+    plain = fit(
+        load_config(regression_config(train__log_every=1, eval__every_steps=1000)),
+        run_dir=tmp_path / "plain",
+    )
+    calls: list[str] = []
+    original = torch.nn.Module.train
+
+    def spy(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+        if mode:
+            calls.append(type(self).__name__)
+        return original(self, mode)
+
+    monkeypatch.setattr(torch.nn.Module, "train", spy)
+    validated = fit(
+        load_config(regression_config(train__log_every=1, eval__every_steps=5)),
+        run_dir=tmp_path / "validated",
+    )
+    assert losses(validated.run_dir) == losses(plain.run_dir)  # dropout (0.1) on after each eval
+    # a new model starts in train mode; it is set again after the validations at steps 5, 10
+    # and 15 only (the one at 20 ends the run), not on each of the 20 steps
+    assert calls.count("MLP") == 3, calls

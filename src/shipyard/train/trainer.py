@@ -595,7 +595,10 @@ class Trainer:
         `scored` targets (`_scored_count`)."""
         cfg = self.config
         model = self.forward_model
-        model.train()
+        if not (model.training and self.model.training):
+            # only after validation (or at the start): walking every module each step costs
+            # milliseconds on a model with hundreds of modules (LoRA adds three per layer)
+            model.train()
         micro = self._micro_batches(rows)
         # DP-SGD averages over the expected batch size, whatever the Poisson draw gave
         if self.private is not None:
