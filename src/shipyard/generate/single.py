@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -22,8 +23,16 @@ from shipyard.generate.sequence import (
     TokenEvent,
     new_request_id,
 )
-from shipyard.models.protocol import LanguageModel, language_module
+from shipyard.generate.traced import (
+    TracedStep,
+    capacity_for,
+    traced_step,
+    traced_step_unsupported,
+)
+from shipyard.models.protocol import KVCache, LanguageModel, language_module
 from shipyard.models.rnn import RNN, RNNState
+
+log = logging.getLogger("shipyard.generate")
 
 DecodingModel = LanguageModel | RNN
 """What `generate`/`stream` decode from: a `LanguageModel` (KV cache), or an rnn language model,
@@ -103,6 +112,12 @@ def stream(
     ids = encode_prompt(tokenizer, prompt, params, context, V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
     prepare_decoding(module, weights)
+    if not isinstance(model, RNN) and not traced_step_unsupported(model, autocast_dtype):
+        capacity = capacity_for(len(ids) + params.max_tokens, model.max_context)
+        step = traced_step(model, capacity)
+        if step is not None:
+            log.debug("decode step: traced for %d slots (%.2f s)", capacity, step.trace_s)
+            return _decode_traced(model, state, device, step)
     return _decode(model, state, device, autocast_dtype)
 
 
@@ -136,6 +151,43 @@ def _decode(
         if event.finish_reason is not None:
             return
         x = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, 1)
+
+
+def _decode_traced(
+    model: LanguageModel, state: SequenceState, device: torch.device, step: TracedStep
+) -> Iterator[TokenEvent]:
+    """`_decode` with the prompt prefilled eagerly and every later token through `step`."""
+    params, V = state.params, model.vocab_size
+    with torch.inference_mode():
+        batch = SamplingBatch.from_params([params], V, device)
+        history = (
+            TokenHistory.from_ids([state.prompt_ids], [[]], V, device)
+            if params.uses_penalties
+            else None
+        )
+        keys, values = step.new_cache(model)
+        prefill = KVCache(model.n_layer)
+        x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
+        logits = model(x, kv_cache=prefill)[:, -1].float()  # (1, V)
+        P = x.size(1)
+        for layer, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
+            assert k is not None and v is not None
+            keys[layer, :, :, :P] = k  # (1, n_kv, P, hs)
+            values[layer, :, :, :P] = v
+        del prefill
+    position = P
+    while True:
+        with torch.inference_mode():
+            tokens, logprobs = choose_tokens(
+                logits, batch, history, [state.generator], [params.top_logprobs]
+            )
+        event = state.add_token(tokens[0], logprobs[0])
+        yield event
+        if event.finish_reason is not None:
+            return
+        with torch.inference_mode():
+            logits = step(tokens[0], position, keys, values).float()  # (1, V)
+        position += 1
 
 
 def generate(

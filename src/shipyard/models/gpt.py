@@ -265,7 +265,8 @@ class GPT(nn.Module):
                     f"positions must lie in [0, {block_size}) (block_size), got "
                     f"[{int(positions.min())}, {int(positions.max())}]"
                 )
-        attn_mask, is_causal = window_attention_mask(T, past, attention_mask, None, idx.device)
+        mask_of = window_attention_mask if kv_cache is None else kv_cache.attention_mask
+        attn_mask, is_causal = mask_of(T, past, attention_mask, None, idx.device)
 
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(positions)  # (T, C) or (B, T, C)
