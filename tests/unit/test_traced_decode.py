@@ -10,6 +10,7 @@ step attends the whole fixed-size cache and runs fp32 layers through F.linear, n
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -117,10 +118,15 @@ def test_traced_sampling_and_logprobs_equal_eager(monkeypatch: pytest.MonkeyPatc
 
 
 def test_trace_is_reused_and_rebuilt_when_weights_change(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = tiny_gpt()
-    generate(model, TOK, "abc", GREEDY, weights="fp32")
+    with caplog.at_level(logging.INFO, logger="shipyard.generate"):
+        generate(model, TOK, "abc", GREEDY, weights="fp32")
+        generate(model, TOK, "xyz", GREEDY, weights="fp32")
+    traced_lines = [r.getMessage() for r in caplog.records if "traced GPT" in r.getMessage()]
+    assert len(traced_lines) == 1  # traced once, at the first request
+    assert "for 64 cache slots in" in traced_lines[0]
     capacity = capacity_for(3 + GREEDY.max_tokens, model.max_context)
     first = traced_step(model, capacity)
     assert first is not None

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -31,8 +30,6 @@ from shipyard.generate.traced import (
 )
 from shipyard.models.protocol import KVCache, LanguageModel, language_module
 from shipyard.models.rnn import RNN, RNNState
-
-log = logging.getLogger("shipyard.generate")
 
 DecodingModel = LanguageModel | RNN
 """What `generate`/`stream` decode from: a `LanguageModel` (KV cache), or an rnn language model,
@@ -103,7 +100,9 @@ def stream(
     """Yield one `TokenEvent` per generated token; the last has finish_reason and the result.
 
     Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`).
-    Raises GenerationError for a prompt that does not fit.
+    A GPT or Llama on CPU decodes through a traced step (`shipyard.generate.traced`; traced once
+    per model and cache size), anything else eagerly. Raises GenerationError for a prompt that
+    does not fit.
     """
     params = params or SamplingParams()
     module = model if isinstance(model, RNN) else language_module(model)
@@ -116,7 +115,6 @@ def stream(
         capacity = capacity_for(len(ids) + params.max_tokens, model.max_context)
         step = traced_step(model, capacity)
         if step is not None:
-            log.debug("decode step: traced for %d slots (%.2f s)", capacity, step.trace_s)
             return _decode_traced(model, state, device, step)
     return _decode(model, state, device, autocast_dtype)
 

@@ -203,6 +203,13 @@ def traced_step(model: LanguageModel, capacity: int) -> TracedStep | None:
         log.warning("decode step: tracing failed (%s); decoding eagerly", e)
         return None
     steps[capacity] = cached = TracedStep(frozen, capacity, time.perf_counter() - start, signature)
+    log.info(
+        "decode step: traced %s for %d cache slots in %.2f s (off: $SHIPYARD_DISABLE_KERNELS=%s)",
+        type(model).__name__,
+        capacity,
+        cached.trace_s,
+        TRACED_KERNEL,
+    )
     return cached
 
 
