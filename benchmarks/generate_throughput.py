@@ -286,6 +286,15 @@ async def http_ttft(url: str, prompt: list[int], repeats: int) -> float:
 # ------------------------------------------------------------------------------ decode step
 
 
+def trace_up_front(model: Any, tokens: int) -> None:
+    """Trace the decode step for `tokens` cache slots now and print how long it took."""
+    from shipyard.generate.traced import capacity_for, traced_step
+
+    step = traced_step(model, capacity_for(tokens, model.max_context))
+    if step is not None:
+        print(f"traced decode step: {step.capacity} slots in {step.trace_s:.2f} s", flush=True)
+
+
 def decode_step_rows(
     n: int, traced: list[Any], eager: list[Any], traced8: list[Any], eager8: list[Any]
 ) -> list[dict[str, Any]]:
@@ -347,8 +356,9 @@ def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
         return with_step(traced, generate, m, tok, single, params, weights=weights)
 
     for m, w in ((model, "fp32"), (model8, "int8")):
-        for traced in (True, False):
-            run(m, w, traced)
+        run(m, w, False)  # picks the kernels (int8: quantizes)
+        trace_up_front(m, len(single) + n)
+        run(m, w, True)
     ct2 = ct2_generators(hf, args.work / "llama", args.threads)
     for g in ct2.values():
         ct2_generate(g, [single], 2)
@@ -456,6 +466,8 @@ def main() -> None:
     ct2 = ct2_generators(hf, args.work, args.threads)
     for g in ct2.values():
         ct2_generate(g, [single], 4)
+    trace_up_front(gpt, len(single) + n)  # at start-up, as a long-running process would
+    trace_up_front(gpt8, len(single) + n)
     ours_s, int8_s, eager_s, eager8_s = [], [], [], []
     with_step(False, generate, gpt, tok, single, params)
     with_step(False, generate, gpt8, tok, single, params, weights="int8")

@@ -19,6 +19,7 @@ import torch
 from shipyard.data.tokenization import Tokenizer
 from shipyard.generate import SamplingParams, generate
 from shipyard.generate.traced import (
+    TRACE_AFTER_TOKENS,
     TRACED_KERNEL,
     capacity_for,
     traced_capacities,
@@ -69,6 +70,12 @@ def eager_ids(
         return generate(model, TOK, "def f(x):", params, **kw).token_ids
 
 
+def pretrace(model: GPT | Llama, prompt: str = "def f(x):", max_tokens: int = 24) -> None:
+    """Trace up front (start-up), so the next request of this size runs the traced step."""
+    capacity = capacity_for(len(TOK.encode_prompt(prompt)) + max_tokens, model.max_context)
+    assert traced_step(model, capacity) is not None
+
+
 @pytest.mark.parametrize("build", [tiny_gpt, tiny_llama], ids=["gpt", "llama"])
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
 def test_traced_greedy_tokens_equal_eager(
@@ -78,6 +85,7 @@ def test_traced_greedy_tokens_equal_eager(
     expected = eager_ids(model, GREEDY, monkeypatch, weights=weights)
     assert not traced_step_unsupported(model, None)
     assert traced_capacities(model) == []  # the eager run traced nothing
+    pretrace(model)  # after the eager run: its `weights` quantized the model
     result = generate(model, TOK, "def f(x):", GREEDY, weights=weights)
     assert traced_capacities(model) == [64 if isinstance(model, GPT) else 128]  # max_context
     assert result.token_ids == expected
@@ -98,7 +106,9 @@ def test_traced_llama_variants_equal_eager(
 ) -> None:
     model = tiny_llama(**overrides)
     expected = eager_ids(model, GREEDY, monkeypatch, weights="fp32")
+    pretrace(model)
     assert generate(model, TOK, "def f(x):", GREEDY, weights="fp32").token_ids == expected
+    assert traced_capacities(model) == [128]
 
 
 def test_traced_sampling_and_logprobs_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,6 +119,7 @@ def test_traced_sampling_and_logprobs_equal_eager(monkeypatch: pytest.MonkeyPatc
     with monkeypatch.context() as m:
         m.setenv(DISABLE_ENV, TRACED_KERNEL)
         eager = generate(model, TOK, "abc", params, weights="fp32")
+    pretrace(model, "abc", params.max_tokens)
     traced = generate(model, TOK, "abc", params, weights="fp32")
     assert traced.token_ids == eager.token_ids
     assert eager.logprobs is not None and traced.logprobs is not None
@@ -121,11 +132,16 @@ def test_trace_is_reused_and_rebuilt_when_weights_change(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = tiny_gpt()
+    long = SamplingParams(max_tokens=60, temperature=0, stop_on_eos=False)
     with caplog.at_level(logging.INFO, logger="shipyard.generate"):
-        generate(model, TOK, "abc", GREEDY, weights="fp32")
-        generate(model, TOK, "xyz", GREEDY, weights="fp32")
+        for _ in range(TRACE_AFTER_TOKENS // 60):  # too few tokens yet to pay for a trace
+            generate(model, TOK, "abc", long, weights="fp32")
+        assert traced_capacities(model) == []
+        generate(model, TOK, "abc", long, weights="fp32")  # now they pay: traced
+        generate(model, TOK, "xyz", long, weights="fp32")  # reused
+    assert traced_capacities(model) == [64]
     traced_lines = [r.getMessage() for r in caplog.records if "traced GPT" in r.getMessage()]
-    assert len(traced_lines) == 1  # traced once, at the first request
+    assert len(traced_lines) == 1  # traced once
     assert "for 64 cache slots in" in traced_lines[0]
     capacity = capacity_for(3 + GREEDY.max_tokens, model.max_context)
     first = traced_step(model, capacity)
@@ -143,11 +159,14 @@ def test_off_switch_runs_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv(DISABLE_ENV, f"onednn, {TRACED_KERNEL}")
     assert TRACED_KERNEL in traced_step_unsupported(model, None)
     reference = copy.deepcopy(model)
-    result = generate(model, TOK, "def f(x):", GREEDY, weights="fp32")
-    monkeypatch.delenv(DISABLE_ENV)
+    long = SamplingParams(max_tokens=120, temperature=0, stop_on_eos=False)
+    calls = -(-TRACE_AFTER_TOKENS // 120)  # enough tokens to pay for a trace
+    results = [generate(model, TOK, "ab", long, weights="fp32") for _ in range(calls)]
     assert traced_capacities(model) == []
-    assert result.token_ids == generate(reference, TOK, "def f(x):", GREEDY).token_ids
-    assert traced_capacities(reference) != []
+    monkeypatch.delenv(DISABLE_ENV)
+    expected = [generate(reference, TOK, "ab", long).token_ids for _ in range(calls)]
+    assert traced_capacities(reference) == [128]  # the switch is all that kept `model` eager
+    assert [r.token_ids for r in results] == expected
 
 
 def test_untraceable_models_fall_back() -> None:

@@ -25,6 +25,7 @@ from shipyard.generate.sequence import (
 from shipyard.generate.traced import (
     TracedStep,
     capacity_for,
+    trace_pays,
     traced_step,
     traced_step_unsupported,
 )
@@ -101,8 +102,8 @@ def stream(
 
     Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`).
     A GPT or Llama on CPU decodes through a traced step (`shipyard.generate.traced`; traced once
-    per model and cache size), anything else eagerly. Raises GenerationError for a prompt that
-    does not fit.
+    per model and cache size, when the tokens asked of the model pay for it), else eagerly.
+    Raises GenerationError for a prompt that does not fit.
     """
     params = params or SamplingParams()
     module = model if isinstance(model, RNN) else language_module(model)
@@ -113,7 +114,9 @@ def stream(
     prepare_decoding(module, weights)
     if not isinstance(model, RNN) and not traced_step_unsupported(model, autocast_dtype):
         capacity = capacity_for(len(ids) + params.max_tokens, model.max_context)
-        step = traced_step(model, capacity)
+        step = (
+            traced_step(model, capacity) if trace_pays(model, capacity, params.max_tokens) else None
+        )
         if step is not None:
             return _decode_traced(model, state, device, step)
     return _decode(model, state, device, autocast_dtype)
