@@ -14,8 +14,18 @@ same logits). Every generation produces exactly N tokens (EOS ignored), greedily
    GEMM where this CPU has one): single stream and 16 HTTP streams, rounds interleaved with fp32,
    and how often its greedy tokens equal fp32's.
 
+5. the decode step: shipyard's single stream with the traced step (the default, see
+   `shipyard.generate.traced`) against the eager step ($SHIPYARD_DISABLE_KERNELS=traced-step),
+   fp32 and int8, rounds interleaved; CTranslate2 (when installed) single stream and on one
+   batch of the 16 prompts.
+
+`--llama` instead runs the Llama-shaped model of about 254M parameters (16 layers, 1024 wide,
+GQA 16/8 heads, vocabulary 32,000; random weights), single stream in process only: shipyard
+fp32/int8 (traced and eager), transformers fp32, CTranslate2 fp32/int8 and its batch of 16.
+
     python benchmarks/generate_throughput.py            # N=128 new tokens, 3 repeats
     python benchmarks/generate_throughput.py --quick    # N=32, 1 repeat
+    python benchmarks/generate_throughput.py --llama --quick
 """
 
 from __future__ import annotations
@@ -40,7 +50,34 @@ from shipyard.serve.launch import serve_command, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"name": "gpt", "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}
+LLAMA = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
 BATCH = 16
+STEP_OFF = "traced-step"  # $SHIPYARD_DISABLE_KERNELS value that runs the eager decode step
+
+
+def with_step(traced: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call fn with the traced decode step on (the default) or off."""
+    old = os.environ.get("SHIPYARD_DISABLE_KERNELS")
+    if traced:
+        os.environ.pop("SHIPYARD_DISABLE_KERNELS", None)
+    else:
+        os.environ["SHIPYARD_DISABLE_KERNELS"] = STEP_OFF
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop("SHIPYARD_DISABLE_KERNELS", None)
+        else:
+            os.environ["SHIPYARD_DISABLE_KERNELS"] = old
 
 
 def build_package(work: Path) -> Path:
@@ -246,6 +283,144 @@ async def http_ttft(url: str, prompt: list[int], repeats: int) -> float:
     return statistics.median(times)
 
 
+# ------------------------------------------------------------------------------ decode step
+
+
+def trace_up_front(model: Any, tokens: int) -> None:
+    """Trace the decode step for `tokens` cache slots now and print how long it took."""
+    from shipyard.generate.traced import capacity_for, traced_step
+
+    step = traced_step(model, capacity_for(tokens, model.max_context))
+    if step is not None:
+        print(f"traced decode step: {step.capacity} slots in {step.trace_s:.2f} s", flush=True)
+
+
+def decode_step_rows(
+    n: int, traced: list[Any], eager: list[Any], traced8: list[Any], eager8: list[Any]
+) -> list[dict[str, Any]]:
+    """Single-stream tokens/s of the traced and the eager step, fp32 and int8, and whether
+    their greedy tokens agree."""
+    rows = []
+    for weights, t, e in (("fp32", traced, eager), ("int8", traced8, eager8)):
+        tps_t = n / statistics.median(r.total_s for r in t)
+        tps_e = n / statistics.median(r.total_s for r in e)
+        rows.append(
+            {
+                "weights": weights,
+                "traced_tokens_per_s": tps_t,
+                "eager_tokens_per_s": tps_e,
+                "speedup": tps_t / tps_e,
+                "same_tokens": t[0].token_ids == e[0].token_ids,
+            }
+        )
+    return rows
+
+
+def print_step_rows(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        print(
+            f"decode step, {r['weights']}: traced {r['traced_tokens_per_s']:.1f} tokens/s, eager "
+            f"{r['eager_tokens_per_s']:.1f} ({r['speedup']:.2f}x); same greedy tokens: "
+            f"{r['same_tokens']}"
+        )
+
+
+def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
+    """The Llama-shaped model: single stream in process (and CTranslate2's batch of 16)."""
+    import transformers
+
+    from shipyard.compress.measure import describe_machine, machine
+    from shipyard.data.tokenization import Tokenizer
+    from shipyard.generate import SamplingParams, generate
+    from shipyard.models.llama import Llama, LlamaConfig, hf_config_from
+
+    host = machine()
+    print(f"machine: {describe_machine(host)}", flush=True)
+    torch.manual_seed(0)
+    config = LlamaConfig.model_validate(LLAMA)
+    model = Llama(config).eval()
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    hf_config = transformers.LlamaConfig(**hf_config_from(config))
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict(model.state_dict(), strict=True)
+    model8 = copy.deepcopy(model)
+    tok = Tokenizer.byte()  # ids only: prompts are token ids, the vocabulary is the model's
+    gen = torch.Generator().manual_seed(1)
+    batch = [
+        torch.randint(3, 32000, (8 + (2 * i) % 31,), generator=gen).tolist() for i in range(BATCH)
+    ]
+    single = batch[3]
+    params = SamplingParams(max_tokens=n, temperature=0, stop_on_eos=False)
+
+    def run(m: Any, weights: str, traced: bool) -> Any:
+        return with_step(traced, generate, m, tok, single, params, weights=weights)
+
+    for m, w in ((model, "fp32"), (model8, "int8")):
+        run(m, w, False)  # picks the kernels (int8: quantizes)
+        trace_up_front(m, len(single) + n)
+        run(m, w, True)
+    ct2 = ct2_generators(hf, args.work / "llama", args.threads)
+    for g in ct2.values():
+        ct2_generate(g, [single], 2)
+    res: dict[tuple[str, bool], list[Any]] = {}
+    ct2_s: dict[str, list[tuple[float, list[list[int]]]]] = {k: [] for k in ct2}
+    for _ in range(repeats):
+        for m, w in ((model, "fp32"), (model8, "int8")):
+            for traced in (True, False):
+                res.setdefault((w, traced), []).append(run(m, w, traced))
+        for name, g in ct2.items():
+            ct2_s[name].append(ct2_generate(g, [single], n))
+    hf_generate(hf, [single], 2, 0)
+    hf_s = [hf_generate(hf, [single], n, 0) for _ in range(repeats)]
+    hf_single = n / statistics.median(t for t, _ in hf_s)
+    ct2_batch = {
+        name: BATCH * n / statistics.median(ct2_generate(g, batch, n)[0] for _ in range(repeats))
+        for name, g in ct2.items()
+    }
+    step_rows = decode_step_rows(
+        n,
+        res[("fp32", True)],
+        res[("fp32", False)],
+        res[("int8", True)],
+        res[("int8", False)],
+    )
+    fp32_ids = res[("fp32", True)][0].token_ids
+    same_hf = fp32_ids == hf_s[0][1][0].tolist()
+    print(f"\nLlama {LLAMA} ({params_m:.0f}M parameters), prompt {len(single)} tokens, N={n} new")
+    print(
+        f"transformers fp32: single stream {hf_single:.1f} tokens/s; greedy tokens equal: {same_hf}"
+    )
+    print_step_rows(step_rows)
+    ct2_single = {k: n / statistics.median(t for t, _ in v) for k, v in ct2_s.items()}
+    for name in ct2:
+        agree = sum(a == b for a, b in zip(ct2_s[name][0][1][0], fp32_ids, strict=True)) / n
+        print(
+            f"CTranslate2 {name}: single stream {ct2_single[name]:.1f} tokens/s, {BATCH} "
+            f"sequences in one batch {ct2_batch[name]:.1f}; greedy tokens equal to shipyard "
+            f"fp32's: {agree:.0%}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "generate_throughput --llama",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "machine": host,
+        "transformers": transformers.__version__,
+        "model": LLAMA,
+        "parameters_m": params_m,
+        "new_tokens": n,
+        "repeats": repeats,
+        "hf_single_stream_tokens_per_s": hf_single,
+        "greedy_tokens_identical_hf": same_hf,
+        "decode_step": step_rows,
+        "ctranslate2_single_stream_tokens_per_s": ct2_single,
+        f"ctranslate2_batch{BATCH}_tokens_per_s": ct2_batch,
+    }
+    path = args.out / "generate_throughput_llama.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -257,10 +432,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-generate")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--llama", action="store_true", help="the ~254M Llama-shaped model, single stream only"
+    )
     args = parser.parse_args()
     n = args.tokens or (32 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
+    if args.llama:
+        llama_main(args, n, repeats)
+        return
 
     from shipyard.compress.measure import describe_machine, machine
     from shipyard.generate import SamplingParams, generate
@@ -285,13 +466,20 @@ def main() -> None:
     ct2 = ct2_generators(hf, args.work, args.threads)
     for g in ct2.values():
         ct2_generate(g, [single], 4)
-    ours_s, int8_s = [], []
+    trace_up_front(gpt, len(single) + n)  # at start-up, as a long-running process would
+    trace_up_front(gpt8, len(single) + n)
+    ours_s, int8_s, eager_s, eager8_s = [], [], [], []
+    with_step(False, generate, gpt, tok, single, params)
+    with_step(False, generate, gpt8, tok, single, params, weights="int8")
     ct2_s: dict[str, list[tuple[float, list[list[int]]]]] = {k: [] for k in ct2}
     for _ in range(repeats):  # interleaved rounds: a shared machine's noise hits all alike
         ours_s.append(generate(gpt, tok, single, params))
         int8_s.append(generate(gpt8, tok, single, params, weights="int8"))
+        eager_s.append(with_step(False, generate, gpt, tok, single, params))
+        eager8_s.append(with_step(False, generate, gpt8, tok, single, params, weights="int8"))
         for name, g in ct2.items():
             ct2_s[name].append(ct2_generate(g, [single], n))
+    step_rows = decode_step_rows(n, ours_s, eager_s, int8_s, eager8_s)
     hf_s = [hf_generate(hf, [single], n, tok.pad_id) for _ in range(repeats)]
     same = ours_s[0].token_ids == hf_s[0][1][0].tolist()
     int8_agree = sum(
@@ -308,6 +496,10 @@ def main() -> None:
     hf_generate(hf, batch, 4, tok.pad_id)
     hf_b = [hf_generate(hf, batch, n, tok.pad_id)[0] for _ in range(repeats)]
     hf_batch = BATCH * n / statistics.median(hf_b)
+    ct2_batch = {
+        name: BATCH * n / statistics.median(ct2_generate(g, batch, n)[0] for _ in range(repeats))
+        for name, g in ct2.items()
+    }
 
     proc, url = start_shipyard(package, args.threads)
     proc8, url8 = start_shipyard(package, args.threads, "int8")
@@ -366,6 +558,13 @@ def main() -> None:
             f"(shipyard {ours_single if name == 'fp32' else int8_single:.1f}); "
             f"greedy tokens equal to shipyard fp32's: {agree:.0%}"
         )
+    for name, tps in ct2_batch.items():
+        ours_b = ours_batch if name == "fp32" else int8_batch
+        print(
+            f"CTranslate2 {name}: {BATCH} sequences in one batch {tps:.1f} tokens/s "
+            f"(shipyard {BATCH} HTTP streams {ours_b:.1f})"
+        )
+    print_step_rows(step_rows)
     print(f"int8 vs fp32 shipyard: single {int8_single / ours_single:.2f}x, ", end="")
     print(f"{BATCH} streams {int8_batch / ours_batch:.2f}x\n")
     print(f"| {'measure':<32} | {'shipyard':>9} | {'HF':>9} | {'ratio':>6} | target |")
@@ -392,6 +591,8 @@ def main() -> None:
         "greedy_tokens_identical": same,
         "int8_greedy_agreement": int8_agree,
         "ctranslate2_single_stream_tokens_per_s": ct2_single,
+        f"ctranslate2_batch{BATCH}_tokens_per_s": ct2_batch,
+        "decode_step": step_rows,
         "rows": [
             {"measure": name, "shipyard": ours, "hf": theirs, "ratio": ratio, "target": target}
             for name, ours, theirs, ratio, target in rows

@@ -78,6 +78,7 @@ class PackedLinear(nn.Linear):
             or w.dtype != torch.float32
             or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             or torch.is_autocast_enabled("cpu")
+            or torch.jit.is_tracing()  # a trace cannot hold the opaque packed weight
         ):
             return F.linear(x, w, self.bias)
         return torch.ops.mkldnn._linear_pointwise(

@@ -22,7 +22,21 @@ from shipyard.generate.sequence import (
     TokenEvent,
     new_request_id,
 )
-from shipyard.models.protocol import DecodingModel, context_limit, language_module
+from shipyard.generate.traced import (
+    TracedStep,
+    capacity_for,
+    trace_pays,
+    traced_step,
+    traced_step_unsupported,
+)
+from shipyard.models.protocol import (
+    DecodingModel,
+    KVCache,
+    LanguageModel,
+    context_limit,
+    is_language_model,
+    language_module,
+)
 
 
 def encode_prompt(
@@ -89,6 +103,8 @@ def stream(
     """Yield one `TokenEvent` per generated token; the last has finish_reason and the result.
 
     Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`).
+    A GPT or Llama on CPU decodes through a traced step (`shipyard.generate.traced`; traced once
+    per model and cache size, when the tokens asked of the model pay for it), else eagerly.
     Raises GenerationError for a prompt that does not fit.
     """
     params = params or SamplingParams()
@@ -97,6 +113,13 @@ def stream(
     ids = encode_prompt(tokenizer, prompt, params, context_limit(model), V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
     prepare_decoding(module, weights)
+    if is_language_model(model) and not traced_step_unsupported(model, autocast_dtype):
+        capacity = capacity_for(len(ids) + params.max_tokens, model.max_context)
+        step = (
+            traced_step(model, capacity) if trace_pays(model, capacity, params.max_tokens) else None
+        )
+        if step is not None:
+            return _decode_traced(model, state, device, step)
     return _decode(model, state, device, autocast_dtype)
 
 
@@ -128,6 +151,43 @@ def _decode(
         if event.finish_reason is not None:
             return
         x = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, 1)
+
+
+def _decode_traced(
+    model: LanguageModel, state: SequenceState, device: torch.device, step: TracedStep
+) -> Iterator[TokenEvent]:
+    """`_decode` with the prompt prefilled eagerly and every later token through `step`."""
+    params, V = state.params, model.vocab_size
+    with torch.inference_mode():
+        batch = SamplingBatch.from_params([params], V, device)
+        history = (
+            TokenHistory.from_ids([state.prompt_ids], [[]], V, device)
+            if params.uses_penalties
+            else None
+        )
+        keys, values = step.new_cache(model)
+        prefill = KVCache(model.n_layer)
+        x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
+        logits = model(x, kv_cache=prefill)[:, -1].float()  # (1, V)
+        P = x.size(1)
+        for layer, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
+            assert k is not None and v is not None
+            keys[layer, :, :, :P] = k  # (1, n_kv, P, hs)
+            values[layer, :, :, :P] = v
+        del prefill
+    position = P
+    while True:
+        with torch.inference_mode():
+            tokens, logprobs = choose_tokens(
+                logits, batch, history, [state.generator], [params.top_logprobs]
+            )
+        event = state.add_token(tokens[0], logprobs[0])
+        yield event
+        if event.finish_reason is not None:
+            return
+        with torch.inference_mode():
+            logits = step(tokens[0], position, keys, values).float()  # (1, V)
+        position += 1
 
 
 def generate(

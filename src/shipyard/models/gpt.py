@@ -285,7 +285,8 @@ class GPT(nn.Module):
         if runs is not None:
             attn_mask, is_causal = segment_attention_mask(runs, None), False
         else:
-            attn_mask, is_causal = window_attention_mask(T, past, attention_mask, None, idx.device)
+            mask_of = window_attention_mask if kv_cache is None else kv_cache.attention_mask
+            attn_mask, is_causal = mask_of(T, past, attention_mask, None, idx.device)
 
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(positions)  # (T, C) or (B, T, C)

@@ -660,12 +660,13 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(idx)  # (B, T, C)
         cos, sin = self._rope(positions, x.dtype)
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
+        mask_of = window_attention_mask if kv_cache is None else kv_cache.attention_mask
         for i, layer in enumerate(self.model.layers):
             window = self.config.sliding_window_of(i)
             if window not in masks and runs is not None:
                 masks[window] = segment_attention_mask(runs, window), False
             elif window not in masks:
-                masks[window] = window_attention_mask(T, past, attention_mask, window, idx.device)
+                masks[window] = mask_of(T, past, attention_mask, window, idx.device)
             mask, is_causal = masks[window]
             x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, kv_cache=kv_cache)
         x = self.model.norm(x)  # (B, T, C)

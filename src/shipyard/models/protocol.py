@@ -57,6 +57,20 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
+    def attention_mask(
+        self,
+        T: int,
+        past: int,
+        key_mask: torch.Tensor | None,
+        window: int | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The (attn_mask, is_causal) pair a model uses with this cache: `window_attention_mask`.
+
+        A cache that lays out its slots differently (a fixed-size one, say) overrides it.
+        """
+        return window_attention_mask(T, past, key_mask, window, device)
+
 
 def window_attention_mask(
     T: int, past: int, key_mask: torch.Tensor | None, window: int | None, device: torch.device
