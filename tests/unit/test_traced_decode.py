@@ -183,3 +183,40 @@ def test_capacity_buckets() -> None:
     assert capacity_for(257, 4096) == 512
     assert capacity_for(10, 64) == 64  # never past the context
     assert capacity_for(600, 600) == 600
+
+
+class _RefusesTracing(GPT):
+    """A model whose forward cannot be traced (as an odd op would make it), counting attempts."""
+
+    attempts = 0
+
+    def forward(self, idx: torch.Tensor, **kw: object) -> torch.Tensor:  # type: ignore[override]
+        if torch.jit.is_tracing():
+            type(self).attempts += 1
+            raise RuntimeError("this op cannot be traced")
+        return super().forward(idx, **kw)  # type: ignore[arg-type]
+
+
+def test_a_failed_trace_decodes_eagerly_and_is_not_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)
+    model = _RefusesTracing(
+        GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), TOK.vocab_size
+    ).eval()
+    reference = tiny_gpt()
+    with caplog.at_level(logging.WARNING, logger="shipyard.generate"):
+        assert traced_step(model, 64) is None
+        assert traced_step(model, 64) is None  # the same weights: no second attempt
+    assert _RefusesTracing.attempts == 1
+    assert sum("tracing failed" in r.getMessage() for r in caplog.records) == 1
+    long = SamplingParams(max_tokens=40, temperature=0, stop_on_eos=False)
+    for _ in range(-(-TRACE_AFTER_TOKENS // 40)):  # enough requests to want a trace
+        assert (
+            generate(model, TOK, "ab", long).token_ids
+            == generate(reference, TOK, "ab", long).token_ids
+        )
+    assert _RefusesTracing.attempts == 1 and traced_capacities(model) == []
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.0)  # new weights (version bump): worth one more try
+    assert traced_step(model, 64) is None and _RefusesTracing.attempts == 2

@@ -174,15 +174,20 @@ def _signature(module: nn.Module) -> tuple[object, ...]:
 
 
 _STEPS: weakref.WeakKeyDictionary[nn.Module, dict[int, TracedStep]] = weakref.WeakKeyDictionary()
+# models whose trace failed, with the weights signature it failed on: not retried until it changes
+_FAILED: weakref.WeakKeyDictionary[nn.Module, tuple[object, ...]] = weakref.WeakKeyDictionary()
 
 
 def traced_step(model: LanguageModel, capacity: int) -> TracedStep | None:
     """The frozen step of `model` for `capacity` cache slots: traced on first use, then reused
-    until the model's weights or int8 kernels change. None (logged) where tracing fails.
+    until the model's weights or int8 kernels change. None (logged once) where tracing fails;
+    a failed model is not traced again until its weights or kernels change.
     Call outside inference_mode.
     """
     assert isinstance(model, nn.Module)
     signature = _signature(model)
+    if _FAILED.get(model) == signature:
+        return None
     steps = _STEPS.setdefault(model, {})
     cached = steps.get(capacity)
     if cached is not None and cached.signature == signature:
@@ -207,6 +212,7 @@ def traced_step(model: LanguageModel, capacity: int) -> TracedStep | None:
             frozen = torch.jit.freeze(traced.eval())
     except (RuntimeError, AttributeError) as e:  # a PyTorch without TorchScript, an odd op
         log.warning("decode step: tracing failed (%s); decoding eagerly", e)
+        _FAILED[model] = signature
         return None
     steps[capacity] = cached = TracedStep(frozen, capacity, time.perf_counter() - start, signature)
     log.info(
