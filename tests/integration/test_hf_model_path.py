@@ -16,6 +16,7 @@ from shipyard.compress import import_hf
 from shipyard.config import load_config
 from shipyard.errors import TrainError
 from shipyard.package import load_package
+from shipyard.package.hf_checkpoint import checkpoint_fingerprint
 from shipyard.package.manifest import read_manifest
 from shipyard.serve.adapters import adapter_spec
 from shipyard.serve.settings import ServeError
@@ -109,6 +110,8 @@ def test_full_finetune_from_a_checkpoint_dir(
     from_dir = _fit(_config(hf, chats, "full"), tmp_path / "dir")
     from_pkg = _fit(_config(pkg, chats, "full"), tmp_path / "pkg")
     assert from_dir == pytest.approx(from_pkg, rel=0, abs=1e-6)
+    imported, _ = read_manifest(pkg)  # training wrote to its own copy, not the checkpoint's files
+    assert checkpoint_fingerprint(hf) == imported.lineage.model_extra["source_fingerprint"]
     tuned = load_package(tmp_path / "dir" / "package")
     assert tuned.manifest.lora is None and tuned.manifest.architecture.name == "llama"
     assert tuned.tokenizer is not None and tuned.tokenizer.hf is not None
