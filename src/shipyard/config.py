@@ -341,11 +341,14 @@ class EvalConfig(StrictModel):
 
 
 class PretrainedConfig(StrictModel):
-    """Start from a trained model: a shipyard package directory. Its architecture, weights and
-    tokenizer come with it (so `data.tokenizer` must not be set)."""
+    """Start from a trained model: a shipyard package directory, or a Hugging Face checkpoint
+    directory (config.json + safetensors). Its architecture, weights, tokenizer and chat
+    template come with it (so `data.tokenizer` must not be set)."""
 
     name: Literal["pretrained"] = "pretrained"
-    path: str = Field(..., min_length=1, description="a package directory (shipyard package)")
+    path: str = Field(
+        ..., min_length=1, description="a shipyard package or a Hugging Face checkpoint directory"
+    )
 
 
 RunModelConfig = Annotated[ArchitectureConfig | PretrainedConfig, Field(discriminator="name")]

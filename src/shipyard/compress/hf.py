@@ -10,196 +10,92 @@ the chat template (`chat_template.jinja`, or inside tokenizer_config.json). Pick
 files and assigns the tensors into a model built on the meta device: no random initialisation and
 no second copy, so importing needs about the weights' size in RAM. Export also writes
 `shipyard.json` (the package's run config and data description, which `import_hf` restores;
-transformers ignores it). Nothing here imports transformers.
+transformers ignores it). Nothing here imports transformers. The checkpoint readers are
+`shipyard.package.hf_checkpoint`'s (a run's `model.path` may be a checkpoint directory too).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from shipyard.compress.errors import ExportError
 from shipyard.compress.source import Parent
 from shipyard.config import RunConfig, validate_config
 from shipyard.data import DataInfo, Tokenizer
-from shipyard.errors import ModelError, ShipyardError
+from shipyard.errors import ShipyardError
 from shipyard.models import GPT, GPTConfig
-from shipyard.models.gpt import (
-    LAYER_NORM_EPS,
-    from_hf_gpt2_state_dict,
-    hf_gpt2_config_kwargs,
-    to_hf_gpt2_state_dict,
+from shipyard.models.gpt import hf_gpt2_config_kwargs, to_hf_gpt2_state_dict
+from shipyard.models.llama import Llama, hf_config_from
+from shipyard.package import hf_checkpoint, write_package
+from shipyard.package.hf_checkpoint import (
+    HF_CHAT_TEMPLATE,
+    HF_CONFIG,
+    HF_GENERATION_CONFIG,
+    HF_INDEX,
+    HF_TOKENIZER,
+    HF_TOKENIZER_CONFIG,
+    HF_WEIGHTS,
+    MODEL_TYPES,
+    HFCheckpointError,
+    source_fingerprint,
 )
-from shipyard.models.llama import MODEL_TYPES as LLAMA_TYPES
-from shipyard.models.llama import Llama, config_from_hf, hf_config_from, llama_from_state_dict
-from shipyard.package import write_package
-from shipyard.package.manifest import sha256_file
 
-HF_CONFIG = "config.json"
-HF_GENERATION_CONFIG = "generation_config.json"
-HF_WEIGHTS = "model.safetensors"
-HF_INDEX = "model.safetensors.index.json"
-HF_TOKENIZER = "tokenizer.json"
-HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-HF_CHAT_TEMPLATE = "chat_template.jinja"
 SHIPYARD_INFO = "shipyard.json"
-MODEL_TYPES: tuple[str, ...] = ("gpt2", *LLAMA_TYPES)
-PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MAX_SHARD_SIZE = 5 << 30  # bytes per safetensors file on export (transformers' classic default)
 PARITY_LENGTHS = (1, 7, 16)  # prompt lengths the export parity check runs
 
 
 # ------------------------------------------------------------------------------------ reading
+# The readers live in shipyard.package.hf_checkpoint (a run's model.path reads checkpoints too);
+# here their errors are export errors, as they always were.
+
+
+@contextmanager
+def _as_export_error() -> Iterator[None]:
+    try:
+        yield
+    except HFCheckpointError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _read_json(file: Path, *, required: bool = True) -> dict[str, Any]:
-    if not file.is_file():
-        if required:
-            raise ExportError(f"{file.parent}: not a Hugging Face model directory (no {file.name})")
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{file}: cannot read ({exc})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{file}: must hold a JSON object")
-    return data
+    with _as_export_error():
+        return hf_checkpoint.read_json(file, required=required)
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (shards in index order, or the one file).
-
-    Pickled checkpoints are refused with how to convert them; shard names must stay inside the
-    directory."""
-    index = path / HF_INDEX
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ExportError(f"{index}: has no weight_map; it is not a safetensors index")
-        names = sorted(set(weight_map.values()))
-        files = []
-        for name in names:
-            if not isinstance(name, str) or Path(name).name != name or name.startswith("."):
-                raise ExportError(f"{index}: shard name {name!r} must be a plain file name")
-            if not (path / name).is_file():
-                raise ExportError(f"{index}: lists {name}, which is missing from {path}")
-            files.append(path / name)
-        return files
-    if (path / HF_WEIGHTS).is_file():
-        return [path / HF_WEIGHTS]
-    pickled = sorted(p.name for pattern in PICKLED for p in path.glob(pattern))
-    if pickled:
-        raise ExportError(
-            f"{path}: {pickled[0]} is a pickled PyTorch checkpoint, which shipyard never loads "
-            "(unpickling can run code). Convert it to safetensors in a trusted environment, "
-            "e.g. AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT) with transformers "
-            "(it reads .bin files with torch.load(weights_only=True)), then import OUT"
-        )
-    raise ExportError(
-        f"{path}: no weights ({HF_WEIGHTS} or {HF_INDEX}); save them with "
-        "save_pretrained(..., safe_serialization=True)"
-    )
+    """The safetensors files of a checkpoint directory (see `hf_checkpoint.weight_files`)."""
+    with _as_export_error():
+        return hf_checkpoint.weight_files(path)
 
 
 def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     """Every tensor of `files`, memory-mapped (no copy until written to)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118  (safe_open is not a Mapping)
-                    if key in tensors:
-                        raise ExportError(f"{file}: tensor {key!r} is also in another shard")
-                    tensors[key] = handle.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise ExportError(f"{file}: cannot read weights ({exc})") from None
-    return tensors
-
-
-def source_fingerprint(config_file: Path, files: list[Path]) -> tuple[str, dict[str, str]]:
-    """A SHA-256 over config.json and every weight file's SHA-256 (in name order), and those."""
-    digests = {f.name: sha256_file(f) for f in sorted(files)}
-    h = hashlib.sha256()
-    h.update(b"config.json\0" + config_file.read_bytes() + b"\0")
-    for name, digest in digests.items():
-        h.update(f"{name}\0{digest}\0".encode())
-    return "sha256:" + h.hexdigest(), digests
-
-
-def read_llama_dir(path: Path, hf: dict[str, Any]) -> Llama:
-    """A Llama-family model from a checkpoint directory, its weights memory-mapped and assigned
-    into a meta-device model (no random init, no copy)."""
-    try:
-        config = config_from_hf(hf)
-        model = llama_from_state_dict(config, read_tensors(weight_files(path)))
-    except ModelError as exc:
-        raise ExportError(f"{path}: {exc}") from None
-    return model.eval()
+    with _as_export_error():
+        return hf_checkpoint.read_tensors(files)
 
 
 def read_hf_dir(path: Path, base: GPTConfig | None = None) -> tuple[GPT | Llama, dict[str, Any]]:
-    """The model of a Hugging Face directory (gpt2 or a Llama family) and its config.json.
-
-    base: for gpt2, the gpt config the directory was exported from (bias, dropout and
-    vocab_size are taken from it); its sizes must agree with config.json.
-    """
-    hf = _read_json(path / HF_CONFIG)
-    model_type = hf.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ExportError(
-            f"{path / HF_CONFIG}: model_type {model_type!r} is not supported; supported: "
-            f"{', '.join(MODEL_TYPES)}"
-        )
-    if model_type != "gpt2":
-        return read_llama_dir(path, hf), hf
-    return _read_gpt2(path, hf, base), hf
+    """The model of a Hugging Face directory and its config.json (see
+    `hf_checkpoint.read_hf_dir`)."""
+    with _as_export_error():
+        return hf_checkpoint.read_hf_dir(path, base)
 
 
-def _read_gpt2(path: Path, hf: dict[str, Any], base: GPTConfig | None) -> GPT:
-    config_file = path / HF_CONFIG
-    n_embd = int(hf.get("n_embd", 768))
-    unsupported = {
-        "n_inner": (hf.get("n_inner"), (None, 4 * n_embd)),
-        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new",)),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", LAYER_NORM_EPS), (LAYER_NORM_EPS,)),
-        "scale_attn_by_inverse_layer_idx": (
-            hf.get("scale_attn_by_inverse_layer_idx", False),
-            (False,),
-        ),
-        "reorder_and_upcast_attn": (hf.get("reorder_and_upcast_attn", False), (False,)),
-    }
-    for key, (value, allowed) in unsupported.items():
-        if value not in allowed:
-            raise ExportError(f"{config_file}: {key}={value!r} is not supported (need {allowed})")
-    try:
-        sizes = {
-            "n_layer": int(hf.get("n_layer", 12)),
-            "n_head": int(hf.get("n_head", 12)),
-            "n_embd": n_embd,
-            "block_size": int(hf.get("n_positions", 1024)),
-            "tie_weights": bool(hf.get("tie_word_embeddings", True)),
-        }
-        if base is not None:
-            differ = {k: v for k, v in sizes.items() if getattr(base, k) != v}
-            if differ:
-                raise ExportError(f"{config_file}: {differ} disagree with {SHIPYARD_INFO}")
-            config = base
-        else:
-            config = GPTConfig(**sizes, vocab_size=int(hf["vocab_size"]), dropout=0.0, bias=True)
-        state = read_tensors(weight_files(path))
-        return from_hf_gpt2_state_dict(state, config, int(hf["vocab_size"]))
-    except (ValueError, KeyError, ModelError) as exc:
-        raise ExportError(
-            f"{path}: does not describe a GPT-2 model shipyard can build ({exc})"
-        ) from None
+def _read_tokenizer(
+    src: Path, generation: dict[str, Any], hf: dict[str, Any], *, shipyard_made: bool
+) -> Tokenizer | None:
+    with _as_export_error():
+        return hf_checkpoint.read_tokenizer(src, generation, hf, shipyard_made=shipyard_made)
 
 
 # ------------------------------------------------------------------------------------ import
@@ -268,22 +164,6 @@ def import_hf(
         derivation={"method": "import-hf", "params": {"model_type": hf.get("model_type")}},
         parent=saved.get("parent"),
     )
-
-
-def _read_tokenizer(
-    src: Path, generation: dict[str, Any], hf: dict[str, Any], *, shipyard_made: bool
-) -> Tokenizer | None:
-    if not (src / HF_TOKENIZER).is_file():
-        return None
-    try:
-        if shipyard_made:  # exported from a shipyard GPT: its own tokenizer again, if it was one
-            try:
-                return Tokenizer.from_json((src / HF_TOKENIZER).read_text(encoding="utf-8"))
-            except ShipyardError:
-                pass  # the GPT was itself imported: a Hugging Face tokenizer
-        return Tokenizer.from_hf_dir(src, generation_config=generation, model_config=hf)
-    except ShipyardError as exc:
-        raise ExportError(f"{src / HF_TOKENIZER}: {exc}") from None
 
 
 def _run_config(model: GPT | Llama, tokenizer: Tokenizer | None, src: Path) -> RunConfig:

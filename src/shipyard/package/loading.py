@@ -32,6 +32,7 @@ from shipyard.errors import ModelError, PackageError, ShipyardError
 from shipyard.models import MODEL_NAMES, ModelConfig, build_model
 from shipyard.models.lora import LoRAConfig, apply_lora
 from shipyard.models.quantized import LAYER_TYPES, replace_module
+from shipyard.package.hf_checkpoint import hf_model_config, is_hf_checkpoint
 from shipyard.package.manifest import (
     ONNX_MODEL,
     TOKENIZER,
@@ -456,7 +457,11 @@ def swap_lora_layers(model: nn.Module, spec: LoRASpec, *, where: str) -> None:
 
 
 def pretrained_architecture(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
-    """(architecture name, config dict) of the package a `model: {name: pretrained}` points at."""
+    """(architecture name, config dict) of the package or Hugging Face checkpoint directory a
+    `model: {name: pretrained}` points at."""
+    if is_hf_checkpoint(path):
+        config = hf_model_config(Path(path))
+        return config.name, config.model_dump(mode="json")
     manifest, _ = read_manifest(path)
     if manifest.lora is not None:
         raise PackageError(

@@ -118,15 +118,35 @@ class Derivation(_Model):
 
 
 class BaseRef(_Model):
-    """The exact base model an adapter was trained on (its package's digests)."""
+    """The exact base model an adapter was trained on: its package's digests, or, for a run
+    whose `model.path` was a Hugging Face checkpoint directory, that directory's source
+    fingerprint (the one `shipyard import-hf` records in its package's lineage)."""
 
     name: str
     version: str
-    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    weights_hash: str = Field(
+    manifest_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    weights_hash: str | None = Field(
+        None,
         pattern=r"^(blake3|sha256):[0-9a-f]{64}$",
         description="ALGORITHM:HEX hash of the base's weights file, as its manifest lists it",
     )
+    source_fingerprint: str | None = Field(
+        None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="a Hugging Face checkpoint base: sha256 over its config.json and weights",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BaseRef:
+        package = self.manifest_sha256 is not None and self.weights_hash is not None
+        partial = (self.manifest_sha256 is None) != (self.weights_hash is None)
+        hf = self.source_fingerprint is not None
+        if partial or package == hf:
+            raise ValueError(
+                "lora.base needs manifest_sha256 and weights_hash (a package base) or "
+                "source_fingerprint (a Hugging Face checkpoint base), not both"
+            )
+        return self
 
 
 class LoRASpec(_Model):

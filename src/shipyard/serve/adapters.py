@@ -2,7 +2,9 @@
 
 An adapter package (a LoRA run packaged with `finetune.merge: false`) holds its base's weights,
 its adapter tensors and the base's fingerprint (`manifest.lora.base`: the base manifest's SHA-256
-and the hash of its weights file). Here the package is loaded and verified like any other, its
+and the hash of its weights file; for a run on a Hugging Face checkpoint directory, the
+checkpoint's source fingerprint, matched by the `import-hf` package of that checkpoint only).
+Here the package is loaded and verified like any other, its
 fingerprint must be the served base's (else start-up is refused, naming both), and only its
 adapter tensors are kept: the served model is `with_adapter(base model, ...)`, a view that
 shares every base tensor. Each adapter is then served under NAME like any model, with its own
@@ -42,17 +44,37 @@ def adapter_spec(
             f"{what}: the served base {base_path} is itself an unmerged adapter package; serve "
             "the base package the adapters were trained on"
         )
+    if spec.base.source_fingerprint is not None:
+        return _hf_base_spec(what, spec, base, base_path)
     entry = base.files.get(WEIGHTS)
     weights = f"{entry.algorithm}:{entry.digest}" if entry is not None else "none"
     base_sha = manifest_sha256(base_path)
     if spec.base.manifest_sha256 != base_sha or spec.base.weights_hash != weights:
         raise ServeError(
             f"{what}: the adapter was trained on base {spec.base.name} version "
-            f"{spec.base.version} (manifest sha256 {spec.base.manifest_sha256[:16]}), not on the "
+            f"{spec.base.version} (manifest sha256 {str(spec.base.manifest_sha256)[:16]}), "
+            "not on the "
             f"served base {base.name} version {base.version} at {base_path} (manifest sha256 "
             f"{base_sha[:16]}); an adapter only runs on its own base"
         )
     return spec
+
+
+def _hf_base_spec(what: str, spec: LoRASpec, base: Manifest, base_path: Path) -> LoRASpec:
+    """An adapter trained on a Hugging Face checkpoint directory runs only on the package
+    `shipyard import-hf` made of that same checkpoint (same source fingerprint, not derived
+    further): the same reader built the same weights for training and for the import."""
+    fingerprint = spec.base.source_fingerprint
+    imported = base.derivation is not None and base.derivation.method == "import-hf"
+    source = (base.lineage.model_extra or {}).get("source_fingerprint")
+    if imported and source == fingerprint:
+        return spec
+    raise ServeError(
+        f"{what}: the adapter was trained on the Hugging Face checkpoint {spec.base.name} "
+        f"(source fingerprint {str(fingerprint)[:23]}), and the served base {base.name} version "
+        f"{base.version} at {base_path} is not `shipyard import-hf` of that checkpoint; serve "
+        "the package `shipyard import-hf CHECKPOINT_DIR -o PACKAGE` makes of it"
+    )
 
 
 def check_adapter(name: str, path: Path, base: Manifest, base_path: Path) -> None:

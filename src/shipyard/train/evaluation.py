@@ -132,7 +132,7 @@ def build_data_and_model(
             block_size=base.block_size(config.data.block_size),
             tokenizer=base.tokenizer,
         )
-        model = base.loaded.model
+        model = base.model
         vocab = getattr(model, "vocab_size", None)
         if config.task == LM_TASK and vocab is not None and vocab != data.info.num_outputs:
             # checkpoints may pad the embedding past the tokenizer (Qwen): the model's width counts

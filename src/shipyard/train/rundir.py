@@ -30,6 +30,11 @@ from shipyard.evaluate.report import read_history
 from shipyard.fileio import atomic_write
 from shipyard.models.lora import merge_lora
 from shipyard.package import write_package
+from shipyard.package.hf_checkpoint import (
+    HFCheckpointError,
+    checkpoint_fingerprint,
+    is_hf_checkpoint,
+)
 from shipyard.package.loading import build_empty_model
 from shipyard.train import checkpoint as ckpt
 from shipyard.train.checkpoint import load_weights, read_checkpoint
@@ -187,6 +192,19 @@ def package_run(
     run_summary = report.get("run")
     if isinstance(run_summary, dict) and isinstance(run_summary.get("privacy"), dict):
         lineage_extra["privacy"] = run_summary["privacy"]  # the (ε, δ) the training spent
+    parent: str | None = None
+    if isinstance(config.model, PretrainedConfig):
+        if is_hf_checkpoint(config.model.path):  # no package to point at: its fingerprint
+            try:
+                fingerprint = checkpoint_fingerprint(config.model.path)
+            except HFCheckpointError as exc:
+                raise PackageError(f"{run}: cannot package this run: {exc}") from None
+            lineage_extra["pretrained_from"] = {
+                "hf_checkpoint": str(Path(config.model.path).resolve()),
+                "source_fingerprint": fingerprint,
+            }
+        else:
+            parent = config.model.path
     return write_package(
         Path(out_dir) if out_dir is not None else run / PACKAGE_DIR,
         model=model,
@@ -198,5 +216,5 @@ def package_run(
         version=run.resolve().name,
         lineage_extra=lineage_extra,
         lora=lora,
-        parent=config.model.path if isinstance(config.model, PretrainedConfig) else None,
+        parent=parent,
     )
