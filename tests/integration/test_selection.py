@@ -175,8 +175,11 @@ def test_tune_with_cross_validated_objective_in_two_workers(tmp_path: Path) -> N
     raw = _space(cv_folds=2, study="cv", pruner="none")
     raw["train"]["epochs"] = 1
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    result = tune(raw, 2, storage=url, runs_root=tmp_path / "runs", workers=2)
-    assert [t["state"] for t in result.trials] == ["COMPLETE", "COMPLETE"]
+    result = tune(raw, 3, storage=url, runs_root=tmp_path / "runs", workers=2)
+    # the baseline (trial 0, enqueued) runs once, before the workers start: two workers popping
+    # the one waiting trial at once ran it twice and crashed the study
+    assert [t["state"] for t in result.trials] == ["COMPLETE"] * 3
+    assert len({t["run_dir"] for t in result.trials}) == 3
     for t in result.trials:
         cv = json.loads((Path(t["run_dir"]) / "cv.json").read_text())
         assert t["value"] == pytest.approx(cv["mean"]["accuracy"])

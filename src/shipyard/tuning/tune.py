@@ -100,9 +100,15 @@ def tune(
     out_dir = Path(runs_root) / config.name / f"tune-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     args = (raw, url, name, str(runs_root), progress)
+    waiting = optuna.trial.TrialState.WAITING
+    if workers > 1 and any(t.state == waiting for t in study.trials):
+        # the enqueued baseline first, here: two workers may both pop one waiting trial (SQLite
+        # has no row locks) and run it twice
+        _optimize(*args, n_trials=1, seed_offset=len(study.trials))
+        trials -= 1
     if workers == 1:
         _optimize(*args, n_trials=trials, seed_offset=len(study.trials))
-    else:
+    elif trials > 0:
         shares = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = multiprocessing.get_context("spawn")
