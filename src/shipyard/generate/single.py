@@ -123,6 +123,17 @@ def stream(
     return _decode(model, state, device, autocast_dtype)
 
 
+def _sampling(
+    state: SequenceState, V: int, device: torch.device
+) -> tuple[SamplingBatch, TokenHistory | None]:
+    """One sequence's sampling settings, and its token history where penalties need one."""
+    params = state.params
+    batch = SamplingBatch.from_params([params], V, device)
+    if not params.uses_penalties:
+        return batch, None
+    return batch, TokenHistory.from_ids([state.prompt_ids], [[]], V, device)
+
+
 def _decode(
     model: DecodingModel,
     state: SequenceState,
@@ -131,12 +142,7 @@ def _decode(
 ) -> Iterator[TokenEvent]:
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
-        batch = SamplingBatch.from_params([params], V, device)
-        history = (
-            TokenHistory.from_ids([state.prompt_ids], [[]], V, device)
-            if params.uses_penalties
-            else None
-        )
+        batch, history = _sampling(state, V, device)
         cache = new_cache(model)
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
     while True:
@@ -159,12 +165,7 @@ def _decode_traced(
     """`_decode` with the prompt prefilled eagerly and every later token through `step`."""
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
-        batch = SamplingBatch.from_params([params], V, device)
-        history = (
-            TokenHistory.from_ids([state.prompt_ids], [[]], V, device)
-            if params.uses_penalties
-            else None
-        )
+        batch, history = _sampling(state, V, device)
         keys, values = step.new_cache(model)
         prefill = KVCache(model.n_layer)
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
