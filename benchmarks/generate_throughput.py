@@ -19,9 +19,14 @@ same logits). Every generation produces exactly N tokens (EOS ignored), greedily
    fp32 and int8, rounds interleaved; CTranslate2 (when installed) single stream and on one
    batch of the 16 prompts.
 
+The summary tables compare shipyard with transformers and with CTranslate2 (fp32 and int8,
+converted from the same weights; `pip install shipyard[bench]`) on all three measures; the
+peers run one batch in process where shipyard serves 16 HTTP streams.
+
 `--llama` instead runs the Llama-shaped model of about 254M parameters (16 layers, 1024 wide,
-GQA 16/8 heads, vocabulary 32,000; random weights), single stream in process only: shipyard
-fp32/int8 (traced and eager), transformers fp32, CTranslate2 fp32/int8 and its batch of 16.
+GQA 16/8 heads, vocabulary 32,000; random weights): single stream in process (traced and
+eager), then the same weights imported as a package (`import_hf`) behind `shipyard serve` for
+16 HTTP streams and time to first token, against transformers and CTranslate2 fp32/int8.
 
     python benchmarks/generate_throughput.py            # N=128 new tokens, 3 repeats
     python benchmarks/generate_throughput.py --quick    # N=32, 1 repeat
@@ -286,13 +291,14 @@ async def http_ttft(url: str, prompt: list[int], repeats: int) -> float:
 # ------------------------------------------------------------------------------ decode step
 
 
-def trace_up_front(model: Any, tokens: int) -> None:
-    """Trace the decode step for `tokens` cache slots now and print how long it took."""
-    from shipyard.generate.traced import capacity_for, traced_step
+def trace_up_front(model: Any) -> None:
+    """Trace the decode step now (as a long-running process would at start-up) and print how
+    long it took."""
+    from shipyard.generate.traced import traced_step
 
-    step = traced_step(model, capacity_for(tokens, model.max_context))
+    step = traced_step(model)
     if step is not None:
-        print(f"traced decode step: {step.capacity} slots in {step.trace_s:.2f} s", flush=True)
+        print(f"traced decode step in {step.trace_s:.2f} s", flush=True)
 
 
 def decode_step_rows(
@@ -325,8 +331,63 @@ def print_step_rows(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def llama_package(model: Any, hf_config: dict[str, Any], work: Path) -> Path:
+    """The Llama's weights as a Hugging Face directory (with a word-level tokenizer whose
+    tokens are the ids spelled "<id>"), imported as a shipyard package (cached in `work`)."""
+    pkg = work / "package"
+    if (pkg / "manifest.json").is_file():
+        return pkg
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from shipyard.compress import import_hf
+
+    src = work / "hf-dir"
+    src.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps(hf_config), encoding="utf-8")
+    vocab = {f"<{i}>": i for i in range(hf_config["vocab_size"])}
+    rust = RustTokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    rust.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<0>", "eos_token": "<1>"}), encoding="utf-8"
+    )
+    import_hf(src, pkg, name="gen-bench")
+    return pkg
+
+
+def http_rows(
+    package: Path, threads: int, batch: list[list[int]], single: list[int], n: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """{weights: (16 HTTP streams tokens/s, time to first token s)} from `shipyard serve`,
+    fp32 and int8 servers up at once, rounds interleaved."""
+    servers = {w: start_shipyard(package, threads, w) for w in ("fp32", "int8")}
+    try:
+        for _, url in servers.values():
+            asyncio.run(http_batch(url, batch, 4))  # warm-up
+        runs: dict[str, list[tuple[float, int]]] = {w: [] for w in servers}
+        for _ in range(repeats):
+            for w, (_, url) in servers.items():
+                runs[w].append(asyncio.run(http_batch(url, batch, n)))
+        assert all(t == len(batch) * n for r in runs.values() for _, t in r), runs
+        out = {}
+        for w, (_, url) in servers.items():
+            tps = len(batch) * n / statistics.median(t for t, _ in runs[w])
+            out[w] = (tps, asyncio.run(http_ttft(url, single, 5)))
+        return out
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
 def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
-    """The Llama-shaped model: single stream in process (and CTranslate2's batch of 16)."""
+    """The Llama-shaped model: single stream in process, 16 HTTP streams and time to first
+    token from `shipyard serve` (an imported package of the same weights), against
+    transformers and CTranslate2."""
     import transformers
 
     from shipyard.compress.measure import describe_machine, machine
@@ -343,6 +404,7 @@ def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
     hf_config = transformers.LlamaConfig(**hf_config_from(config))
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     hf.load_state_dict(model.state_dict(), strict=True)
+    package = llama_package(model, hf_config_from(config), args.work / "llama")
     model8 = copy.deepcopy(model)
     tok = Tokenizer.byte()  # ids only: prompts are token ids, the vocabulary is the model's
     gen = torch.Generator().manual_seed(1)
@@ -357,7 +419,7 @@ def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
 
     for m, w in ((model, "fp32"), (model8, "int8")):
         run(m, w, False)  # picks the kernels (int8: quantizes)
-        trace_up_front(m, len(single) + n)
+        trace_up_front(m)
         run(m, w, True)
     ct2 = ct2_generators(hf, args.work / "llama", args.threads)
     for g in ct2.values():
@@ -373,10 +435,18 @@ def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
     hf_generate(hf, [single], 2, 0)
     hf_s = [hf_generate(hf, [single], n, 0) for _ in range(repeats)]
     hf_single = n / statistics.median(t for t, _ in hf_s)
+    hf_ttft = statistics.median(hf_generate(hf, [single], 1, 0)[0] for _ in range(3))
+    hf_batch = BATCH * n / statistics.median(hf_generate(hf, batch, n, 0)[0] for _ in range(1))
     ct2_batch = {
         name: BATCH * n / statistics.median(ct2_generate(g, batch, n)[0] for _ in range(repeats))
         for name, g in ct2.items()
     }
+    ct2_ttft = {
+        name: statistics.median(ct2_generate(g, [single], 1)[0] for _ in range(5))
+        for name, g in ct2.items()
+    }
+    del hf, model, model8  # the servers load their own copies
+    served = http_rows(package, args.threads, batch, single, n, repeats)
     step_rows = decode_step_rows(
         n,
         res[("fp32", True)],
@@ -387,18 +457,23 @@ def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
     fp32_ids = res[("fp32", True)][0].token_ids
     same_hf = fp32_ids == hf_s[0][1][0].tolist()
     print(f"\nLlama {LLAMA} ({params_m:.0f}M parameters), prompt {len(single)} tokens, N={n} new")
-    print(
-        f"transformers fp32: single stream {hf_single:.1f} tokens/s; greedy tokens equal: {same_hf}"
-    )
+    print(f"transformers fp32 greedy tokens equal to shipyard fp32's: {same_hf}")
     print_step_rows(step_rows)
     ct2_single = {k: n / statistics.median(t for t, _ in v) for k, v in ct2_s.items()}
     for name in ct2:
         agree = sum(a == b for a, b in zip(ct2_s[name][0][1][0], fp32_ids, strict=True)) / n
-        print(
-            f"CTranslate2 {name}: single stream {ct2_single[name]:.1f} tokens/s, {BATCH} "
-            f"sequences in one batch {ct2_batch[name]:.1f}; greedy tokens equal to shipyard "
-            f"fp32's: {agree:.0%}"
-        )
+        print(f"CTranslate2 {name}: greedy tokens equal to shipyard fp32's: {agree:.0%}")
+    single_tps = {r["weights"]: r["traced_tokens_per_s"] for r in step_rows}
+    ours = {w: (single_tps[w], served[w][0], served[w][1]) for w in ("fp32", "int8")}
+    print()
+    hf_rows = peer_rows(ours, {"fp32": (hf_single, hf_batch, hf_ttft)}, "HF")
+    print_rows(hf_rows, "HF", target=None)
+    ct2_rows: list[dict[str, Any]] = []
+    if ct2:
+        theirs = {k: (ct2_single[k], ct2_batch[k], ct2_ttft[k]) for k in ct2}
+        ct2_rows = peer_rows(ours, theirs, "CTranslate2")
+        print()
+        print_rows(ct2_rows, "CTranslate2", target=1.0)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "generate_throughput --llama",
@@ -410,15 +485,63 @@ def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
         "parameters_m": params_m,
         "new_tokens": n,
         "repeats": repeats,
-        "hf_single_stream_tokens_per_s": hf_single,
         "greedy_tokens_identical_hf": same_hf,
         "decode_step": step_rows,
-        "ctranslate2_single_stream_tokens_per_s": ct2_single,
-        f"ctranslate2_batch{BATCH}_tokens_per_s": ct2_batch,
+        "vs_hf": hf_rows,
+        "vs_ctranslate2": ct2_rows,
     }
     path = args.out / "generate_throughput_llama.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def peer_rows(
+    ours: dict[str, tuple[float, float, float]],
+    theirs: dict[str, tuple[float, float, float]],
+    peer: str,
+) -> list[dict[str, Any]]:
+    """Rows comparing shipyard's (single stream tokens/s, 16 streams tokens/s, time to first
+    token s) per weights kind with a peer's (the peer's fp32 stands in where it has no int8).
+    Ratio: shipyard / peer for throughput, peer / shipyard for time to first token."""
+    rows = []
+    for weights, (single, batch, ttft) in ours.items():
+        p_single, p_batch, p_ttft = theirs.get(weights, theirs["fp32"])
+        label = weights if weights in theirs else "fp32"
+        for measure, a, b, ratio in (
+            ("single stream (tokens/s)", single, p_single, single / p_single),
+            (f"{BATCH} streams (tokens/s)", batch, p_batch, batch / p_batch),
+            ("time to first token (ms)", ttft * 1000, p_ttft * 1000, p_ttft / ttft),
+        ):
+            rows.append(
+                {
+                    "measure": f"{weights} {measure}",
+                    "shipyard": a,
+                    "peer": f"{peer} {label}",
+                    "peer_value": b,
+                    "ratio": ratio,
+                }
+            )
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]], peer: str, target: float | None) -> None:
+    head = f"| {'measure':<34} | {'shipyard':>9} | {peer:>13} | {'ratio':>6} |"
+    print(head + (" target |" if target is not None else ""))
+    line = f"|{'-' * 36}|{'-' * 10}:|{'-' * 14}:|{'-' * 7}:|"
+    print(line + ("--------|" if target is not None else ""))
+    for r in rows:
+        cells = (
+            f"| {r['measure']:<34} | {r['shipyard']:>9.1f} | {r['peer_value']:>13.1f} "
+            f"| {r['ratio']:>5.2f}x |"
+        )
+        if target is not None:
+            cells += f" {'met' if r['ratio'] >= target else 'MISSED':<6} |"
+        print(cells)
+    print(f"(ratio: shipyard / {peer} for tokens/s, {peer} / shipyard for time to first token;")
+    print(f" {BATCH} streams: shipyard over HTTP, {peer} one batch in process)")
 
 
 # ------------------------------------------------------------------------------ main
@@ -433,7 +556,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-generate")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
-        "--llama", action="store_true", help="the ~254M Llama-shaped model, single stream only"
+        "--llama", action="store_true", help="the ~254M Llama-shaped model instead of the GPT"
     )
     args = parser.parse_args()
     n = args.tokens or (32 if args.quick else 128)
@@ -466,8 +589,8 @@ def main() -> None:
     ct2 = ct2_generators(hf, args.work, args.threads)
     for g in ct2.values():
         ct2_generate(g, [single], 4)
-    trace_up_front(gpt, len(single) + n)  # at start-up, as a long-running process would
-    trace_up_front(gpt8, len(single) + n)
+    trace_up_front(gpt)
+    trace_up_front(gpt8)
     ours_s, int8_s, eager_s, eager8_s = [], [], [], []
     with_step(False, generate, gpt, tok, single, params)
     with_step(False, generate, gpt8, tok, single, params, weights="int8")
@@ -491,6 +614,11 @@ def main() -> None:
 
     # 3. (HF side) time to first token: prefill + one token
     hf_ttft = statistics.median(hf_generate(hf, [single], 1, tok.pad_id)[0] for _ in range(5))
+    one = SamplingParams(max_tokens=1, temperature=0, stop_on_eos=False)
+    local_ttft = {
+        w: statistics.median(generate(m, tok, single, one, weights=w).total_s for _ in range(5))
+        for m, w in ((gpt, "fp32"), (gpt8, "int8"))
+    }
 
     # 2. batch of 16: HF padded batch, then shipyard over HTTP
     hf_generate(hf, batch, 4, tok.pad_id)
@@ -520,61 +648,39 @@ def main() -> None:
             p.terminate()
             p.wait(timeout=60)
 
-    rows = [
-        ("single stream (tokens/s)", ours_single, hf_single, ours_single / hf_single, 5.0),
-        (
-            f"{BATCH} streams, aggregate (tokens/s)",
-            ours_batch,
-            hf_batch,
-            ours_batch / hf_batch,
-            2.0,
-        ),
-        ("time to first token (ms)", ours_ttft * 1000, hf_ttft * 1000, hf_ttft / ours_ttft, 1.0),
-        ("int8: single stream (tokens/s)", int8_single, hf_single, int8_single / hf_single, 5.0),
-        (
-            f"int8: {BATCH} streams (tokens/s)",
-            int8_batch,
-            hf_batch,
-            int8_batch / hf_batch,
-            2.0,
-        ),
-        (
-            "int8: time to first token (ms)",
-            int8_ttft * 1000,
-            hf_ttft * 1000,
-            hf_ttft / int8_ttft,
-            1.0,
-        ),
-    ]
+    ct2_single = {k: n / statistics.median(t for t, _ in v) for k, v in ct2_s.items()}
+    ct2_ttft = {
+        name: statistics.median(ct2_generate(g, [single], 1)[0] for _ in range(5))
+        for name, g in ct2.items()
+    }
     print(f"\nGPT {MODEL}, byte vocab, prompt {len(single)} tokens (batch: 8-38), N={n} new")
     print(f"greedy tokens identical (single stream): {same}")
     print(f"int8 greedy tokens equal to fp32's: {int8_agree:.0%}")
-    ct2_single = {k: n / statistics.median(t for t, _ in v) for k, v in ct2_s.items()}
     for name, runs_ in ct2_s.items():
         ids = runs_[0][1][0]
         agree = sum(a == b for a, b in zip(ids, ours_s[0].token_ids, strict=True)) / n
-        print(
-            f"CTranslate2 {name}: single stream {ct2_single[name]:.1f} tokens/s "
-            f"(shipyard {ours_single if name == 'fp32' else int8_single:.1f}); "
-            f"greedy tokens equal to shipyard fp32's: {agree:.0%}"
-        )
-    for name, tps in ct2_batch.items():
-        ours_b = ours_batch if name == "fp32" else int8_batch
-        print(
-            f"CTranslate2 {name}: {BATCH} sequences in one batch {tps:.1f} tokens/s "
-            f"(shipyard {BATCH} HTTP streams {ours_b:.1f})"
-        )
+        print(f"CTranslate2 {name}: greedy tokens equal to shipyard fp32's: {agree:.0%}")
     print_step_rows(step_rows)
+    print(
+        "shipyard time to first token in process (prefill + 1, no HTTP): "
+        + ", ".join(f"{w} {t * 1000:.1f} ms" for w, t in local_ttft.items())
+    )
     print(f"int8 vs fp32 shipyard: single {int8_single / ours_single:.2f}x, ", end="")
     print(f"{BATCH} streams {int8_batch / ours_batch:.2f}x\n")
-    print(f"| {'measure':<32} | {'shipyard':>9} | {'HF':>9} | {'ratio':>6} | target |")
-    print(f"|{'-' * 34}|{'-' * 11}:|{'-' * 11}:|{'-' * 8}:|{'-' * 8}|")
-    for name, ours, theirs, ratio, target in rows:
-        ok = "met" if ratio >= target else "MISSED"
-        print(
-            f"| {name:<32} | {ours:>9.1f} | {theirs:>9.1f} | {ratio:>5.2f}x | >={target:g}x {ok} |"
-        )
-    print("(ratio: shipyard / HF for throughput, HF / shipyard for time to first token)")
+    ours = {
+        "fp32": (ours_single, ours_batch, ours_ttft),
+        "int8": (int8_single, int8_batch, int8_ttft),
+    }
+    rows = peer_rows(ours, {"fp32": (hf_single, hf_batch, hf_ttft)}, "HF")
+    print_rows(rows, "HF", target=None)
+    ct2_rows: list[dict[str, Any]] = []
+    if ct2:
+        theirs = {k: (ct2_single[k], ct2_batch[k], ct2_ttft[k]) for k in ct2}
+        ct2_rows = peer_rows(ours, theirs, "CTranslate2")
+        print()
+        print_rows(ct2_rows, "CTranslate2", target=1.0)
+    else:
+        print("CTranslate2 not installed (pip install shipyard[bench]): no comparison with it")
 
     import transformers
 
@@ -590,13 +696,10 @@ def main() -> None:
         "repeats": repeats,
         "greedy_tokens_identical": same,
         "int8_greedy_agreement": int8_agree,
-        "ctranslate2_single_stream_tokens_per_s": ct2_single,
-        f"ctranslate2_batch{BATCH}_tokens_per_s": ct2_batch,
         "decode_step": step_rows,
-        "rows": [
-            {"measure": name, "shipyard": ours, "hf": theirs, "ratio": ratio, "target": target}
-            for name, ours, theirs, ratio, target in rows
-        ],
+        "in_process_ttft_s": local_ttft,
+        "vs_hf": rows,
+        "vs_ctranslate2": ct2_rows,
     }
     path = args.out / "generate_throughput.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

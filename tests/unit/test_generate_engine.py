@@ -24,7 +24,9 @@ from shipyard.generate import (
     SamplingParams,
     generate,
 )
+from shipyard.generate.traced import TRACED_KERNEL
 from shipyard.models.gpt import GPT, GPTConfig
+from shipyard.models.quantized import DISABLE_ENV
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 TOK = Tokenizer.byte()
@@ -79,9 +81,15 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, stop_on_eos=False)
 
 
-def test_batched_decoding_matches_each_request_alone(model: GPT) -> None:
+@pytest.mark.parametrize("step", ["traced", "eager"])
+def test_batched_decoding_matches_each_request_alone(
+    model: GPT, step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rows join (with left padding) and leave at different steps; a long prompt is prefilled
-    in chunks; every step's logits stay within 1e-4 of the request run alone."""
+    in chunks; every step's logits stay within 1e-4 of the request run alone, whether the
+    decode step runs traced (the CPU default) or eagerly."""
+    if step == "eager":
+        monkeypatch.setenv(DISABLE_ENV, TRACED_KERNEL)
     logits: dict[str, list[torch.Tensor]] = defaultdict(list)
     recorder = Recorder()
     engine = Engine(
@@ -107,6 +115,7 @@ def test_batched_decoding_matches_each_request_alone(model: GPT) -> None:
     engine.start()
     results = [s.result() for s in streams]
     engine.close()
+    assert engine.step_kind == step
     assert max(recorder.batch_sizes) == 4  # really batched, and capped
     for (prompt, n), result in zip(cases, results, strict=True):
         alone = generate(model, TOK, prompt, greedy(n))

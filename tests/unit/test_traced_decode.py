@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from shipyard.data.tokenization import Tokenizer
-from shipyard.generate import SamplingParams, generate
+from shipyard.generate import Engine, GenerationResult, SamplingParams, generate
+from shipyard.generate import cache as cache_module
+from shipyard.generate.cache import BatchKVCache
 from shipyard.generate.traced import (
     TRACE_AFTER_TOKENS,
     TRACED_KERNEL,
-    capacity_for,
-    traced_capacities,
+    has_traced_step,
     traced_step,
     traced_step_unsupported,
 )
@@ -70,10 +71,9 @@ def eager_ids(
         return generate(model, TOK, "def f(x):", params, **kw).token_ids
 
 
-def pretrace(model: GPT | Llama, prompt: str = "def f(x):", max_tokens: int = 24) -> None:
-    """Trace up front (start-up), so the next request of this size runs the traced step."""
-    capacity = capacity_for(len(TOK.encode_prompt(prompt)) + max_tokens, model.max_context)
-    assert traced_step(model, capacity) is not None
+def pretrace(model: GPT | Llama) -> None:
+    """Trace up front (start-up), so the next request runs the traced step."""
+    assert traced_step(model) is not None
 
 
 @pytest.mark.parametrize("build", [tiny_gpt, tiny_llama], ids=["gpt", "llama"])
@@ -84,10 +84,10 @@ def test_traced_greedy_tokens_equal_eager(
     model = build()  # type: ignore[operator]
     expected = eager_ids(model, GREEDY, monkeypatch, weights=weights)
     assert not traced_step_unsupported(model, None)
-    assert traced_capacities(model) == []  # the eager run traced nothing
+    assert not has_traced_step(model)  # the eager run traced nothing
     pretrace(model)  # after the eager run: its `weights` quantized the model
     result = generate(model, TOK, "def f(x):", GREEDY, weights=weights)
-    assert traced_capacities(model) == [64 if isinstance(model, GPT) else 128]  # max_context
+    assert has_traced_step(model)
     assert result.token_ids == expected
     assert len(result.token_ids) == GREEDY.max_tokens
 
@@ -108,7 +108,7 @@ def test_traced_llama_variants_equal_eager(
     expected = eager_ids(model, GREEDY, monkeypatch, weights="fp32")
     pretrace(model)
     assert generate(model, TOK, "def f(x):", GREEDY, weights="fp32").token_ids == expected
-    assert traced_capacities(model) == [128]
+    assert has_traced_step(model)
 
 
 def test_traced_sampling_and_logprobs_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,7 +119,7 @@ def test_traced_sampling_and_logprobs_equal_eager(monkeypatch: pytest.MonkeyPatc
     with monkeypatch.context() as m:
         m.setenv(DISABLE_ENV, TRACED_KERNEL)
         eager = generate(model, TOK, "abc", params, weights="fp32")
-    pretrace(model, "abc", params.max_tokens)
+    pretrace(model)
     traced = generate(model, TOK, "abc", params, weights="fp32")
     assert traced.token_ids == eager.token_ids
     assert eager.logprobs is not None and traced.logprobs is not None
@@ -136,20 +136,18 @@ def test_trace_is_reused_and_rebuilt_when_weights_change(
     with caplog.at_level(logging.INFO, logger="shipyard.generate"):
         for _ in range(TRACE_AFTER_TOKENS // 60):  # too few tokens yet to pay for a trace
             generate(model, TOK, "abc", long, weights="fp32")
-        assert traced_capacities(model) == []
+        assert not has_traced_step(model)
         generate(model, TOK, "abc", long, weights="fp32")  # now they pay: traced
         generate(model, TOK, "xyz", long, weights="fp32")  # reused
-    assert traced_capacities(model) == [64]
+    assert has_traced_step(model)
     traced_lines = [r.getMessage() for r in caplog.records if "traced GPT" in r.getMessage()]
     assert len(traced_lines) == 1  # traced once
-    assert "for 64 cache slots in" in traced_lines[0]
-    capacity = capacity_for(3 + GREEDY.max_tokens, model.max_context)
-    first = traced_step(model, capacity)
+    first = traced_step(model)
     assert first is not None
-    assert traced_step(model, capacity) is first  # nothing changed: no new trace
+    assert traced_step(model) is first  # nothing changed: no new trace
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(3.0)  # an optimizer step, say
-    assert traced_step(model, capacity) is not first
+    assert traced_step(model) is not first
     expected = eager_ids(model, GREEDY, monkeypatch, weights="fp32")
     assert generate(model, TOK, "def f(x):", GREEDY, weights="fp32").token_ids == expected
 
@@ -162,10 +160,10 @@ def test_off_switch_runs_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None
     long = SamplingParams(max_tokens=120, temperature=0, stop_on_eos=False)
     calls = -(-TRACE_AFTER_TOKENS // 120)  # enough tokens to pay for a trace
     results = [generate(model, TOK, "ab", long, weights="fp32") for _ in range(calls)]
-    assert traced_capacities(model) == []
+    assert not has_traced_step(model)
     monkeypatch.delenv(DISABLE_ENV)
     expected = [generate(reference, TOK, "ab", long).token_ids for _ in range(calls)]
-    assert traced_capacities(reference) == [128]  # the switch is all that kept `model` eager
+    assert has_traced_step(reference)  # the switch is all that kept `model` eager
     assert [r.token_ids for r in results] == expected
 
 
@@ -175,14 +173,6 @@ def test_untraceable_models_fall_back() -> None:
     assert "autocast" in traced_step_unsupported(tiny_gpt(), torch.bfloat16)
     params = SamplingParams(max_tokens=4, temperature=0, stop_on_eos=False)
     assert len(generate(dynamic, TOK, "abc", params).token_ids) == 4
-
-
-def test_capacity_buckets() -> None:
-    assert capacity_for(10, 4096) == 256
-    assert capacity_for(256, 4096) == 256
-    assert capacity_for(257, 4096) == 512
-    assert capacity_for(10, 64) == 64  # never past the context
-    assert capacity_for(600, 600) == 600
 
 
 class _RefusesTracing(GPT):
@@ -206,8 +196,8 @@ def test_a_failed_trace_decodes_eagerly_and_is_not_retried(
     ).eval()
     reference = tiny_gpt()
     with caplog.at_level(logging.WARNING, logger="shipyard.generate"):
-        assert traced_step(model, 64) is None
-        assert traced_step(model, 64) is None  # the same weights: no second attempt
+        assert traced_step(model) is None
+        assert traced_step(model) is None  # the same weights: no second attempt
     assert _RefusesTracing.attempts == 1
     assert sum("tracing failed" in r.getMessage() for r in caplog.records) == 1
     long = SamplingParams(max_tokens=40, temperature=0, stop_on_eos=False)
@@ -216,7 +206,93 @@ def test_a_failed_trace_decodes_eagerly_and_is_not_retried(
             generate(model, TOK, "ab", long).token_ids
             == generate(reference, TOK, "ab", long).token_ids
         )
-    assert _RefusesTracing.attempts == 1 and traced_capacities(model) == []
+    assert _RefusesTracing.attempts == 1 and not has_traced_step(model)
     with torch.no_grad():
         model.lm_head.weight.mul_(1.0)  # new weights (version bump): worth one more try
-    assert traced_step(model, 64) is None and _RefusesTracing.attempts == 2
+    assert traced_step(model) is None and _RefusesTracing.attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("build", "weights"),
+    [
+        (tiny_gpt, "fp32"),
+        (tiny_gpt, "int8"),
+        (lambda: tiny_llama(model_type="mistral", sliding_window=6), "fp32"),
+        (lambda: tiny_llama(model_type="phi3", partial_rotary_factor=0.5), "int8"),
+    ],
+    ids=["gpt-fp32", "gpt-int8", "mistral-window", "phi3-int8"],
+)
+def test_engine_traced_step_equals_its_eager_step(
+    build: object, weights: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batching engine's traced step: rows with different prompt lengths (left padding),
+    joining and leaving at different steps, a cache that grows past its capacity, greedy and
+    seeded sampling: the same tokens as the engine's eager step, log-probabilities within 1e-4."""
+    cases = [
+        ("a", greedy_params(40)),
+        ("Hello there, world", SamplingParams(max_tokens=9, temperature=0.8, seed=5, logprobs=1)),
+        ("The quick brown fox jumps over", greedy_params(25)),
+        ("xy", greedy_params(3)),
+        ("late joiner", SamplingParams(max_tokens=30, top_k=5, seed=2, stop_on_eos=False)),
+    ]
+
+    grown = []
+    grow = BatchKVCache._grow
+
+    def counting_grow(self: BatchKVCache, needed: int, *, zero: bool) -> None:
+        grown.append(zero)
+        grow(self, needed, zero=zero)
+
+    def run(kind: str) -> list[GenerationResult]:
+        model = build()  # type: ignore[operator]
+        with monkeypatch.context() as m:
+            m.setattr(cache_module, "_ALIGN", 4)  # little spare capacity: the cache grows often
+            m.setattr(BatchKVCache, "_grow", counting_grow)
+            if kind == "eager":
+                m.setenv(DISABLE_ENV, TRACED_KERNEL)
+            engine = Engine(model, TOK, max_batch_size=3, weights=weights, start=False)
+            streams = [
+                engine.submit_sync(p, params, request_id=f"r{i}")
+                for i, (p, params) in enumerate(cases)
+            ]
+            engine.start()
+            results = [s.result() for s in streams]
+            engine.close()
+        assert engine.step_kind == kind
+        return results
+
+    traced = run("traced")
+    assert True in grown  # the traced step's `reserve` grew the batch's cache
+    eager = run("eager")
+    for a, b in zip(traced, eager, strict=True):
+        assert a.token_ids == b.token_ids
+        if b.logprobs is not None:
+            assert a.logprobs is not None
+            for x, y in zip(a.logprobs, b.logprobs, strict=True):
+                assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def greedy_params(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, stop_on_eos=False)
+
+
+def test_reserve_zeroes_the_slots_an_eager_step_left_uninitialised() -> None:
+    """The traced step attends every slot up to the capacity (masked); an eager append grows the
+    cache into uninitialised memory, which `reserve` must clear (0 x NaN is NaN)."""
+    cache = BatchKVCache(1)
+    cache.append(0, torch.ones(2, 1, 3, 4), torch.ones(2, 1, 3, 4))
+    keys, values = cache.storage
+    keys[:, :, :, 3:] = float("nan")  # what uninitialised memory may hold
+    values[:, :, :, 3:] = float("nan")
+    cache.reserve(4)
+    keys, values = cache.storage
+    assert cache.seq_len == 3 and keys.size(3) >= 4
+    assert torch.equal(keys[:, :, :, 3:], torch.zeros_like(keys[:, :, :, 3:]))
+    assert torch.equal(values[:, :, :, :3], torch.ones(1, 2, 1, 3, 4))
+    cache.reserve(keys.size(3) + 1)  # growing: copies the cached slots, zeroes the rest
+    grown, _ = cache.storage
+    assert grown.size(3) > keys.size(3)
+    assert torch.equal(grown[:, :, :, :3], torch.ones(1, 2, 1, 3, 4))
+    assert not grown[:, :, :, 3:].any()
+    cache.advance(1)
+    assert cache.seq_len == 4 and cache.keys[0] is not None and cache.keys[0].size(2) == 4

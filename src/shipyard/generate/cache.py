@@ -26,23 +26,32 @@ from shipyard.models.protocol import (
     RecurrentState,
 )
 
-_ALIGN = 64  # capacity grows in multiples of this many slots
+_ALIGN = 16  # capacity grows in multiples of this many slots
 
 
 def _capacity(needed: int) -> int:
-    """Slots to allocate for `needed` ones: a quarter (at least 64) spare, rounded up."""
-    spare = max(_ALIGN, needed // 4)
+    """Slots to allocate for `needed` ones: an eighth (at least 16) spare, rounded up.
+
+    Spare slots cost the traced step (it attends the whole capacity, masked: 64 spare slots made
+    its 16-row step ~7% slower); growing costs one copy of the cache per ~16 steps.
+    """
+    spare = max(_ALIGN, needed // 8)
     return -(-(needed + spare) // _ALIGN) * _ALIGN
 
 
 class BatchKVCache(KVCache):
-    """Left-padded batch KV cache with spare capacity; keys/values are (B, nh, S, hs) views."""
+    """Left-padded batch KV cache with spare capacity; keys/values are (B, nh, S, hs) views.
+
+    All layers share one key and one value tensor, (n_layer, B, nh, capacity, hs) (`storage`),
+    so a traced decode step can take the whole cache as two arguments (`reserve`, `advance`).
+    """
 
     def __init__(self, n_layer: int) -> None:
         super().__init__(n_layer)
-        self._kbuf: list[torch.Tensor | None] = [None] * n_layer  # (B, nh, capacity, hs)
-        self._vbuf: list[torch.Tensor | None] = [None] * n_layer
+        self._k: torch.Tensor | None = None  # (n_layer, B, nh, capacity, hs)
+        self._v: torch.Tensor | None = None
         self._len = [0] * n_layer
+        self._tail_zero = False  # slots past the length hold zeros (not uninitialised memory)
 
     @property
     def seq_len(self) -> int:
@@ -52,60 +61,94 @@ class BatchKVCache(KVCache):
     @property
     def batch_size(self) -> int:
         """Number of rows (0 while empty)."""
-        k = self._kbuf[0]
-        return 0 if k is None else k.size(0)
+        return 0 if self._k is None else self._k.size(1)
 
     @property
     def capacity(self) -> int:
         """Slots allocated per row."""
-        k = self._kbuf[0]
-        return 0 if k is None else k.size(2)
+        return 0 if self._k is None else self._k.size(3)
 
-    def _set(self, layer: int, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int) -> None:
-        self._kbuf[layer], self._vbuf[layer], self._len[layer] = kbuf, vbuf, length
-        self.keys[layer] = kbuf[:, :, :length]  # (B, nh, length, hs)
-        self.values[layer] = vbuf[:, :, :length]
+    @property
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (n_layer, B, nh, capacity, hs) key and value tensors of every layer."""
+        if self._k is None or self._v is None:
+            raise ModelError("the KV cache is empty")
+        return self._k, self._v
+
+    def _adopt(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
+        self._k, self._v, self._len = k, v, lengths
+        for layer, n in enumerate(lengths):
+            self.keys[layer] = k[layer, :, :, :n]  # (B, nh, n, hs)
+            self.values[layer] = v[layer, :, :, :n]
+
+    def _grow(self, needed: int, *, zero: bool) -> None:
+        """Reallocate to hold `needed` slots per row, keeping what every layer has cached."""
+        assert self._k is not None and self._v is not None
+        n = max(self._len)
+        shape = (*self._k.shape[:3], _capacity(needed), self._k.size(4))
+        # Uninitialised unless asked: slots past the length are written before an eager step
+        # reads them, and zeroing fresh buffers costs ~0.7 ms per prefill (page faults).
+        new = self._k.new_zeros if zero else self._k.new_empty
+        k, v = new(shape), new(shape)
+        k[:, :, :, :n] = self._k[:, :, :, :n]
+        v[:, :, :, :n] = self._v[:, :, :, :n]
+        self._tail_zero = zero
+        self._adopt(k, v, self._len)
 
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new (B, nh, T, hs) keys/values after the cached ones; return all (B, nh, S, hs)."""
         n, T = self._len[layer], k.size(2)
-        kbuf, vbuf = self._kbuf[layer], self._vbuf[layer]
-        if kbuf is None or vbuf is None or n + T > kbuf.size(2):
+        if self._k is None or self._v is None:
             B, nh, _, hs = k.shape
-            # Uninitialised: slots past the length are written before anything reads them, and
-            # zeroing a fresh buffer costs ~0.7 ms per prefill (page faults on 12 buffers).
-            new_k = k.new_empty(B, nh, _capacity(n + T), hs)
-            new_v = v.new_empty(B, nh, _capacity(n + T), hs)
-            if kbuf is not None and vbuf is not None:
-                new_k[:, :, :n] = kbuf[:, :, :n]
-                new_v[:, :, :n] = vbuf[:, :, :n]
-            kbuf, vbuf = new_k, new_v
-        elif kbuf.size(0) != k.size(0):
-            raise ModelError(f"KV cache holds {kbuf.size(0)} rows but got {k.size(0)}")
+            shape = (self.n_layer, B, nh, _capacity(T), hs)
+            self._k, self._v = k.new_empty(shape), v.new_empty(shape)
+            self._tail_zero = False
+        elif self._k.size(1) != k.size(0):
+            raise ModelError(f"KV cache holds {self._k.size(1)} rows but got {k.size(0)}")
+        elif n + T > self._k.size(3):
+            self._grow(n + T, zero=False)
+        kbuf, vbuf = self._k[layer], self._v[layer]  # (B, nh, capacity, hs)
         kbuf[:, :, n : n + T] = k
         vbuf[:, :, n : n + T] = v
-        self._set(layer, kbuf, vbuf, n + T)
-        return kbuf[:, :, : n + T], vbuf[:, :, : n + T]  # (B, nh, S, hs)
+        self._len[layer] = n + T
+        self.keys[layer], self.values[layer] = kbuf[:, :, : n + T], vbuf[:, :, : n + T]
+        return self.keys[layer], self.values[layer]  # type: ignore[return-value]
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` slots per row, every slot past the length zero (a step that
+        attends the whole capacity, masked, must not meet NaNs in uninitialised memory)."""
+        if self._k is None or self._v is None:
+            raise ModelError("reserve needs a cache that holds at least one token")
+        if needed > self._k.size(3):
+            self._grow(needed, zero=True)
+        elif not self._tail_zero:
+            n = min(self._len)
+            self._k[:, :, :, n:].zero_()
+            self._v[:, :, :, n:].zero_()
+            self._tail_zero = True
+
+    def advance(self, T: int) -> None:
+        """Count `T` slots that a step wrote into `storage` itself (after `reserve`)."""
+        self._adopt(*self.storage, [n + T for n in self._len])
 
     def select(self, rows: Sequence[int], drop_left: int = 0) -> None:
         """Keep `rows` (in that order) and drop the first `drop_left` slots of every row.
 
         Only drop slots that are padding in every kept row.
         """
-        for layer in range(self.n_layer):
-            kbuf, vbuf = self._kbuf[layer], self._vbuf[layer]
-            if kbuf is None or vbuf is None:
-                continue
-            n = self._len[layer]
-            idx = torch.as_tensor(list(rows), dtype=torch.long, device=kbuf.device)
-            length = n - drop_left
-            new_k = kbuf.new_zeros(len(idx), kbuf.size(1), _capacity(length), kbuf.size(3))
-            new_v = torch.zeros_like(new_k)
-            new_k[:, :, :length] = kbuf[:, :, drop_left:n].index_select(0, idx)
-            new_v[:, :, :length] = vbuf[:, :, drop_left:n].index_select(0, idx)
-            self._set(layer, new_k, new_v, length)
+        if self._k is None or self._v is None:
+            return
+        n = max(self._len)
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self._k.device)
+        length = n - drop_left
+        shape = (self.n_layer, len(idx), self._k.size(2), _capacity(length), self._k.size(4))
+        k, v = self._k.new_zeros(shape), self._v.new_zeros(shape)
+        k[:, :, :, :length] = self._k[:, :, :, drop_left:n].index_select(1, idx)
+        v[:, :, :, :length] = self._v[:, :, :, drop_left:n].index_select(1, idx)
+        self._tail_zero = True
+        self._adopt(k, v, [m - drop_left for m in self._len])
 
     @classmethod
     def concat(cls, caches: Sequence[BatchKVCache]) -> BatchKVCache:
@@ -116,20 +159,18 @@ class BatchKVCache(KVCache):
         out = cls(parts[0].n_layer)
         S = max(c.seq_len for c in parts)
         B = sum(c.batch_size for c in parts)
-        for layer in range(out.n_layer):
-            ref = parts[0]._kbuf[layer]
-            assert ref is not None
-            new_k = ref.new_zeros(B, ref.size(1), _capacity(S), ref.size(3))
-            new_v = torch.zeros_like(new_k)
-            row = 0
-            for c in parts:
-                kbuf, vbuf, n = c._kbuf[layer], c._vbuf[layer], c._len[layer]
-                assert kbuf is not None and vbuf is not None
-                b = kbuf.size(0)
-                new_k[row : row + b, :, S - n : S] = kbuf[:, :, :n]
-                new_v[row : row + b, :, S - n : S] = vbuf[:, :, :n]
-                row += b
-            out._set(layer, new_k, new_v, S)
+        ref = parts[0].storage[0]
+        shape = (out.n_layer, B, ref.size(2), _capacity(S), ref.size(4))
+        k, v = ref.new_zeros(shape), ref.new_zeros(shape)
+        row = 0
+        for c in parts:
+            ck, cv = c.storage
+            n, b = c.seq_len, c.batch_size
+            k[:, row : row + b, :, S - n : S] = ck[:, :, :, :n]
+            v[:, row : row + b, :, S - n : S] = cv[:, :, :, :n]
+            row += b
+        out._tail_zero = True
+        out._adopt(k, v, [S] * out.n_layer)
         return out
 
 

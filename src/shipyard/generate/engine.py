@@ -9,6 +9,8 @@ Each iteration of the engine thread:
    request samples its first token and joins the batch;
 3. runs one decode step for the whole batch: every row feeds its last token, with its own
    position ids and a mask over its left padding (see `BatchKVCache`); finished rows leave.
+   A GPT or Llama on CPU runs this step traced (`shipyard.generate.traced`, traced once when
+   the engine thread starts); other models, autocast and GPUs run it eagerly (`step_kind`).
 
 The model is a `DecodingModel`: a KV-cache `LanguageModel` (GPT, Llama) or a
 `RecurrentLanguageModel` (the rnn), whose `RecurrentState` is the batch's cache instead (rows
@@ -37,7 +39,13 @@ import torch
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import EngineOverloaded, GenerationError
-from shipyard.generate.cache import DecodeCache, concat_caches, forward_cached, new_cache
+from shipyard.generate.cache import (
+    BatchKVCache,
+    DecodeCache,
+    concat_caches,
+    forward_cached,
+    new_cache,
+)
 from shipyard.generate.packed import prepare_decoding
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
@@ -49,10 +57,12 @@ from shipyard.generate.sequence import (
     new_request_id,
 )
 from shipyard.generate.single import autocast_context, encode_prompt, model_device
+from shipyard.generate.traced import TracedStep, traced_step, traced_step_unsupported
 from shipyard.models.protocol import (
     DecodingModel,
     RecurrentLanguageModel,
     context_limit,
+    is_language_model,
     language_module,
 )
 
@@ -314,6 +324,15 @@ class Engine:
         self.autocast_dtype = autocast_dtype
         self.observer = observer or EngineObserver()
         self.logits_hook = logits_hook
+        # The decode step runs traced (`shipyard.generate.traced`) where it can: traced when the
+        # engine thread starts, so a server pays for it at start-up, not on a request.
+        self.step_kind = "eager"  # "traced" once the thread has traced the step
+        self._eager_why = (
+            traced_step_unsupported(model, autocast_dtype)
+            if is_language_model(model)
+            else "a recurrent model"
+        )
+        self._step: TracedStep | None = None
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -346,7 +365,7 @@ class Engine:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, name="shipyard-generate-engine", daemon=True
+                    target=self._trace_and_run, name="shipyard-generate-engine", daemon=True
                 )
                 self._thread.start()
 
@@ -483,6 +502,16 @@ class Engine:
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._cancel or self._prefilling or self._running)
+
+    def _trace_and_run(self) -> None:
+        if not self._eager_why and is_language_model(self.model):
+            self._step = traced_step(self.model)  # None (logged) where tracing fails
+        if self._step is not None:
+            self.step_kind = "traced"
+            log.info("generation engine: traced decode step (%.2f s)", self._step.trace_s)
+        else:
+            log.info("generation engine: eager decode step (%s)", self._eager_why or "no trace")
+        self._run()
 
     def _run(self) -> None:
         while True:
@@ -675,13 +704,18 @@ class Engine:
         start = time.perf_counter()
         B, S = len(self._running), self._cache.seq_len
         x = torch.tensor(self._next_tokens, dtype=torch.long, device=self.device).view(B, 1)
-        positions = mask = None  # a recurrent state: each row's own, no padding
-        if not self._recurrent:
-            pads = torch.tensor([r.pad for r in self._running], device=self.device).view(B, 1)
-            positions = S - pads  # (B, 1): each row's own token count
-            mask = torch.arange(S + 1, device=self.device).view(1, -1) >= pads  # (B, S + 1)
-        logits = forward_cached(self.model, x, self._cache, positions, mask)
-        logits = logits[:, -1].float()  # (B, V)
+        if self._step is not None:
+            assert isinstance(self._cache, BatchKVCache)
+            starts = torch.tensor([r.pad for r in self._running], device=self.device)  # (B,)
+            logits = self._step(x, self._cache, starts).float()  # (B, V)
+        else:
+            positions = mask = None  # a recurrent state: each row's own, no padding
+            if not self._recurrent:
+                pads = torch.tensor([r.pad for r in self._running], device=self.device).view(B, 1)
+                positions = S - pads  # (B, 1): each row's own token count
+                mask = torch.arange(S + 1, device=self.device).view(1, -1) >= pads  # (B, S + 1)
+            logits = forward_cached(self.model, x, self._cache, positions, mask)
+            logits = logits[:, -1].float()  # (B, V)
         states = [r.state for r in self._running]
         tokens, logprobs = choose_tokens(
             logits,

@@ -12,7 +12,7 @@ import torch
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
-from shipyard.generate.cache import forward_cached, new_cache
+from shipyard.generate.cache import BatchKVCache, forward_cached, new_cache
 from shipyard.generate.packed import prepare_decoding
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
@@ -24,14 +24,12 @@ from shipyard.generate.sequence import (
 )
 from shipyard.generate.traced import (
     TracedStep,
-    capacity_for,
     trace_pays,
     traced_step,
     traced_step_unsupported,
 )
 from shipyard.models.protocol import (
     DecodingModel,
-    KVCache,
     LanguageModel,
     context_limit,
     is_language_model,
@@ -114,10 +112,7 @@ def stream(
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
     prepare_decoding(module, weights)
     if is_language_model(model) and not traced_step_unsupported(model, autocast_dtype):
-        capacity = capacity_for(len(ids) + params.max_tokens, model.max_context)
-        step = (
-            traced_step(model, capacity) if trace_pays(model, capacity, params.max_tokens) else None
-        )
+        step = traced_step(model) if trace_pays(model, params.max_tokens) else None
         if step is not None:
             return _decode_traced(model, state, device, step)
     return _decode(model, state, device, autocast_dtype)
@@ -166,17 +161,10 @@ def _decode_traced(
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
         batch, history = _sampling(state, V, device)
-        keys, values = step.new_cache(model)
-        prefill = KVCache(model.n_layer)
+        cache = BatchKVCache(model.n_layer)
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
-        logits = model(x, kv_cache=prefill)[:, -1].float()  # (1, V)
-        P = x.size(1)
-        for layer, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
-            assert k is not None and v is not None
-            keys[layer, :, :, :P] = k  # (1, n_kv, P, hs)
-            values[layer, :, :, :P] = v
-        del prefill
-    position = P
+        logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
+        start = torch.zeros(1, dtype=torch.long, device=device)  # no left padding
     while True:
         with torch.inference_mode():
             tokens, logprobs = choose_tokens(
@@ -187,8 +175,8 @@ def _decode_traced(
         if event.finish_reason is not None:
             return
         with torch.inference_mode():
-            logits = step(tokens[0], position, keys, values).float()  # (1, V)
-        position += 1
+            x = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, 1)
+            logits = step(x, cache, start).float()  # (1, V)
 
 
 def generate(

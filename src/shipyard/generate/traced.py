@@ -1,5 +1,6 @@
-"""A captured single-token decode step: the model's own forward, traced once, over a fixed-size
-KV cache written in place. The CPU fast path of single-stream generation.
+"""A captured decode step: the model's own forward for one new token per sequence, traced
+once, over the batch's KV cache written in place. The CPU fast path of single-stream
+generation and of the batching engine's decode step.
 
 At a few hundred tokens per second a decode token has ~1-3 ms, and the eager step spends much
 of it in Python: ~15 module calls and ~30 tensor ops per layer, each with its dispatcher
@@ -7,19 +8,21 @@ overhead. `torch.jit.trace` records the ops of one step once; `torch.jit.freeze`
 weights into constants. The step then runs in TorchScript's interpreter with no per-op Python
 (`benchmarks/generate_throughput.py` measures eager against traced, fp32 and int8 weights).
 
-The trace needs fixed shapes, so the cache is a `StaticKVCache`: (n_layer, 1, n_kv, capacity, hs)
-tensors that the step writes at the token's position (`index_copy_`), attending every slot
-through a mask of the slots written so far. Capacity is the needed length rounded up to a
-bucket (`capacity_for`), so a model is traced once per bucket; steps are kept per model and
-rebuilt when its weights or kernels change. The traced step computes what the eager step
-computes (same kernels for int8 layers; fp32 layers through `F.linear`), up to float32 rounding.
+The step takes a `BatchKVCache`'s whole `storage`, (n_layer, B, n_kv, capacity, hs) tensors
+(seen as a `StaticKVCache`), writes every row's new key/value at the batch's next slot
+(`index_copy_`; rows are left-padded to end together) and attends every slot through a mask of
+each row's start..position. The trace records the sizes it reads rather than fixing them, so one
+trace serves any batch size and capacity; it is kept per model and rebuilt when the model's
+weights or kernels change. The traced step computes what the eager step computes (same kernels
+for int8 layers; fp32 layers through `F.linear`), up to float32 rounding (it sums attention over
+the masked spare slots too: at most a quarter more than the cached ones, see `BatchKVCache`).
 
-Tracing takes ~0.5 s for a 6-layer model and a few seconds for a 250M one, more than a short
+Tracing takes ~0.2 s for a 6-layer model and a few seconds for a 250M one, more than a short
 request saves, so `stream`/`generate` trace a model only once it has been asked for
 `TRACE_AFTER_TOKENS` tokens (a long request traces at once; a script of short ones from its
-third or so); call `traced_step` at start-up to trace up front. `traced_step_unsupported` says
-when the eager step runs instead (a model or option the trace cannot capture exactly);
-$SHIPYARD_DISABLE_KERNELS=traced-step forces it.
+third or so); the engine traces when it starts; call `traced_step` to trace up front.
+`traced_step_unsupported` says when the eager step runs instead (a model or option the trace
+cannot capture exactly); $SHIPYARD_DISABLE_KERNELS=traced-step forces it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shipyard.generate.cache import BatchKVCache
 from shipyard.models.gpt import GPT
 from shipyard.models.llama import Llama
 from shipyard.models.protocol import KVCache, LanguageModel
@@ -41,30 +45,26 @@ from shipyard.models.quantized import Int8Linear, kernel_disabled
 TRACED_KERNEL = "traced-step"
 """The name $SHIPYARD_DISABLE_KERNELS takes to turn the traced decode step off."""
 
-_MIN_BUCKET = 256
 TRACE_AFTER_TOKENS = 256
 """Tokens a model must have been asked for (all requests) before decoding traces it."""
 log = logging.getLogger("shipyard.generate")
-
-
-def capacity_for(needed: int, max_context: int) -> int:
-    """Cache slots for `needed` tokens: the next power of two from 256, at most max_context."""
-    capacity = _MIN_BUCKET
-    while capacity < needed:
-        capacity *= 2
-    return max(needed, min(capacity, max_context))
+_TRACE_SLOTS = 8  # cache slots of the example the step is traced with (any size runs)
 
 
 class StaticKVCache(KVCache):
-    """A fixed-size cache for one sequence and one new token per call, written in place.
+    """A fixed-size cache for a batch of left-padded rows, one new token per row per call,
+    written in place: what the traced step sees of a `BatchKVCache`'s `storage`.
 
-    keys/values: (n_layer, 1, n_kv, capacity, hs); position: (1,) slot of the new token. Every
-    layer attends all `capacity` slots, masked to the ones at or before `position`.
+    keys/values: (n_layer, B, n_kv, capacity, hs); position: (1,) slot of the new tokens (every
+    row ends at the same slot); start: (B,) each row's first real slot (its left padding).
+    Every layer attends all `capacity` slots, masked to start..position of each row.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor) -> None:
+    def __init__(
+        self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, start: torch.Tensor
+    ) -> None:
         super().__init__(keys.size(0))
-        self._k, self._v, self.position = keys, values, position
+        self._k, self._v, self.position, self.start = keys, values, position, start
 
     @property
     def seq_len(self) -> int:
@@ -74,8 +74,8 @@ class StaticKVCache(KVCache):
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new (1, n_kv, 1, hs) key/value at `position`; return all slots."""
-        keys, values = self._k[layer], self._v[layer]  # (1, n_kv, capacity, hs)
+        """Write the new (B, n_kv, 1, hs) keys/values at `position`; return all slots."""
+        keys, values = self._k[layer], self._v[layer]  # (B, n_kv, capacity, hs)
         keys.index_copy_(2, self.position, k)
         values.index_copy_(2, self.position, v)
         return keys, values
@@ -88,26 +88,33 @@ class StaticKVCache(KVCache):
         window: int | None,
         device: torch.device,
     ) -> tuple[torch.Tensor | None, bool]:
-        """Slots 0..position (within `window` of it), as (1, 1, 1, capacity)."""
-        slots = torch.arange(self.seq_len, device=device)  # (capacity,)
-        allowed = slots <= self.position
+        """Slots start..position of each row (within `window` of position), (B, 1, 1, capacity)."""
+        slots = torch.arange(self.seq_len, device=device)[None, :]  # (1, capacity)
+        allowed = (slots <= self.position) & (slots >= self.start[:, None])  # (B, capacity)
         if window is not None:
             allowed = allowed & (slots > self.position - window)
-        return allowed[None, None, None, :], False
+        return allowed[:, None, None, :], False
 
 
 class _Step(nn.Module):
-    """model(token at position) -> next-token logits (1, V), over a `StaticKVCache`."""
+    """model(one token per row at `position`) -> next-token logits (B, V), over a
+    `StaticKVCache`; row b's position id is position - start[b] (its own token count)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(
-        self, idx: torch.Tensor, position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self,
+        idx: torch.Tensor,
+        position: torch.Tensor,
+        start: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
     ) -> torch.Tensor:
-        cache = StaticKVCache(keys, values, position)
-        return self.model(idx, kv_cache=cache, positions=position[None])[:, -1]  # (1, V)
+        cache = StaticKVCache(keys, values, position, start)
+        positions = (position - start)[:, None]  # (B, 1)
+        return self.model(idx, kv_cache=cache, positions=positions)[:, -1]  # (B, V)
 
 
 def traced_step_unsupported(model: LanguageModel, autocast_dtype: torch.dtype | None) -> str:
@@ -127,27 +134,25 @@ def traced_step_unsupported(model: LanguageModel, autocast_dtype: torch.dtype | 
 
 @dataclass
 class TracedStep:
-    """A frozen decode step for one model and cache capacity, with its cache buffers."""
+    """A frozen decode step for one model: any batch size and cache capacity (the trace
+    records the sizes it reads, so one trace serves every shape)."""
 
     step: torch.jit.ScriptModule
-    capacity: int
     trace_s: float  # seconds tracing and freezing took
     signature: tuple[object, ...]
 
-    def new_cache(self, model: LanguageModel) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed (n_layer, 1, n_kv, capacity, hs) key and value buffers for one sequence."""
-        shape = (model.n_layer, 1, *_kv_shape(model), self.capacity, _head_size(model))
-        assert isinstance(model, nn.Module)
-        device = next(model.parameters()).device
-        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
-
     def __call__(
-        self, token: int, position: int, keys: torch.Tensor, values: torch.Tensor
+        self, tokens: torch.Tensor, cache: BatchKVCache, start: torch.Tensor
     ) -> torch.Tensor:
-        """Logits (1, V) after `token` at `position`; writes its keys/values there."""
-        idx = torch.tensor([[token]], dtype=torch.long, device=keys.device)
+        """Logits (B, V) after `tokens` (B, 1) at the end of `cache`, whose rows begin at slots
+        `start` (B,); writes their keys/values into the cache and counts the slot."""
+        position = cache.seq_len
+        cache.reserve(position + 1)
+        keys, values = cache.storage
         pos = torch.tensor([position], dtype=torch.long, device=keys.device)
-        return self.step(idx, pos, keys, values)
+        logits = self.step(tokens, pos, start, keys, values)
+        cache.advance(1)
+        return logits
 
 
 def _kv_shape(model: LanguageModel) -> tuple[int]:
@@ -173,30 +178,29 @@ def _signature(module: nn.Module) -> tuple[object, ...]:
     return tuple(parts)
 
 
-_STEPS: weakref.WeakKeyDictionary[nn.Module, dict[int, TracedStep]] = weakref.WeakKeyDictionary()
+_STEPS: weakref.WeakKeyDictionary[nn.Module, TracedStep] = weakref.WeakKeyDictionary()
 # models whose trace failed, with the weights signature it failed on: not retried until it changes
 _FAILED: weakref.WeakKeyDictionary[nn.Module, tuple[object, ...]] = weakref.WeakKeyDictionary()
 
 
-def traced_step(model: LanguageModel, capacity: int) -> TracedStep | None:
-    """The frozen step of `model` for `capacity` cache slots: traced on first use, then reused
-    until the model's weights or int8 kernels change. None (logged once) where tracing fails;
-    a failed model is not traced again until its weights or kernels change.
-    Call outside inference_mode.
+def traced_step(model: LanguageModel) -> TracedStep | None:
+    """The frozen step of `model`: traced on first use, then reused until the model's weights
+    or int8 kernels change. None (logged once) where tracing fails; a failed model is not
+    traced again until its weights or kernels change. Call outside inference_mode.
     """
     assert isinstance(model, nn.Module)
     signature = _signature(model)
     if _FAILED.get(model) == signature:
         return None
-    steps = _STEPS.setdefault(model, {})
-    cached = steps.get(capacity)
+    cached = _STEPS.get(model)
     if cached is not None and cached.signature == signature:
         return cached
     start = time.perf_counter()
     device = next(model.parameters()).device
-    shape = (model.n_layer, 1, *_kv_shape(model), capacity, _head_size(model))
+    shape = (model.n_layer, 1, *_kv_shape(model), _TRACE_SLOTS, _head_size(model))
     example = (
         torch.zeros(1, 1, dtype=torch.long, device=device),
+        torch.zeros(1, dtype=torch.long, device=device),
         torch.zeros(1, dtype=torch.long, device=device),
         torch.zeros(shape, device=device),
         torch.zeros(shape, device=device),
@@ -214,11 +218,10 @@ def traced_step(model: LanguageModel, capacity: int) -> TracedStep | None:
         log.warning("decode step: tracing failed (%s); decoding eagerly", e)
         _FAILED[model] = signature
         return None
-    steps[capacity] = cached = TracedStep(frozen, capacity, time.perf_counter() - start, signature)
+    _STEPS[model] = cached = TracedStep(frozen, time.perf_counter() - start, signature)
     log.info(
-        "decode step: traced %s for %d cache slots in %.2f s (off: $SHIPYARD_DISABLE_KERNELS=%s)",
+        "decode step: traced %s in %.2f s (off: $SHIPYARD_DISABLE_KERNELS=%s)",
         type(model).__name__,
-        capacity,
         cached.trace_s,
         TRACED_KERNEL,
     )
@@ -228,17 +231,17 @@ def traced_step(model: LanguageModel, capacity: int) -> TracedStep | None:
 _ASKED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 
-def trace_pays(model: LanguageModel, capacity: int, max_tokens: int) -> bool:
-    """Count a request of `max_tokens`; True when `model` has a step for `capacity` already or
-    its requests so far (this one included) asked for at least `TRACE_AFTER_TOKENS` tokens."""
+def trace_pays(model: LanguageModel, max_tokens: int) -> bool:
+    """Count a request of `max_tokens`; True when `model` has a traced step already or its
+    requests so far (this one included) asked for at least `TRACE_AFTER_TOKENS` tokens."""
     assert isinstance(model, nn.Module)
-    if capacity in _STEPS.get(model, {}):
+    if model in _STEPS:
         return True
     _ASKED[model] = asked = _ASKED.get(model, 0) + max_tokens
     return asked >= TRACE_AFTER_TOKENS
 
 
-def traced_capacities(model: LanguageModel) -> list[int]:
-    """Capacities `model` has a traced step for (empty: it never decoded through one)."""
+def has_traced_step(model: LanguageModel) -> bool:
+    """Whether `model` has a traced step (False: it never decoded through one)."""
     assert isinstance(model, nn.Module)
-    return sorted(_STEPS.get(model, {}))
+    return model in _STEPS
