@@ -75,11 +75,21 @@ class BatchKVCache(KVCache):
             raise ModelError("the KV cache is empty")
         return self._k, self._v
 
+    @property
+    def keys(self) -> list[torch.Tensor | None]:
+        """Each layer's cached keys, (B, nh, length, hs) views of `storage` (made on demand: a
+        traced step advances the cache every token and never reads them)."""
+        k = self._k
+        return [None if k is None else k[layer, :, :, :n] for layer, n in enumerate(self._len)]
+
+    @property
+    def values(self) -> list[torch.Tensor | None]:
+        """Each layer's cached values, like `keys`."""
+        v = self._v
+        return [None if v is None else v[layer, :, :, :n] for layer, n in enumerate(self._len)]
+
     def _adopt(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> None:
         self._k, self._v, self._len = k, v, lengths
-        for layer, n in enumerate(lengths):
-            self.keys[layer] = k[layer, :, :, :n]  # (B, nh, n, hs)
-            self.values[layer] = v[layer, :, :, :n]
 
     def _grow(self, needed: int, *, zero: bool) -> None:
         """Reallocate to hold `needed` slots per row, keeping what every layer has cached."""
@@ -113,8 +123,7 @@ class BatchKVCache(KVCache):
         kbuf[:, :, n : n + T] = k
         vbuf[:, :, n : n + T] = v
         self._len[layer] = n + T
-        self.keys[layer], self.values[layer] = kbuf[:, :, : n + T], vbuf[:, :, : n + T]
-        return self.keys[layer], self.values[layer]  # type: ignore[return-value]
+        return kbuf[:, :, : n + T], vbuf[:, :, : n + T]
 
     def reserve(self, needed: int) -> None:
         """Make room for `needed` slots per row, every slot past the length zero (a step that
@@ -131,7 +140,7 @@ class BatchKVCache(KVCache):
 
     def advance(self, T: int) -> None:
         """Count `T` slots that a step wrote into `storage` itself (after `reserve`)."""
-        self._adopt(*self.storage, [n + T for n in self._len])
+        self._len = [n + T for n in self._len]
 
     def select(self, rows: Sequence[int], drop_left: int = 0) -> None:
         """Keep `rows` (in that order) and drop the first `drop_left` slots of every row.

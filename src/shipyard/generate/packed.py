@@ -19,6 +19,7 @@ float32 rounding (summation order); each row's result does not depend on the oth
 
 from __future__ import annotations
 
+import functools
 from typing import Any, cast
 
 import torch
@@ -104,16 +105,18 @@ def pack_linears(model: nn.Module) -> int:
 DECODE_WEIGHTS = ("auto", "fp32", "int8")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's instruction-set flags from /proc/cpuinfo (empty where there is none)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags from /proc/cpuinfo (empty where there is none); read
+    once per process (every `generate` call reports them)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:

@@ -32,29 +32,40 @@ class KVCache:
     """
 
     def __init__(self, n_layer: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * n_layer
-        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self._n_layer = n_layer
+        self._keys: list[torch.Tensor | None] = [None] * n_layer
+        self._values: list[torch.Tensor | None] = [None] * n_layer
+
+    @property
+    def keys(self) -> list[torch.Tensor | None]:
+        """Each layer's cached keys, (B, n_kv, T_cached, hs), None before the first append."""
+        return self._keys
+
+    @property
+    def values(self) -> list[torch.Tensor | None]:
+        """Each layer's cached values, like `keys`."""
+        return self._values
 
     @property
     def n_layer(self) -> int:
         """Number of layers the cache holds keys and values for."""
-        return len(self.keys)
+        return self._n_layer
 
     @property
     def seq_len(self) -> int:
         """Number of cached token slots (T_cached)."""
-        k = self.keys[0]
+        k = self._keys[0]
         return 0 if k is None else k.size(2)
 
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new (B, nh, T, hs) keys/values to `layer`; return all of them (B, nh, S, hs)."""
-        past_k, past_v = self.keys[layer], self.values[layer]
+        past_k, past_v = self._keys[layer], self._values[layer]
         if past_k is not None and past_v is not None:
             k = torch.cat([past_k, k], dim=2)  # (B, nh, T_cached + T, hs)
             v = torch.cat([past_v, v], dim=2)  # (B, nh, T_cached + T, hs)
-        self.keys[layer], self.values[layer] = k, v
+        self._keys[layer], self._values[layer] = k, v
         return k, v
 
     def attention_mask(
