@@ -15,9 +15,11 @@ each row's start..position. The trace records the sizes it reads rather than fix
 trace serves any batch size and capacity; it is kept per model and rebuilt when the model's
 weights or kernels change. The traced step computes what the eager step computes (same kernels
 for int8 layers; fp32 layers through `F.linear`), up to float32 rounding (it sums attention over
-the masked spare slots too: at most a quarter more than the cached ones, see `BatchKVCache`).
+the masked spare slots too: an eighth, at least 16, more than the cached ones, see
+`BatchKVCache`). The engine traces once, at start: weights changed in place while it runs are
+not seen by its step (start a new engine); `generate` re-checks and retraces.
 
-Tracing takes ~0.2 s for a 6-layer model and a few seconds for a 250M one, more than a short
+Tracing takes ~0.3 s for a 6-layer model and under a second for a 250M one, more than a short
 request saves, so `stream`/`generate` trace a model only once it has been asked for
 `TRACE_AFTER_TOKENS` tokens (a long request traces at once; a script of short ones from its
 third or so); the engine traces when it starts; call `traced_step` to trace up front.
