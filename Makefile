@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/shipyard train examples/digits-mlp.yaml
 
-# pytest exits 5 when it collects no tests: that is a failure here, not a pass.
+# pytest exits 5 when it collects no tests: that is a failure here, not a pass. The 25 slowest
+# tests are listed at the end, to keep the suite inside CI's time budget.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q; rc=$$?; \
+	$(BIN)/python -m pytest -q --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 test-unit: $(STAMP)
