@@ -296,3 +296,27 @@ def test_reserve_zeroes_the_slots_an_eager_step_left_uninitialised() -> None:
     assert not grown[:, :, :, 3:].any()
     cache.advance(1)
     assert cache.seq_len == 4 and cache.keys[0] is not None and cache.keys[0].size(2) == 4
+
+
+class _OddTracing(GPT):
+    """A model whose forward raises something other than RuntimeError under the tracer."""
+
+    def forward(self, idx: torch.Tensor, **kw: object) -> torch.Tensor:  # type: ignore[override]
+        if torch.jit.is_tracing():
+            raise TypeError("an argument the tracer cannot take")
+        return super().forward(idx, **kw)  # type: ignore[arg-type]
+
+
+def test_the_engine_decodes_eagerly_when_tracing_fails(caplog: pytest.LogCaptureFixture) -> None:
+    """Any error while tracing falls back to the eager step: the engine thread goes on serving."""
+    torch.manual_seed(0)
+    model = _OddTracing(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), TOK.vocab_size)
+    reference = tiny_gpt()
+    with (
+        caplog.at_level(logging.WARNING, logger="shipyard.generate"),
+        Engine(model.eval(), TOK) as engine,
+    ):
+        result = engine.generate("def f(x):", GREEDY)
+    assert engine.step_kind == "eager"
+    assert any("TypeError" in r.getMessage() for r in caplog.records)
+    assert result.token_ids == generate(reference, TOK, "def f(x):", GREEDY).token_ids

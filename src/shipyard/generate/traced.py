@@ -187,8 +187,8 @@ _FAILED: weakref.WeakKeyDictionary[nn.Module, tuple[object, ...]] = weakref.Weak
 
 def traced_step(model: LanguageModel) -> TracedStep | None:
     """The frozen step of `model`: traced on first use, then reused until the model's weights
-    or int8 kernels change. None (logged once) where tracing fails; a failed model is not
-    traced again until its weights or kernels change. Call outside inference_mode.
+    or int8 kernels change. None (logged once) where tracing fails, for any reason; a failed
+    model is not traced again until its weights or kernels change. Call outside inference_mode.
     """
     assert isinstance(model, nn.Module)
     signature = _signature(model)
@@ -216,8 +216,9 @@ def traced_step(model: LanguageModel) -> TracedStep | None:
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(_Step(model).eval(), example, check_trace=False)
             frozen = torch.jit.freeze(traced.eval())
-    except (RuntimeError, AttributeError) as e:  # a PyTorch without TorchScript, an odd op
-        log.warning("decode step: tracing failed (%s); decoding eagerly", e)
+    except Exception as e:  # an optimisation: whatever fails decodes eagerly
+        # a PyTorch without TorchScript, an op the tracer refuses, a model check at trace time
+        log.warning("decode step: tracing failed (%s: %s); decoding eagerly", type(e).__name__, e)
         _FAILED[model] = signature
         return None
     _STEPS[model] = cached = TracedStep(frozen, time.perf_counter() - start, signature)
