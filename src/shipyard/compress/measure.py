@@ -24,7 +24,7 @@ from torch import nn
 from shipyard.compress.layers import DynamicInt8Linear, Int8Linear
 from shipyard.config import RunConfig
 from shipyard.data import PreparedData
-from shipyard.generate.packed import cpu_flags
+from shipyard.kernels import cpu_flags
 from shipyard.package import LoadedModel, manifest_sha256
 from shipyard.train.evaluation import evaluate_model
 

@@ -1,13 +1,19 @@
-"""Linear layers whose weights are prepacked for oneDNN: the CPU decode hot path, same parameters.
+"""Linear layers whose weights are prepacked for the CPU decode hot path, same parameters.
 
 Decoding is a stream of tiny matmuls (one row per sequence) against every weight of the model.
-`F.linear` hands them to MKL's sgemm, which repacks the whole weight on every call; on a 6-layer,
-384-wide GPT (x86, AVX-512, one thread) its 24 projections take ~4.0 ms per token at batch 1
-and ~9.5 ms at batch 16. oneDNN with weights packed once (what `torch.compile` freezing does)
-takes ~3.0 ms and ~5.1 ms. `benchmarks/generate_throughput.py` measures the effect end to end.
+`F.linear` hands them to MKL's sgemm, which repacks the whole weight on every call. With the
+weight packed once, by blocks of 16 output features, shipyard's native kernel
+(`shipyard.kernels`, AVX2/FMA, built on first use) streams each weight once per call: on a
+6-layer, 384-wide GPT (2-core AMD EPYC, AVX2, one thread) its 24 projections take ~3.3 ms per
+token at one row against ~6.5 ms for `F.linear`, and ~8 ms against ~14 ms at 16 rows. Past
+`NATIVE_MAX_ROWS` rows (a long prompt, a large product) `F.linear` is as fast and takes over.
+Where the native kernels cannot run (no AVX2, no compiler, $SHIPYARD_DISABLE_KERNELS=native)
+the layer runs oneDNN with its weight packed once (what `torch.compile` freezing does).
+`benchmarks/generate_throughput.py` measures the effect end to end.
 
-`prepare_decoding` picks every layer's kernel for generation (fp32 oneDNN, int8 GEMM) by what the
-CPU and this PyTorch build offer; $SHIPYARD_DISABLE_KERNELS=onednn,int8-gemm forces fallbacks.
+`prepare_decoding` picks every layer's kernel for generation (fp32 native or oneDNN, int8
+native or int8 GEMM) by what the CPU and this PyTorch build offer;
+$SHIPYARD_DISABLE_KERNELS=native,onednn,int8-gemm forces fallbacks.
 
 `pack_linears` swaps the class of a model's `nn.Linear` layers in place (swap parts, don't fork
 the model): parameters, hooks and `state_dict` are untouched, and a `PackedLinear` runs plain
@@ -19,7 +25,6 @@ float32 rounding (summation order); each row's result does not depend on the oth
 
 from __future__ import annotations
 
-import functools
 from typing import Any, cast
 
 import torch
@@ -27,13 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from shipyard.errors import GenerationError
+from shipyard.kernels import cpu_flags, kernel_disabled
+from shipyard.kernels import native as native_kernels
 from shipyard.models.quantized import (
     Int8Linear,
     int8_gemm_available,
-    kernel_disabled,
     quantizable_linears,
     replace_module,
 )
+
+NATIVE_MAX_ROWS = 32
+"""Rows up to which a `PackedLinear` runs the native kernel (more: `F.linear`, as fast there)."""
 
 
 def onednn_available() -> bool:
@@ -47,8 +56,10 @@ def onednn_available() -> bool:
 
 
 class PackedLinear(nn.Linear):
-    """`nn.Linear` that runs inference on CPU through oneDNN with a cached, prepacked weight."""
+    """`nn.Linear` that runs inference on CPU with a cached, prepacked weight: the native kernel
+    where it loaded (`native`, set by `pack_linears`), else oneDNN."""
 
+    native: bool = False
     # (weight version, weight storage address, packed weight); not a buffer: never saved
     _packed_cache: tuple[int, int, torch.Tensor] | None = None
 
@@ -59,7 +70,10 @@ class PackedLinear(nn.Linear):
         cache = self._packed_cache
         if cache is None or cache[:2] != key:
             with torch.no_grad():  # a packed copy never needs autograd
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+                if self.native:
+                    packed = native_kernels.pack_weight(w)
+                else:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
             self._packed_cache = cache = (*key, packed)
         return cache[2]
 
@@ -79,8 +93,16 @@ class PackedLinear(nn.Linear):
             or w.dtype != torch.float32
             or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             or torch.is_autocast_enabled("cpu")
-            or torch.jit.is_tracing()  # a trace cannot hold the opaque packed weight
         ):
+            return F.linear(x, w, self.bias)
+        if self.native:
+            # traced: the operator itself sends more than NATIVE_MAX_ROWS rows to F.linear
+            if torch.jit.is_tracing() or x.numel() <= NATIVE_MAX_ROWS * x.size(-1):
+                return torch.ops.shipyard.linear_f32(
+                    x, w, self._packed_weight(), self.bias, NATIVE_MAX_ROWS
+                )
+            return F.linear(x, w, self.bias)
+        if torch.jit.is_tracing():  # a trace cannot hold oneDNN's opaque packed weight
             return F.linear(x, w, self.bias)
         return torch.ops.mkldnn._linear_pointwise(
             x, self._packed_weight(), self.bias, "none", [], ""
@@ -90,46 +112,39 @@ class PackedLinear(nn.Linear):
 def pack_linears(model: nn.Module) -> int:
     """Turn every plain `nn.Linear` of `model` into a `PackedLinear` in place; return how many.
 
-    Does nothing without oneDNN. Layers of other types (int8, subclasses) are left alone.
+    Native kernels where they load, else oneDNN; does nothing without either. Layers of other
+    types (int8, subclasses) are left alone.
     """
-    if not onednn_available():
+    native = native_kernels.load()
+    if not native and not onednn_available():
         return 0
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = PackedLinear
             count += 1
+        if type(module) is PackedLinear and module.native != native:
+            module.native = native  # the instance's own flag; the packed copy is rebuilt
+            module._packed_cache = None
     return count
 
 
 DECODE_WEIGHTS = ("auto", "fp32", "int8")
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's instruction-set flags from /proc/cpuinfo (empty where there is none); read
-    once per process (every `generate` call reports them)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
     """Pick the decode kernels of `module` in place (eval mode first); return a one-line summary.
 
     weights: "auto" keeps the package's weights and runs each on its fastest kernel that is
-        exact for them: int8 layers (`Int8Linear`) on the int8 GEMM where the CPU has one, fp32
-        layers on oneDNN with prepacked weights. "int8" first quantizes every fp32 Linear that is
+        exact for them: int8 layers (`Int8Linear`) on the native kernel (weight-only int8 for a
+        few rows, the int8 GEMM for more) or the int8 GEMM, fp32 layers on the native kernel or
+        oneDNN, all with prepacked weights. "int8" first quantizes every fp32 Linear that is
         not weight-tied (per-output-channel int8, as `shipyard compress --quantize weight-int8`),
         so an fp32 package decodes with 4x fewer weight bytes (CPU only: a model on another
         device raises GenerationError). "fp32" runs int8 layers on their
         dequantized fp32 weights (the reference numerics of the package's weights).
-    Every kernel falls back: no oneDNN -> `F.linear`; no int8 GEMM -> cached dequantized weights.
+    Every kernel falls back: no native kernels -> oneDNN -> `F.linear`; no native kernels ->
+    int8 GEMM -> cached dequantized weights.
     """
     if weights not in DECODE_WEIGHTS:
         raise GenerationError(
@@ -148,16 +163,21 @@ def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
             replace_module(module, name, Int8Linear.from_linear(linear).eval())
     int8_layers = [m for m in module.modules() if isinstance(m, Int8Linear)]
     int8_kernel = "dequantized"
-    if weights != "fp32" and on_cpu and int8_gemm_available():
-        int8_kernel = "int8-gemm"
+    if weights != "fp32" and on_cpu and int8_layers:
+        if native_kernels.load():
+            int8_kernel = "native"
+        elif int8_gemm_available():
+            int8_kernel = "int8-gemm"
     for layer in int8_layers:
         layer.set_kernel(int8_kernel)
     if on_cpu:
         pack_linears(module)
     # counted after packing, so a second call (layers already packed) reports the same
     fp32_layers = [m for m in module.modules() if type(m) in (nn.Linear, PackedLinear)]
-    packed = sum(type(m) is PackedLinear for m in fp32_layers) if on_cpu else 0
-    fp32_kernel = "onednn-packed" if packed else "F.linear"
+    packed = [m for m in fp32_layers if isinstance(m, PackedLinear)] if on_cpu else []
+    fp32_kernel = "F.linear"
+    if packed:
+        fp32_kernel = "native" if packed[0].native else "onednn-packed"
     flags = sorted(cpu_flags() & _REPORTED_FLAGS)
     parts = [f"{len(fp32_layers)} fp32 linear(s): {fp32_kernel}"]
     if int8_layers:

@@ -19,12 +19,12 @@ import math
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
+from shipyard.models.attention import attention
 from shipyard.models.protocol import (
     KVCache,
     check_segments,
@@ -99,14 +99,8 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nh, S, hs), S = T_cached + T
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )  # (B, nh, T, hs)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, attn_mask, dropout, is_causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
+from shipyard.models.attention import attention
 from shipyard.models.protocol import (
     KVCache,
     check_segments,
@@ -58,9 +59,6 @@ HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
-
-# SDPA's grouped-query flag (torch >= 2.5) reads shared key/value heads without copying them.
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class RopeParameters(StrictModel):
@@ -432,26 +430,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nkv, S, hs)
         dropout = self.dropout if self.training else 0.0
-        if nkv == nh:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal
-            )
-        elif _SDPA_GQA:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=dropout,
-                is_causal=is_causal,
-                enable_gqa=True,
-            )
-        else:
-            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal
-            )  # (B, nh, T, hs)
+        y = attention(q, k, v, attn_mask, dropout, is_causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
         return self.o_proj(y)  # (B, T, C)
 

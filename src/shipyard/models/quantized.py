@@ -9,9 +9,13 @@ They live with the models because the package loader (below compress/) rebuilds 
   4x smaller weights. How it multiplies is its *kernel* (`set_kernel`, chosen by the generation
   engine from the CPU's features): "dequantize" (default: rebuild the fp32 weight per call, so
   training, export and GPU use see plain fp32 math), "dequantized" (fp32 weight rebuilt once and
-  cached: same numbers, no per-call cost) or "int8-gemm" (PyTorch's x86 int8 GEMM, fbgemm with
-  AVX2 / AVX-512 / VNNI: activations quantized per call to 8 bits, int32 accumulation; the
-  fast CPU decode path, see `int8_gemm_available`).
+  cached: same numbers, no per-call cost), "int8-gemm" (PyTorch's x86 int8 GEMM, fbgemm with
+  AVX2 / AVX-512 / VNNI: activations quantized per call to 8 bits, int32 accumulation, see
+  `int8_gemm_available`) or "native" (the CPU decode path: shipyard's own kernel,
+  `shipyard.kernels`, multiplies float32 activations by the int8 weights for up to
+  `NATIVE_INT8_MAX_ROWS` rows, the dequantized numbers up to float32 rounding, at a quarter of
+  the fp32 weight bytes; more rows, where the int8 GEMM is faster, go to "int8-gemm" when
+  there is one).
 - `DynamicInt8Linear` (scheme "dynamic-int8"): the same int8 weights run through PyTorch's
   dynamic quantized kernels (`torch.ao.nn.quantized.dynamic.Linear`): activations are quantized
   per batch at run time, the matmul is int8. Smaller and faster for MLPs on CPU.
@@ -19,7 +23,6 @@ They live with the models because the package loader (below compress/) rebuilds 
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,17 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from shipyard.errors import ModelError
+from shipyard.kernels import DISABLE_ENV, kernel_disabled
+from shipyard.kernels import native as native_kernels
 
 SCHEMES = ("dynamic-int8", "weight-int8")
-INT8_KERNELS = ("dequantize", "dequantized", "int8-gemm")
-DISABLE_ENV = "SHIPYARD_DISABLE_KERNELS"
-"""Comma-separated kernels to treat as unavailable (e.g. "int8-gemm,onednn"): forces fallbacks."""
-
-
-def kernel_disabled(name: str) -> bool:
-    """True when `name` is listed in $SHIPYARD_DISABLE_KERNELS."""
-    listed = os.environ.get(DISABLE_ENV, "")
-    return name in {part.strip() for part in listed.split(",")}
+INT8_KERNELS = ("dequantize", "dequantized", "int8-gemm", "native")
+NATIVE_INT8_MAX_ROWS = 4
+"""Rows up to which the "native" kernel multiplies weight-only (more go to the int8 GEMM)."""
 
 
 _INT8_GEMM_PROBE: list[bool] = []  # memo of the one-time probe below
@@ -100,9 +99,11 @@ def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 class Int8Linear(nn.Module):
     """`nn.Linear` with int8 weights and per-output-channel scales (kernel: see `set_kernel`)."""
 
-    # "dequantize" | "dequantized" | "int8-gemm"; and what that kernel caches (never saved)
+    # "dequantize" | "dequantized" | "int8-gemm" | "native"; and what that kernel caches (never
+    # saved; "native": its packed weight, with the int8 GEMM's packed weight in _fallback)
     _kernel: str = "dequantize"
     _cache: Any = None
+    _fallback: Any = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
@@ -122,6 +123,7 @@ class Int8Linear(nn.Module):
         # a packed int8 weight is an opaque object: a copy rebuilds it on first use
         state = dict(super().__getstate__())
         state.pop("_cache", None)
+        state.pop("_fallback", None)
         return state
 
     @property
@@ -130,10 +132,11 @@ class Int8Linear(nn.Module):
         return self._kernel
 
     def set_kernel(self, kernel: str) -> None:
-        """Choose how inference multiplies: "dequantize", "dequantized" or "int8-gemm".
+        """Choose how inference multiplies: "dequantize", "dequantized", "int8-gemm" or "native".
 
         Training, autograd and non-CPU inputs always use "dequantize". Raises ModelError for an
-        unknown name, or "int8-gemm" where `int8_gemm_available()` is False.
+        unknown name, "int8-gemm" where `int8_gemm_available()` is False, or "native" where
+        `shipyard.kernels.native.load()` is.
         """
         if kernel not in INT8_KERNELS:
             raise ModelError(
@@ -144,9 +147,14 @@ class Int8Linear(nn.Module):
                 "int8-gemm is not available here (no x86/fbgemm quantized engine, or disabled"
                 f" by ${DISABLE_ENV}); use kernel 'dequantized'"
             )
+        if kernel == "native" and not native_kernels.load():
+            why = native_kernels.native_unavailable() or "they failed to build or load (logged)"
+            raise ModelError(
+                f"the native int8 kernel is not available here: {why}; use kernel 'dequantized'"
+            )
         if kernel != self._kernel:  # same kernel: keep its packed weight (no repacking)
             self._kernel = kernel
-            self._cache = None
+            self._cache = self._fallback = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -170,8 +178,25 @@ class Int8Linear(nn.Module):
         cache = self._cache
         if cache is None:
             with torch.no_grad():
-                cache = _prepack_int8(self) if kernel == "int8-gemm" else self.dequantized_weight()
+                if kernel == "native":
+                    cache = native_kernels.pack_weight(self.weight_int8)
+                    # the traced step finds the int8 GEMM's packed weight as a module attribute
+                    self._fallback = _prepack_int8(self) if int8_gemm_available() else None
+                elif kernel == "int8-gemm":
+                    cache = _prepack_int8(self)
+                else:
+                    cache = self.dequantized_weight()
             self._cache = cache
+        if kernel == "native":
+            out = torch.ops.shipyard.linear_i8(
+                x.float(),
+                cache,
+                self.weight_scale,
+                self.bias,
+                self._fallback,
+                NATIVE_INT8_MAX_ROWS,
+            )
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         if kernel == "int8-gemm":
             # reduce_range: 7-bit activations, so AVX2's u8 x s8 pair sums cannot saturate
             out = torch.ops.quantized.linear_dynamic(x.float(), cache, True)
@@ -182,7 +207,7 @@ class Int8Linear(nn.Module):
         return self.bias is not None and self.bias.requires_grad
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Int8Linear:
-        self._cache = None  # .to() / .float() change the buffers: rebuild on next use
+        self._cache = self._fallback = None  # .to() / .float() change the buffers: rebuild
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -292,6 +317,7 @@ def _drop_packed(module: nn.Module, incompatible_keys: Any) -> None:
 
 def _drop_cache(module: nn.Module, incompatible_keys: Any) -> None:
     object.__setattr__(module, "_cache", None)
+    object.__setattr__(module, "_fallback", None)
 
 
 LAYER_TYPES: dict[str, type[Int8Linear] | type[DynamicInt8Linear]] = {

@@ -1,0 +1,71 @@
+"""Scaled dot-product attention for the transformer models, with a native decode-step kernel.
+
+GPT and the Llama family call `attention` rather than `F.scaled_dot_product_attention`: it
+handles grouped-query attention (fewer key/value heads than query heads) and sends a decode
+step to shipyard's native kernel where it loaded (`shipyard.kernels`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shipyard.kernels import native as native_kernels
+
+# SDPA's grouped-query flag (torch >= 2.5) reads shared key/value heads without copying them.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` for q (B, H, T, hs) over k, v (B, G, S, hs), G dividing H
+    (grouped-query attention: query head h reads key/value head h // (H / G)); (B, H, T, hs).
+
+    A decode step (one new token, float32 on CPU, no autograd or dropout, a boolean mask or
+    none) runs shipyard's native kernel where it loaded (`shipyard.kernels`): it reads only the
+    allowed slots' keys and values (not a batch's left padding or a cache's spare slots),
+    ~1.5x faster than SDPA's CPU kernel at 16 rows; the same numbers up to float32 rounding.
+    """
+    if q.size(2) == 1 and not is_causal and dropout_p == 0.0 and _native_decode(q, k, v, attn_mask):
+        return torch.ops.shipyard.decode_attention(q, k, v, attn_mask, q.size(-1) ** -0.5)
+    H, G = q.size(1), k.size(1)
+    if G == H:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
+        )
+    if _SDPA_GQA:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            enable_gqa=True,
+        )
+    k = k.repeat_interleave(H // G, dim=1)  # (B, H, S, hs)
+    v = v.repeat_interleave(H // G, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
+    )
+
+
+def _native_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> bool:
+    qkv = (q, k, v)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in qkv):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in qkv):
+        return False
+    if mask is not None and (
+        mask.dtype != torch.bool or mask.dim() != 4 or mask.size(1) != 1 or mask.size(2) != 1
+    ):
+        return False
+    return native_kernels.load()
