@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from shipyard.errors import GenerationError
 from shipyard.generate import SamplingParams, generate
 from shipyard.generate.packed import prepare_decoding
+from shipyard.kernels import native
 from shipyard.models.quantized import int8_gemm_available
 from shipyard.serve.settings import ServeError
 
@@ -39,7 +40,8 @@ def test_trained_gpt_int8_perplexity_within_one_percent(
     loaded = loaded_lm(tmp_path_factory.getbasetemp())
     fp32 = copy.deepcopy(loaded.model).eval()
     int8 = copy.deepcopy(loaded.model).eval()
-    assert "int8-gemm" in prepare_decoding(int8, "int8")
+    kernel = "native" if native.load() else "int8-gemm"
+    assert f"int8 linear(s): {kernel}" in prepare_decoding(int8, "int8")
     text = textwrap.dedent(inspect.getsource(textwrap))  # Python source, as in training
     ids = loaded.tokenizer.encode(text)[:4097]
     block = fp32.config.block_size

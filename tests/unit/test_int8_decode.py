@@ -4,7 +4,8 @@ forced off ($SHIPYARD_DISABLE_KERNELS), and the engine's guarantees on the int8 
 Tolerances: the int8 GEMM quantizes activations per call to 7 bits (reduce_range) on top of the
 int8 weights, so a layer's output is within 3% (relative L2) of the same int8 weights in fp32;
 whole-model logits within 5% relative L2. "dequantized" equals per-call dequantization to fp32
-rounding (1e-5).
+rounding (1e-5); so does the native kernel up to its row limit (weight-only int8), past which
+it hands the rows to the int8 GEMM.
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import EngineOverloaded, GenerationError, ModelError
 from shipyard.generate import Engine, SamplingParams, generate
 from shipyard.generate.packed import PackedLinear, prepare_decoding
+from shipyard.kernels import native
 from shipyard.models.gpt import GPT, GPTConfig
 from shipyard.models.llama import Llama, LlamaConfig
 from shipyard.models.quantized import Int8Linear, int8_gemm_available
 
 TOK = Tokenizer.byte()
 needs_gemm = pytest.mark.skipif(not int8_gemm_available(), reason="no x86 int8 GEMM here")
+
+
+def expected_int8_kernel() -> str:
+    """What `prepare_decoding` picks for int8 layers on this machine."""
+    if native.load():
+        return "native"
+    return "int8-gemm" if int8_gemm_available() else "dequantized"
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +165,7 @@ def test_int8_decoding_logits_close_to_fp32(build: object) -> None:
         fp32 = model(idx)
         summary = prepare_decoding(model, "int8")
         int8 = model(idx)
-    assert "int8 linear(s): int8-gemm" in summary
+    assert f"int8 linear(s): {expected_int8_kernel()}" in summary
     assert any(isinstance(m, Int8Linear) for m in model.modules())
     assert rel_err(int8, fp32) < 0.05
     # the same int8 weights in fp32 ("fp32" decoding of an int8 model) are the closer reference
@@ -166,7 +175,7 @@ def test_int8_decoding_logits_close_to_fp32(build: object) -> None:
 
 
 def test_kernels_fall_back_when_forced_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SHIPYARD_DISABLE_KERNELS", "int8-gemm,onednn")
+    monkeypatch.setenv("SHIPYARD_DISABLE_KERNELS", "native,int8-gemm,onednn")
     model = tiny_llama()
     idx = torch.randint(0, TOK.vocab_size, (1, 9))
     reference = Llama(model.config).eval()
@@ -209,8 +218,7 @@ def test_engine_on_int8_keeps_cancellation_and_limits() -> None:
     with Engine(
         tiny_llama(), TOK, max_batch_size=1, max_queue=1, logits_hook=gate, weights="int8"
     ) as engine:
-        expected = "dequantized" if not int8_gemm_available() else "int8-gemm"
-        assert f"int8 linear(s): {expected}" in engine.kernels
+        assert f"int8 linear(s): {expected_int8_kernel()}" in engine.kernels
         a = engine.submit_sync("a", greedy, request_id="a")
         b = engine.submit_sync("b", SamplingParams(max_tokens=3, temperature=0, stop_on_eos=False))
         with pytest.raises(EngineOverloaded, match="full"):

@@ -1,4 +1,5 @@
-"""PackedLinear: oneDNN-prepacked inference for nn.Linear, against F.linear as the reference."""
+"""PackedLinear: prepacked inference for nn.Linear (the native kernel, and oneDNN where the
+native kernels are off), against F.linear as the reference."""
 
 from __future__ import annotations
 
@@ -10,9 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shipyard.generate.packed import PackedLinear, onednn_available, pack_linears
+from shipyard.generate.packed import (
+    NATIVE_MAX_ROWS,
+    PackedLinear,
+    onednn_available,
+    pack_linears,
+)
+from shipyard.kernels import native
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="PyTorch built without oneDNN")
+
+@pytest.fixture(autouse=True, params=["native", "onednn"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test runs on both packed kernels (the native one off: oneDNN takes over)."""
+    if request.param == "native" and not native.load():
+        pytest.skip(f"native kernels unavailable: {native.native_unavailable()}")
+    if request.param == "onednn":
+        if not onednn_available():
+            pytest.skip("PyTorch built without oneDNN")
+        monkeypatch.setenv(native.DISABLE_ENV, native.NATIVE_KERNEL)
+    return str(request.param)
 
 
 def _model() -> nn.Sequential:
@@ -89,3 +106,13 @@ def test_weights_made_under_inference_mode_still_pack() -> None:
     pack_linears(layer)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), want)
+
+
+def test_the_kernel_follows_what_loads_and_long_inputs_match_too(backend: str) -> None:
+    model = _model()
+    pack_linears(model)
+    assert model[0].native is (backend == "native")
+    x = torch.randn(NATIVE_MAX_ROWS + 5, 8)  # past the native kernel's rows: F.linear's turn
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, nn.Sequential(*_model())(x), rtol=1e-5, atol=1e-6)

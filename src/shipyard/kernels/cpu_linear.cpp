@@ -243,7 +243,8 @@ at::Tensor linear_f32(const at::Tensor &x, const at::Tensor &weight, const at::T
   const int64_t N = weight.size(0), K = weight.size(1);
   check_input(x, K, bias, N);
   TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
-                  packed.numel() == (N + BW - 1) / BW * BW * K,
+                  packed.dim() == 3 && packed.size(0) == (N + BW - 1) / BW &&
+                  packed.size(1) == K && packed.size(2) == BW,
               "shipyard linear_f32: the packed weight does not match the weight");
   const int64_t M = x.numel() / K;
   if (M > max_rows) return at::linear(x, weight, bias);

@@ -1,0 +1,251 @@
+"""shipyard's native CPU kernels (`shipyard.kernels`) against PyTorch's own ops as references.
+
+Tolerances: the kernels sum in another order than MKL / SDPA, so results agree to float32
+rounding (rtol 1e-5 with a small atol); the int8 kernel equals the dequantized weights in fp32
+to the same rounding. Where the kernels promise more (a row's result does not depend on the
+batch or the thread count) the test asks for bitwise equality.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shipyard.data.tokenization import Tokenizer
+from shipyard.generate import SamplingParams, generate
+from shipyard.kernels import native
+from shipyard.models.attention import attention
+from shipyard.models.gpt import GPT, GPTConfig
+from shipyard.models.llama import Llama, LlamaConfig
+from shipyard.models.quantized import _prepack_int8, int8_gemm_available, quantize_weight_int8
+
+pytestmark = pytest.mark.skipif(
+    not native.load(), reason=f"native kernels unavailable: {native.native_unavailable()}"
+)
+ops = torch.ops.shipyard
+TOK = Tokenizer.byte()
+
+
+@pytest.fixture(autouse=True)
+def _inference() -> Iterator[None]:
+    with torch.inference_mode():
+        yield
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 16, 40])
+@pytest.mark.parametrize(("out_features", "in_features"), [(37, 19), (64, 48), (16, 1)])
+def test_f32_linear_equals_f_linear(rows: int, out_features: int, in_features: int) -> None:
+    torch.manual_seed(rows)
+    w, b = torch.randn(out_features, in_features), torch.randn(out_features)
+    x = torch.randn(rows, in_features)
+    packed = native.pack_weight(w)
+    close(ops.linear_f32(x, w, packed, b, 32), F.linear(x, w, b))  # 40 rows: F.linear's
+    close(ops.linear_f32(x, w, packed, None, 64), F.linear(x, w))
+
+
+def test_f32_linear_takes_any_leading_shape_and_strides() -> None:
+    w, b = torch.randn(24, 32), torch.randn(24)
+    x = torch.randn(3, 32, 5).transpose(1, 2)  # (3, 5, 32), not contiguous
+    got = ops.linear_f32(x, w, native.pack_weight(w), b, 64)
+    assert got.shape == (3, 5, 24)
+    close(got, F.linear(x, w, b))
+
+
+def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads() -> None:
+    torch.manual_seed(0)
+    w, b = torch.randn(300, 256), torch.randn(300)
+    packed = native.pack_weight(w)
+    x = torch.randn(16, 256)
+    batch = ops.linear_f32(x, w, packed, b, 64)
+    for rows in (1, 3, 6, 7):
+        assert torch.equal(ops.linear_f32(x[:rows], w, packed, b, 64), batch[:rows])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.linear_f32(x, w, packed, b, 64)
+        torch.set_num_threads(2)
+        two = ops.linear_f32(x, w, packed, b, 64)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, batch) and torch.equal(two, batch)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 6, 9])
+def test_int8_linear_equals_the_dequantized_weights(rows: int) -> None:
+    torch.manual_seed(rows)
+    q, scale = quantize_weight_int8(torch.randn(50, 40))
+    b, x = torch.randn(50), torch.randn(rows, 40)
+    got = ops.linear_i8(x, native.pack_weight(q), scale, b, None, 4)  # no fallback: all native
+    close(got, F.linear(x, q.float() * scale[:, None], b))
+
+
+@pytest.mark.skipif(not int8_gemm_available(), reason="no x86 int8 GEMM here")
+def test_int8_linear_hands_many_rows_to_the_int8_gemm() -> None:
+    from shipyard.models.quantized import Int8Linear
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(40, 50)).eval()
+    fallback, packed = _prepack_int8(layer), native.pack_weight(layer.weight_int8)
+    for rows in (4, 5, 12):
+        x = torch.randn(rows, 40)
+        got = ops.linear_i8(x, packed, layer.weight_scale, layer.bias, fallback, 4)
+        if rows <= 4:  # weight-only: the dequantized weights' numbers
+            close(got, F.linear(x, layer.dequantized_weight(), layer.bias))
+        else:  # the int8 GEMM's (activations quantized too), exactly
+            assert torch.equal(got, torch.ops.quantized.linear_dynamic(x, fallback, True))
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    w = torch.randn(8, 4)
+    packed = native.pack_weight(w)
+    with pytest.raises(RuntimeError, match="float32 CPU tensor"):
+        ops.linear_f32(torch.randn(2, 4, dtype=torch.float64), w, packed, None, 8)
+    with pytest.raises(RuntimeError, match="has 5 features, the weight 4"):
+        ops.linear_f32(torch.randn(2, 5), w, packed, None, 8)
+    with pytest.raises(RuntimeError, match="packed weight does not match"):
+        ops.linear_f32(torch.randn(2, 4), torch.randn(40, 4), packed, None, 8)
+    with pytest.raises(RuntimeError, match="float32 or int8"):
+        native.pack_weight(torch.randn(3, 3, dtype=torch.float64))
+
+
+def decode_case(
+    B: int, H: int, G: int, S: int, hs: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, 1, hs) not contiguous; k, v views of a larger cache; a mask with left padding,
+    a spare tail and a sliding window on the last row."""
+    torch.manual_seed(B * 100 + S)
+    storage = torch.randn(2, B, G, S + 8, hs)
+    k, v = storage[0, :, :, :S], storage[1, :, :, :S]
+    q = torch.randn(B, 1, H, hs).transpose(1, 2)
+    slots = torch.arange(S)
+    start = torch.arange(B) % 3
+    mask = (slots[None, :] >= start[:, None]) & (slots[None, :] < S - 2)
+    mask[-1] &= slots > S - 6  # a window of 3 slots
+    return q, k, v, mask[:, None, None, :]
+
+
+@pytest.mark.parametrize(("B", "H", "G", "S"), [(1, 4, 4, 9), (5, 6, 2, 33), (3, 8, 1, 17)])
+def test_decode_attention_equals_sdpa(B: int, H: int, G: int, S: int) -> None:
+    q, k, v, mask = decode_case(B, H, G, S)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = ops.decode_attention(q, k, v, mask, q.size(-1) ** -0.5)
+    close(got, want)
+    close(attention(q, k, v, mask), want)  # the models' entry point takes the native kernel
+    alone = ops.decode_attention(q[1:2], k[1:2], v[1:2], mask[1:2], q.size(-1) ** -0.5)
+    assert torch.equal(alone, got[1:2])  # a row's result does not depend on its batch
+    no_mask = ops.decode_attention(q, k, v, None, 0.25)
+    close(no_mask, F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True))
+
+
+def test_decode_attention_over_no_allowed_slot_is_nan_and_bad_shapes_raise() -> None:
+    q, k, v, mask = decode_case(2, 2, 2, 5)
+    mask = mask.clone()
+    mask[0] = False
+    out = ops.decode_attention(q, k, v, mask, 1.0)
+    assert out[0].isnan().all() and not out[1].isnan().any()
+    with pytest.raises(RuntimeError, match=r"mask must be bool"):
+        ops.decode_attention(q, k, v, mask.float(), 1.0)
+    with pytest.raises(RuntimeError, match=r"shapes do not match"):
+        ops.decode_attention(q, k[:, :1].expand(2, 3, 5, 16), v, None, 1.0)
+
+
+def test_attention_keeps_sdpa_for_training_and_prefill() -> None:
+    q, k, v, mask = decode_case(2, 4, 2, 6)
+    with torch.inference_mode(False), torch.enable_grad():
+        qg = q.detach().clone().requires_grad_()
+        out = attention(qg, k.clone(), v.clone(), mask.clone())
+        assert out.grad_fn is not None  # autograd: SDPA, differentiable
+        out.sum().backward()
+        assert qg.grad is not None
+    prefill_q = torch.randn(2, 4, 3, 16)
+    close(
+        attention(prefill_q, k, v, None, is_causal=False),
+        F.scaled_dot_product_attention(prefill_q, k, v, enable_gqa=True),
+    )
+
+
+def peaked_gpt() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=96), TOK.vocab_size)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(8.0)  # a clear greedy choice, as in a trained model
+    return model.eval()
+
+
+def small_llama() -> Llama:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=TOK.vocab_size,
+    )
+    return Llama(config).eval()
+
+
+@pytest.mark.parametrize("build", [peaked_gpt, small_llama])
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_generation_with_and_without_native_kernels_agrees(
+    build: object, weights: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert callable(build)
+    params = SamplingParams(max_tokens=24, temperature=0, stop_on_eos=False, logprobs=True)
+    with torch.inference_mode(False):
+        fast = generate(build(), TOK, "def main():", params, weights=weights)
+        monkeypatch.setenv(native.DISABLE_ENV, native.NATIVE_KERNEL)
+        slow = generate(build(), TOK, "def main():", params, weights=weights)
+    if weights == "fp32":
+        assert fast.token_ids == slow.token_ids
+        assert fast.logprobs is not None and slow.logprobs is not None
+        gap = max(
+            abs(a.logprob - b.logprob) for a, b in zip(fast.logprobs, slow.logprobs, strict=True)
+        )
+        assert gap < 1e-4
+    else:  # weight-only int8 against the int8 GEMM's quantized activations: close, not equal
+        agree = sum(a == b for a, b in zip(fast.token_ids, slow.token_ids, strict=True))
+        assert agree >= 0.75 * len(fast.token_ids), (fast.token_ids, slow.token_ids)
+
+
+def run_load(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "from shipyard.kernels import native; print('loaded', native.load())\n"
+        "print('unavailable:', native.native_unavailable())"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+def test_a_failed_build_falls_back_and_leaves_no_library(tmp_path: Path) -> None:
+    cache = tmp_path / "kernels"
+    done = run_load({"SHIPYARD_KERNEL_CACHE": str(cache), "CXX": "false"})
+    assert done.returncode == 0, done.stderr
+    assert "loaded False" in done.stdout
+    assert "native CPU kernels off: RuntimeError: false exited 1" in done.stdout
+    assert not list(cache.glob("*.so"))  # the failed build left nothing to load next time
+
+
+def test_disabled_kernels_do_not_load_and_a_cached_build_is_reused() -> None:
+    off = run_load({native.DISABLE_ENV: "native"})
+    assert "loaded False" in off.stdout and "disabled by $SHIPYARD_DISABLE_KERNELS" in off.stdout
+    again = run_load({})  # this process built (or found) the library: no second build
+    assert "loaded True" in again.stdout and "building" not in again.stdout + again.stderr
