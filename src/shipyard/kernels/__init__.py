@@ -13,6 +13,7 @@ from shipyard.kernels.native import (
     cpu_flags,
     kernel_disabled,
     load,
+    loaded,
     native_unavailable,
     pack_weight,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "cpu_flags",
     "kernel_disabled",
     "load",
+    "loaded",
     "native_unavailable",
     "pack_weight",
 ]

@@ -325,6 +325,10 @@ inline float dot(const float *a, const float *b, int64_t D) {
   return s;
 }
 
+inline void prefetch_row(const float *p, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char *>(p + d), _MM_HINT_T0);
+}
+
 inline void axpy(float a, const float *x, float *y, int64_t D) {
   const __m256 av = _mm256_set1_ps(a);
   int64_t d = 0;
@@ -377,6 +381,10 @@ at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::
       float best = -std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s < S; s++) {
         if (mr != nullptr && !mr[s * m_s]) continue;
+        // the cache is cold (every layer's keys and values of every row): ask for the keys a
+        // few slots ahead, and for this slot's values, read in the second pass
+        prefetch_row(kr + (s + 12) * k.stride(2), D);
+        prefetch_row(vr + s * v.stride(2), D);
         const float x = dot(qr, kr + s * k.stride(2), D) * sc;
         scores[s] = x;
         if (x > best) best = x;

@@ -201,6 +201,12 @@ def load() -> bool:
     return ok
 
 
+def loaded() -> bool:
+    """True when the kernels are loaded already (never builds: for hot paths that should use
+    them only once generation has asked for them, see `load`)."""
+    return bool(_LOADED) and _LOADED[0] and not kernel_disabled(NATIVE_KERNEL)
+
+
 def _self_test() -> bool:
     """Both operators agree with `F.linear` on a small odd-sized product (1 and 7 rows)."""
     gen = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 
 GPT and the Llama family call `attention` rather than `F.scaled_dot_product_attention`: it
 handles grouped-query attention (fewer key/value heads than query heads) and sends a decode
-step to shipyard's native kernel where it loaded (`shipyard.kernels`).
+step to shipyard's native kernel where generation loaded it (`shipyard.kernels`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def attention(
     (grouped-query attention: query head h reads key/value head h // (H / G)); (B, H, T, hs).
 
     A decode step (one new token, float32 on CPU, no autograd or dropout, a boolean mask or
-    none) runs shipyard's native kernel where it loaded (`shipyard.kernels`): it reads only the
-    allowed slots' keys and values (not a batch's left padding or a cache's spare slots),
-    ~1.5x faster than SDPA's CPU kernel at 16 rows; the same numbers up to float32 rounding.
+    none) runs shipyard's native kernel once generation has loaded it (`shipyard.kernels`,
+    `prepare_decoding`): it reads only the allowed slots' keys and values (not a batch's left
+    padding or a cache's spare slots), ~1.5x faster than SDPA's CPU kernel at 16 rows; the
+    same numbers up to float32 rounding.
     """
     if q.size(2) == 1 and not is_causal and dropout_p == 0.0 and _native_decode(q, k, v, attn_mask):
         return torch.ops.shipyard.decode_attention(q, k, v, attn_mask, q.size(-1) ** -0.5)
@@ -68,4 +69,4 @@ def _native_decode(
         mask.dtype != torch.bool or mask.dim() != 4 or mask.size(1) != 1 or mask.size(2) != 1
     ):
         return False
-    return native_kernels.load()
+    return native_kernels.loaded()  # loaded by `prepare_decoding`: never a build from here
