@@ -337,6 +337,106 @@ inline void axpy(float a, const float *x, float *y, int64_t D) {
   for (; d < D; d++) y[d] += a * x[d];
 }
 
+// exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes'
+// coefficients), times 2^n; about 1 ulp, 0 below -87.3 (the softmax's far tail).
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+// One (row, head) with D = 8 * NV: the allowed slots `slot[0..n)`, four keys at a time (four
+// independent sums), then the softmax weights 8 at a time, then the values into NV registers.
+template <int NV>
+void attend(const float *q, const float *k, int64_t ks, const float *v, int64_t vs,
+            const int64_t *slot, int64_t n, float scale, float *w, float *out) {
+  __m256 qv[NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; j++) qv[j] = _mm256_loadu_ps(q + 8 * j);
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float *k0 = k + slot[i] * ks, *k1 = k + slot[i + 1] * ks;
+    const float *k2 = k + slot[i + 2] * ks, *k3 = k + slot[i + 3] * ks;
+    if (i + 8 < n) {
+      prefetch_row(k + slot[i + 8] * ks, 8 * NV);
+      prefetch_row(k + slot[i + 9] * ks, 8 * NV);
+      prefetch_row(k + slot[i + 10] * ks, 8 * NV);
+      prefetch_row(k + slot[i + 11] * ks, 8 * NV);
+    }
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; j++) {
+      a0 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(k0 + 8 * j), a0);
+      a1 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(k1 + 8 * j), a1);
+      a2 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(k2 + 8 * j), a2);
+      a3 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(k3 + 8 * j), a3);
+    }
+    w[i] = hsum8(a0) * scale;
+    w[i + 1] = hsum8(a1) * scale;
+    w[i + 2] = hsum8(a2) * scale;
+    w[i + 3] = hsum8(a3) * scale;
+    for (int t = 0; t < 4; t++) best = w[i + t] > best ? w[i + t] : best;
+  }
+  for (; i < n; i++) {
+    const float *kr = k + slot[i] * ks;
+    __m256 a = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; j++) a = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kr + 8 * j), a);
+    w[i] = hsum8(a) * scale;
+    best = w[i] > best ? w[i] : best;
+  }
+  if (n == 0 || best == -std::numeric_limits<float>::infinity()) {
+    for (int64_t d = 0; d < 8 * NV; d++) out[d] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  const __m256 bv = _mm256_set1_ps(best);
+  i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(w + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(w + i), bv)));
+  if (i < n) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t t = i; t < n; t++) tail[t - i] = w[t];
+    _mm256_store_ps(tail, exp8(_mm256_sub_ps(_mm256_load_ps(tail), bv)));
+    for (int64_t t = i; t < n; t++) w[t] = tail[t - i];
+  }
+  float total = 0.f;
+  for (int64_t t = 0; t < n; t++) total += w[t];
+  __m256 acc[NV];
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; j++) acc[j] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; t++) {
+    const float *vr = v + slot[t] * vs;
+    if (t + 4 < n) prefetch_row(v + slot[t + 4] * vs, 8 * NV);
+    const __m256 p = _mm256_set1_ps(w[t]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / total);
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; j++) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(acc[j], inv));
+}
+
 at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                             const c10::optional<at::Tensor> &mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
@@ -371,6 +471,7 @@ at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::
   const int64_t grain = S * D >= 4096 ? 1 : 4096 / (S * D + 1) + 1;
   at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(static_cast<size_t>(S));
+    std::vector<int64_t> slots(static_cast<size_t>(S));
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / H, h = i % H, g = h / group;
       const float *qr = qp + b * q.stride(0) + h * q.stride(1);
@@ -378,6 +479,19 @@ at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::
       const float *vr = vp + b * v.stride(0) + g * v.stride(1);
       const bool *mr = mp != nullptr ? mp + b * m_b : nullptr;
       float *out = yp + i * D;
+      if (D == 16 || D == 32 || D == 64 || D == 128) {
+        int64_t n = 0;
+        for (int64_t s = 0; s < S; s++)
+          if (mr == nullptr || mr[s * m_s]) slots[n++] = s;
+        const int64_t ks = k.stride(2), vs = v.stride(2);
+        switch (D) {
+          case 16: attend<2>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
+          case 32: attend<4>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
+          case 64: attend<8>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
+          default: attend<16>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
+        }
+        continue;
+      }
       float best = -std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s < S; s++) {
         if (mr != nullptr && !mr[s * m_s]) continue;
