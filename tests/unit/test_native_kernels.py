@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from shipyard.data.tokenization import Tokenizer
 from shipyard.generate import SamplingParams, generate
 from shipyard.kernels import native
-from shipyard.models.attention import attention
+from shipyard.models.attention import attention, gelu_tanh
 from shipyard.models.gpt import GPT, GPTConfig
 from shipyard.models.llama import Llama, LlamaConfig
 from shipyard.models.quantized import _prepack_int8, int8_gemm_available, quantize_weight_int8
@@ -135,9 +135,12 @@ def decode_case(
     return q, k, v, mask[:, None, None, :]
 
 
-@pytest.mark.parametrize(("B", "H", "G", "S"), [(1, 4, 4, 9), (5, 6, 2, 33), (3, 8, 1, 17)])
-def test_decode_attention_equals_sdpa(B: int, H: int, G: int, S: int) -> None:
-    q, k, v, mask = decode_case(B, H, G, S)
+@pytest.mark.parametrize(
+    ("B", "H", "G", "S", "hs"),
+    [(1, 4, 4, 9, 16), (5, 6, 2, 33, 64), (3, 8, 1, 17, 32), (2, 2, 1, 11, 12)],  # 12: scalar
+)
+def test_decode_attention_equals_sdpa(B: int, H: int, G: int, S: int, hs: int) -> None:
+    q, k, v, mask = decode_case(B, H, G, S, hs)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     got = ops.decode_attention(q, k, v, mask, q.size(-1) ** -0.5)
     close(got, want)
@@ -158,6 +161,21 @@ def test_decode_attention_over_no_allowed_slot_is_nan_and_bad_shapes_raise() -> 
         ops.decode_attention(q, k, v, mask.float(), 1.0)
     with pytest.raises(RuntimeError, match=r"shapes do not match"):
         ops.decode_attention(q, k[:, :1].expand(2, 3, 5, 16), v, None, 1.0)
+
+
+def test_gelu_tanh_equals_pytorchs() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 37) * 4
+    x[0, 0, :6] = torch.tensor([0.0, 1e-30, -60.0, 60.0, 300.0, -300.0])  # tails: 0 and x
+    want = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(ops.gelu_tanh(x), want, rtol=1e-6, atol=1e-6)
+    odd = x.transpose(0, 2)  # not contiguous
+    torch.testing.assert_close(ops.gelu_tanh(odd), want.transpose(0, 2), rtol=1e-6, atol=1e-6)
+    assert gelu_tanh(x, torch.nn.GELU(approximate="tanh")).shape == x.shape
+    with torch.inference_mode(False), torch.enable_grad():
+        xg = x.clone().requires_grad_()
+        gelu_tanh(xg, torch.nn.GELU(approximate="tanh")).sum().backward()  # autograd: PyTorch's
+        assert xg.grad is not None
 
 
 def test_attention_keeps_sdpa_for_training_and_prefill() -> None:

@@ -437,6 +437,34 @@ void attend(const float *q, const float *k, int64_t ks, const float *v, int64_t 
   for (int j = 0; j < NV; j++) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(acc[j], inv));
 }
 
+// GELU, tanh approximation (GPT-2's): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+// computed as x * sigmoid(2u) = x / (1 + exp(-2u)); within a few ulp of PyTorch's.
+at::Tensor gelu_tanh(const at::Tensor &x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "shipyard gelu_tanh: a float32 CPU tensor");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const float *xp = xc.data_ptr<float>();
+  float *yp = y.data_ptr<float>();
+  const int64_t n = xc.numel();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
+    const __m256 c = _mm256_set1_ps(2.f * 0.7978845608028654f);
+    const __m256 c3 = _mm256_set1_ps(0.044715f), one = _mm256_set1_ps(1.f);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xp + i);
+      const __m256 u2 = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(c3, v), _mm256_mul_ps(v, v), v));
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), u2));  // exp(-2u)
+      _mm256_storeu_ps(yp + i, _mm256_div_ps(v, _mm256_add_ps(one, e)));
+    }
+    for (; i < i1; i++) {
+      const float v = xp[i];
+      yp[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    }
+  });
+  return y;
+}
+
 at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                             const c10::optional<at::Tensor> &mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
@@ -526,6 +554,7 @@ at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::
 
 TORCH_LIBRARY(shipyard, m) {
   m.def("pack_weight(Tensor weight) -> Tensor");
+  m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor weight, Tensor packed, Tensor? bias, int max_rows) -> Tensor");
   m.def(
@@ -535,6 +564,7 @@ TORCH_LIBRARY(shipyard, m) {
 
 TORCH_LIBRARY_IMPL(shipyard, CPU, m) {
   m.impl("pack_weight", pack_weight);
+  m.impl("gelu_tanh", gelu_tanh);
   m.impl("decode_attention", decode_attention);
   m.impl("linear_f32", linear_f32);
   m.impl("linear_i8", torch::CppFunction::makeFromBoxedFunction<&linear_i8_boxed>());

