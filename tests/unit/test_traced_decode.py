@@ -20,10 +20,12 @@ from shipyard.data.tokenization import Tokenizer
 from shipyard.generate import Engine, GenerationResult, SamplingParams, generate
 from shipyard.generate import cache as cache_module
 from shipyard.generate.cache import BatchKVCache
+from shipyard.generate.packed import prepare_decoding
 from shipyard.generate.traced import (
     TRACE_AFTER_TOKENS,
     TRACED_KERNEL,
     has_traced_step,
+    traced_prefill,
     traced_step,
     traced_step_unsupported,
 )
@@ -141,7 +143,8 @@ def test_trace_is_reused_and_rebuilt_when_weights_change(
         generate(model, TOK, "xyz", long, weights="fp32")  # reused
     assert has_traced_step(model)
     traced_lines = [r.getMessage() for r in caplog.records if "traced GPT" in r.getMessage()]
-    assert len(traced_lines) == 1  # traced once
+    kinds = sorted(line.split(":")[0] for line in traced_lines)
+    assert kinds == ["decode step", "prefill step"]  # each traced once
     first = traced_step(model)
     assert first is not None
     assert traced_step(model) is first  # nothing changed: no new trace
@@ -320,3 +323,32 @@ def test_the_engine_decodes_eagerly_when_tracing_fails(caplog: pytest.LogCapture
     assert engine.step_kind == "eager"
     assert any("TypeError" in r.getMessage() for r in caplog.records)
     assert result.token_ids == generate(reference, TOK, "def f(x):", GREEDY).token_ids
+
+
+@pytest.mark.parametrize(
+    "build",
+    [tiny_gpt, tiny_llama, lambda: tiny_llama(model_type="mistral", sliding_window=6)],
+    ids=["gpt", "llama", "mistral-window"],
+)
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_traced_prefill_equals_the_eager_forward(build: object, weights: str) -> None:
+    """A prompt in two chunks, then a decode step: logits within float32 rounding of the eager
+    forward and the same cached keys/values (a window shorter than the prompt, too)."""
+    assert callable(build)
+    model = build()
+    prepare_decoding(model, weights)
+    prefill, step = traced_prefill(model), traced_step(model)
+    assert prefill is not None and step is not None
+    eager, traced = BatchKVCache(model.n_layer), BatchKVCache(model.n_layer)
+    start = torch.zeros(1, dtype=torch.long)
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        for chunk in (torch.randint(0, 256, (1, 11)), torch.randint(0, 256, (1, 5))):
+            want = model(chunk, kv_cache=eager)[:, -1]
+            torch.testing.assert_close(prefill(chunk, traced, start), want, rtol=1e-5, atol=1e-5)
+        token = torch.randint(0, 256, (1, 1))
+        want = model(token, kv_cache=eager)[:, -1]
+        torch.testing.assert_close(step(token, traced, start), want, rtol=1e-5, atol=1e-5)
+    assert traced.seq_len == eager.seq_len == 17
+    for got, ref in zip(traced.storage, eager.storage, strict=True):
+        torch.testing.assert_close(got[:, :, :, :17], ref[:, :, :, :17], rtol=1e-5, atol=1e-5)

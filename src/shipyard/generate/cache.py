@@ -125,6 +125,25 @@ class BatchKVCache(KVCache):
         self._len[layer] = n + T
         return kbuf[:, :, : n + T], vbuf[:, :, : n + T]
 
+    def allocate(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_size: int,
+        needed: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Give an empty cache its storage for `batch` rows and `needed` slots, all zero (what a
+        traced prefill writes into)."""
+        if self._k is not None:
+            raise ModelError("allocate needs an empty cache")
+        shape = (self.n_layer, batch, kv_heads, _capacity(needed), head_size)
+        self._k = torch.zeros(shape, dtype=dtype, device=device)
+        self._v = torch.zeros(shape, dtype=dtype, device=device)
+        self._tail_zero = True
+
     def reserve(self, needed: int) -> None:
         """Make room for `needed` slots per row, every slot past the length zero (a step that
         attends the whole capacity, masked, must not meet NaNs in uninitialised memory)."""

@@ -57,7 +57,12 @@ from shipyard.generate.sequence import (
     new_request_id,
 )
 from shipyard.generate.single import autocast_context, encode_prompt, model_device
-from shipyard.generate.traced import TracedStep, traced_step, traced_step_unsupported
+from shipyard.generate.traced import (
+    TracedStep,
+    traced_prefill,
+    traced_step,
+    traced_step_unsupported,
+)
 from shipyard.models.protocol import (
     DecodingModel,
     RecurrentLanguageModel,
@@ -333,6 +338,7 @@ class Engine:
             else "a recurrent model"
         )
         self._step: TracedStep | None = None
+        self._prefill_step: TracedStep | None = None  # prompts (chunks) of two or more tokens
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -506,6 +512,8 @@ class Engine:
     def _trace_and_run(self) -> None:
         if not self._eager_why and is_language_model(self.model):
             self._step = traced_step(self.model)  # None (logged) where tracing fails
+            if self._step is not None:
+                self._prefill_step = traced_prefill(self.model)
         if self._step is not None:
             self.step_kind = "traced"
             log.info("generation engine: traced decode step (%.2f s)", self._step.trace_s)
@@ -604,7 +612,12 @@ class Engine:
             chunk = state.prompt_ids[req.prefilled : req.prefilled + n]
             x = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, n)
             assert req.cache is not None
-            logits = forward_cached(self.model, x, req.cache)[:, -1].float()  # (1, V)
+            if self._prefill_step is not None and n > 1:
+                assert isinstance(req.cache, BatchKVCache)
+                start = torch.zeros(1, dtype=torch.long, device=self.device)
+                logits = self._prefill_step(x, req.cache, start).float()  # (1, V)
+            else:
+                logits = forward_cached(self.model, x, req.cache)[:, -1].float()  # (1, V)
             req.prefilled += n
             budget -= n
             with self._lock:

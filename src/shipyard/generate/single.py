@@ -25,6 +25,7 @@ from shipyard.generate.sequence import (
 from shipyard.generate.traced import (
     TracedStep,
     trace_pays,
+    traced_prefill,
     traced_step,
     traced_step_unsupported,
 )
@@ -114,7 +115,7 @@ def stream(
     if is_language_model(model) and not traced_step_unsupported(model, autocast_dtype):
         step = traced_step(model) if trace_pays(model, params.max_tokens) else None
         if step is not None:
-            return _decode_traced(model, state, device, step)
+            return _decode_traced(model, state, device, step, traced_prefill(model))
     return _decode(model, state, device, autocast_dtype)
 
 
@@ -155,16 +156,24 @@ def _decode(
 
 
 def _decode_traced(
-    model: LanguageModel, state: SequenceState, device: torch.device, step: TracedStep
+    model: LanguageModel,
+    state: SequenceState,
+    device: torch.device,
+    step: TracedStep,
+    prefill: TracedStep | None,
 ) -> Iterator[TokenEvent]:
-    """`_decode` with the prompt prefilled eagerly and every later token through `step`."""
+    """`_decode` with the prompt prefilled through `prefill` (eagerly without one, or for a
+    one-token prompt) and every later token through `step`."""
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
         batch, history = _sampling(state, V, device)
         cache = BatchKVCache(model.n_layer)
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
-        logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
         start = torch.zeros(1, dtype=torch.long, device=device)  # no left padding
+        if prefill is not None and x.size(1) > 1:
+            logits = prefill(x, cache, start).float()  # (1, V)
+        else:
+            logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
     while True:
         with torch.inference_mode():
             tokens, logprobs = choose_tokens(
