@@ -344,7 +344,7 @@ def test_traced_prefill_equals_the_eager_forward(build: object, weights: str) ->
     torch.manual_seed(3)
     with torch.inference_mode():
         for chunk in (torch.randint(0, 256, (1, 11)), torch.randint(0, 256, (1, 5))):
-            want = model(chunk, kv_cache=eager)[:, -1]
+            want = model(chunk, kv_cache=eager, last_only=True)[:, -1]
             torch.testing.assert_close(prefill(chunk, traced, start), want, rtol=1e-5, atol=1e-5)
         token = torch.randint(0, 256, (1, 1))
         want = model(token, kv_cache=eager)[:, -1]
@@ -352,3 +352,15 @@ def test_traced_prefill_equals_the_eager_forward(build: object, weights: str) ->
     assert traced.seq_len == eager.seq_len == 17
     for got, ref in zip(traced.storage, eager.storage, strict=True):
         torch.testing.assert_close(got[:, :, :, :17], ref[:, :, :, :17], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [tiny_gpt, tiny_llama], ids=["gpt", "llama"])
+def test_last_only_logits_are_the_last_positions(build: object) -> None:
+    assert callable(build)
+    model = build()
+    idx = torch.randint(0, 256, (2, 7))
+    with torch.inference_mode():
+        full = model(idx, kv_cache=BatchKVCache(model.n_layer))
+        last = model(idx, kv_cache=BatchKVCache(model.n_layer), last_only=True)
+    assert last.shape == (2, 1, full.size(-1))
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)

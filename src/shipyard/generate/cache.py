@@ -229,13 +229,23 @@ def forward_cached(
     cache: DecodeCache,
     positions: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    *,
+    last_only: bool = False,
 ) -> torch.Tensor:
-    """Logits (B, T, V) of `idx` continuing `cache` (which the call extends). positions and
-    attention_mask: a KV cache's left padding; a recurrent state has none and ignores them."""
+    """Logits (B, T, V) of `idx` continuing `cache` (which the call extends); (B, 1, V) of the
+    last position with `last_only` (a recurrent model's (B, T, V) is cheap: sliced). positions
+    and attention_mask: a KV cache's left padding; a recurrent state has none and ignores them."""
     if isinstance(model, RecurrentLanguageModel):
         if not isinstance(cache, RecurrentState):
             raise ModelError(f"a recurrent model decodes with its own state, not {cache!r}")
-        return model(idx, kv_cache=cache)
+        logits = model(idx, kv_cache=cache)
+        return logits[:, -1:] if last_only else logits
     if not isinstance(cache, KVCache):
         raise ModelError(f"a KV-cache language model cannot decode with {cache!r}")
-    return model(idx, kv_cache=cache, positions=positions, attention_mask=attention_mask)
+    return model(
+        idx,
+        kv_cache=cache,
+        positions=positions,
+        attention_mask=attention_mask,
+        last_only=last_only,
+    )

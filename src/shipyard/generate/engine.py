@@ -617,7 +617,7 @@ class Engine:
                 start = torch.zeros(1, dtype=torch.long, device=self.device)
                 logits = self._prefill_step(x, req.cache, start).float()  # (1, V)
             else:
-                logits = forward_cached(self.model, x, req.cache)[:, -1].float()  # (1, V)
+                logits = forward_cached(self.model, x, req.cache, last_only=True)[:, -1].float()
             req.prefilled += n
             budget -= n
             with self._lock:

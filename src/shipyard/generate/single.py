@@ -144,7 +144,7 @@ def _decode(
     while True:
         # inference_mode only around the work: a generator must not leak it into its caller.
         with torch.inference_mode(), autocast_context(device, autocast_dtype):
-            logits = forward_cached(model, x, cache)[:, -1].float()  # (1, V)
+            logits = forward_cached(model, x, cache, last_only=True)[:, -1].float()  # (1, V)
             tokens, logprobs = choose_tokens(
                 logits, batch, history, [state.generator], [params.top_logprobs]
             )
@@ -173,7 +173,7 @@ def _decode_traced(
         if prefill is not None and x.size(1) > 1:
             logits = prefill(x, cache, start).float()  # (1, V)
         else:
-            logits = model(x, kv_cache=cache)[:, -1].float()  # (1, V)
+            logits = model(x, kv_cache=cache, last_only=True)[:, -1].float()  # (1, V)
     while True:
         with torch.inference_mode():
             tokens, logprobs = choose_tokens(

@@ -118,7 +118,7 @@ class _Step(nn.Module):
     ) -> torch.Tensor:
         cache = StaticKVCache(keys, values, position, start)
         positions = position[None, :] - start[:, None]  # (B, T)
-        return self.model(idx, kv_cache=cache, positions=positions)[:, -1]  # (B, V)
+        return self.model(idx, kv_cache=cache, positions=positions, last_only=True)[:, -1]
 
 
 def traced_step_unsupported(model: LanguageModel, autocast_dtype: torch.dtype | None) -> str:

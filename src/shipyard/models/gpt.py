@@ -221,6 +221,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Return next-token logits (B, T, vocab_size) for token ids `idx` (B, T).
 
@@ -232,6 +233,7 @@ class GPT(nn.Module):
         segments: (B, T) ids of packed rows (several examples per row): each run of equal ids
             attends only to itself and its positions restart at 0, so every example gets the
             logits it would get alone. Not with kv_cache or attention_mask.
+        last_only: logits of the last position only, (B, 1, V) (a prefill's next token).
         """
         if idx.dim() != 2:
             raise ModelError(f"gpt expects token ids of shape (B, T), got {tuple(idx.shape)}")
@@ -287,6 +289,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, attn_mask=attn_mask, is_causal=is_causal, kv_cache=kv_cache)  # (B, T, C)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): a prefill needs only the next token's logits
         x = self.transformer.ln_f(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab_size)
 

@@ -595,6 +595,7 @@ class Llama(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Return next-token logits (B, T, vocab_size) for token ids `idx` (B, T).
 
@@ -609,6 +610,7 @@ class Llama(nn.Module):
             attends only to itself (within the sliding window, if any) and its RoPE positions
             restart at 0, so every example gets the logits it would get alone. Not with
             kv_cache or attention_mask.
+        last_only: logits of the last position only, (B, 1, V) (a prefill's next token).
         """
         if idx.dim() != 2:
             raise ModelError(f"llama expects token ids of shape (B, T), got {tuple(idx.shape)}")
@@ -648,6 +650,8 @@ class Llama(nn.Module):
                 masks[window] = mask_of(T, past, attention_mask, window, idx.device)
             mask, is_causal = masks[window]
             x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, kv_cache=kv_cache)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): a prefill needs only the next token's logits
         x = self.model.norm(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab_size)
 

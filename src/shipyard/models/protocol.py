@@ -195,6 +195,7 @@ class LanguageModel(Protocol):
         kv_cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor: ...
 
 
