@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import typer
 import yaml
 from tests.conftest import EXAMPLES, ROOT
+
+from shipyard.cli import VERBS, app, verbs_needed
 
 
 def shipyard(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,6 +31,38 @@ def test_version_and_help() -> None:
     helped = shipyard("--help")
     assert helped.returncode == 0
     assert "config" in helped.stdout and "Examples" in helped.stdout
+
+
+def test_a_command_line_builds_only_the_verb_it_names() -> None:
+    assert verbs_needed(["train", "examples/digits-mlp.yaml"]) == ["train"]
+    assert verbs_needed(["--debug", "models", "list"]) == ["models"]
+    assert verbs_needed(["--version"]) == []
+    assert verbs_needed(["--help"]) is None
+    assert verbs_needed([]) is None
+    assert verbs_needed(["trian"]) is None  # click's "did you mean" needs every name
+    # the full app has every verb and only those (a verb outside VERBS could not be run alone)
+    assert sorted(typer.main.get_group(app).commands) == sorted(VERBS)
+
+
+def test_one_verb_does_not_import_the_others() -> None:
+    code = (
+        "import sys\n"
+        "from shipyard.cli import build_app, verbs_needed\n"
+        "build_app(verbs_needed(['--debug', 'models', 'list']))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('shipyard.cli.', 'shipyard.serve'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['shipyard.cli.models_cmd',", "'shipyard.cli.tables']"]
+
+
+def test_root_flags_and_a_misspelt_verb() -> None:
+    out = shipyard("--debug", "models", "--help")
+    assert out.returncode == 0 and "register" in out.stdout
+    out = shipyard("trian")
+    assert out.returncode == 2 and "Did you mean 'train'?" in out.stderr
 
 
 def test_validate_all_examples() -> None:

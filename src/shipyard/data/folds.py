@@ -10,7 +10,6 @@ seeded shuffle); with labels too, scikit-learn's StratifiedGroupKFold balances c
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
 from shipyard.errors import DataError
 
@@ -24,6 +23,10 @@ def fold_ids(
     groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n,) int64 fold of each row; `labels` (class ids) stratify, `groups` keep rows together."""
+    # Imported here, not at the top: scikit-learn (with SciPy) takes ~1.5 s to import, and every
+    # process that imports shipyard.data (each torchrun worker, each CLI verb) would pay it.
+    from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
+
     if k < 2:
         raise DataError(f"cross-validation needs at least 2 folds, got {k}")
     if n < k:
