@@ -247,6 +247,10 @@ def _traced(
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(_Step(model).eval(), example, check_trace=False)
             frozen = torch.jit.freeze(traced.eval())
+            # TorchScript's executor profiles the first call and optimizes on the second
+            # (~0.2 s together on the benchmark GPT): pay that here, not in the first request
+            for _ in range(2):
+                frozen(*example)
     except Exception as e:  # an optimisation: whatever fails decodes eagerly
         # a PyTorch without TorchScript, an op the tracer refuses, a model check at trace time
         kind = "decode" if tokens == 1 else "prefill"
