@@ -535,6 +535,7 @@ class Engine:
                     self._apply_cancels(cancels)
                     self._admit()
                     self._prefill()
+                    self._flush()  # first tokens go out now, not after the decode step
                     self._decode()
             except Exception as error:  # the model failed: fail every request in flight
                 for req in [*self._prefilling, *self._running]:
