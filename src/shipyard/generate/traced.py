@@ -165,6 +165,22 @@ class TracedStep:
         return logits
 
 
+def _warm_up(frozen: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) -> None:
+    """Make the frozen step's executor now, on the example: the legacy one (no profiling).
+
+    TorchScript's default (profiling) executor profiles the first call, optimizes for the
+    sizes it saw and re-specializes when they change, falling back to a slower graph after a
+    few changes; a decode step's sizes change all the time (rows join and leave, the cache
+    grows), and on the benchmark GPT that cost ~0.2 s up front and then 2-7 ms per request.
+    The executor is chosen when a graph first runs, so the switch is flipped for that call only.
+    """
+    previous = torch._C._jit_set_profiling_executor(False)
+    try:
+        frozen(*example)
+    finally:
+        torch._C._jit_set_profiling_executor(previous)
+
+
 def _kv_shape(model: LanguageModel) -> tuple[int]:
     if isinstance(model, Llama):
         return (model.config.kv_heads,)
@@ -247,10 +263,7 @@ def _traced(
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(_Step(model).eval(), example, check_trace=False)
             frozen = torch.jit.freeze(traced.eval())
-            # TorchScript's executor profiles the first call and optimizes on the second
-            # (~0.2 s together on the benchmark GPT): pay that here, not in the first request
-            for _ in range(2):
-                frozen(*example)
+            _warm_up(frozen, example)
     except Exception as e:  # an optimisation: whatever fails decodes eagerly
         # a PyTorch without TorchScript, an op the tracer refuses, a model check at trace time
         kind = "decode" if tokens == 1 else "prefill"
