@@ -13,11 +13,16 @@ The step takes a `BatchKVCache`'s whole `storage`, (n_layer, B, n_kv, capacity, 
 (`index_copy_`; rows are left-padded to end together) and attends every slot through a mask of
 each row's start..position. The trace records the sizes it reads rather than fixing them, so one
 trace serves any batch size and capacity; it is kept per model and rebuilt when the model's
-weights or kernels change. The traced step computes what the eager step computes (same kernels
-for int8 layers; fp32 layers through `F.linear`), up to float32 rounding (it sums attention over
-the masked spare slots too: an eighth, at least 16, more than the cached ones, see
-`BatchKVCache`). The engine traces once, at start: weights changed in place while it runs are
-not seen by its step (start a new engine); `generate` re-checks and retraces.
+weights or kernels change. The traced step computes what the eager step computes (the same
+kernels: shipyard's native ones where they loaded, else int8 GEMM and `F.linear`, oneDNN's
+opaque weights being untraceable), up to float32 rounding (where SDPA runs it also sums the
+masked spare slots: an eighth, at least 16, more than the cached ones, see `BatchKVCache`).
+The engine traces once, at start: weights changed in place while it runs are not seen by its
+step (start a new engine); `generate` re-checks and retraces.
+
+A second trace, the prefill step (`traced_prefill`), runs prompts (and prompt chunks) of two or
+more tokens the same way, with a causal mask over the new slots and the LM head on the last
+position only. Both are made on TorchScript's legacy executor (see `_warm_up`).
 
 Tracing takes ~0.3 s for a 6-layer model and under a second for a 250M one, more than a short
 request saves, so `stream`/`generate` trace a model only once it has been asked for
