@@ -20,11 +20,17 @@ import torch.nn.functional as F
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.generate import SamplingParams, generate
+from shipyard.generate.packed import prepare_decoding
 from shipyard.kernels import native
-from shipyard.models.attention import attention, gelu_tanh
+from shipyard.models.attention import NativeKernels, attention, gelu_tanh
 from shipyard.models.gpt import GPT, GPTConfig
 from shipyard.models.llama import Llama, LlamaConfig
-from shipyard.models.quantized import _prepack_int8, int8_gemm_available, quantize_weight_int8
+from shipyard.models.quantized import (
+    Int8Linear,
+    _prepack_int8,
+    int8_gemm_available,
+    quantize_weight_int8,
+)
 
 pytestmark = pytest.mark.skipif(
     not native.load(), reason=f"native kernels unavailable: {native.native_unavailable()}"
@@ -92,8 +98,6 @@ def test_int8_linear_equals_the_dequantized_weights(rows: int) -> None:
 
 @pytest.mark.skipif(not int8_gemm_available(), reason="no x86 int8 GEMM here")
 def test_int8_linear_hands_many_rows_to_the_int8_gemm() -> None:
-    from shipyard.models.quantized import Int8Linear
-
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(torch.nn.Linear(40, 50)).eval()
     fallback, packed = _prepack_int8(layer), native.pack_weight(layer.weight_int8)
@@ -144,7 +148,8 @@ def test_decode_attention_equals_sdpa(B: int, H: int, G: int, S: int, hs: int) -
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     got = ops.decode_attention(q, k, v, mask, q.size(-1) ** -0.5)
     close(got, want)
-    close(attention(q, k, v, mask), want)  # the models' entry point takes the native kernel
+    close(attention(q, k, v, mask, native=True), want)  # a layer prepared for generation
+    assert torch.equal(attention(q, k, v, mask), want)  # a plain forward: SDPA itself
     alone = ops.decode_attention(q[1:2], k[1:2], v[1:2], mask[1:2], q.size(-1) ** -0.5)
     assert torch.equal(alone, got[1:2])  # a row's result does not depend on its batch
     no_mask = ops.decode_attention(q, k, v, None, 0.25)
@@ -171,10 +176,12 @@ def test_gelu_tanh_equals_pytorchs() -> None:
     torch.testing.assert_close(ops.gelu_tanh(x), want, rtol=1e-6, atol=1e-6)
     odd = x.transpose(0, 2)  # not contiguous
     torch.testing.assert_close(ops.gelu_tanh(odd), want.transpose(0, 2), rtol=1e-6, atol=1e-6)
-    assert gelu_tanh(x, torch.nn.GELU(approximate="tanh")).shape == x.shape
+    fallback = torch.nn.GELU(approximate="tanh")
+    assert torch.equal(gelu_tanh(x, fallback, native=True), ops.gelu_tanh(x))
+    assert torch.equal(gelu_tanh(x, fallback), want)  # a plain forward: PyTorch's own
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.clone().requires_grad_()
-        gelu_tanh(xg, torch.nn.GELU(approximate="tanh")).sum().backward()  # autograd: PyTorch's
+        gelu_tanh(xg, fallback, native=True).sum().backward()  # autograd: PyTorch's
         assert xg.grad is not None
 
 
@@ -182,7 +189,7 @@ def test_attention_keeps_sdpa_for_training_and_prefill() -> None:
     q, k, v, mask = decode_case(2, 4, 2, 6)
     with torch.inference_mode(False), torch.enable_grad():
         qg = q.detach().clone().requires_grad_()
-        out = attention(qg, k.clone(), v.clone(), mask.clone())
+        out = attention(qg, k.clone(), v.clone(), mask.clone(), native=True)
         assert out.grad_fn is not None  # autograd: SDPA, differentiable
         out.sum().backward()
         assert qg.grad is not None
@@ -267,3 +274,18 @@ def test_disabled_kernels_do_not_load_and_a_cached_build_is_reused() -> None:
     assert "loaded False" in off.stdout and "disabled by $SHIPYARD_DISABLE_KERNELS" in off.stdout
     again = run_load({})  # this process built (or found) the library: no second build
     assert "loaded True" in again.stdout and "building" not in again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("build", [peaked_gpt, small_llama])
+def test_only_layers_prepared_for_generation_run_native_kernels(build: object) -> None:
+    """A plain forward gives the same bits in every process (packages are checked that way),
+    whether or not generation loaded the kernels there; `prepare_decoding` opts a model in."""
+    assert callable(build)
+    model = build()
+    layers = [m for m in model.modules() if isinstance(m, NativeKernels)]
+    assert layers and not any(m.native_kernels for m in layers)
+    idx = torch.randint(0, 256, (2, 1))
+    plain = model(idx)
+    prepare_decoding(model)
+    assert all(m.native_kernels for m in layers)
+    torch.testing.assert_close(model(idx), plain, rtol=1e-5, atol=1e-5)

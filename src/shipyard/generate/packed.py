@@ -34,6 +34,7 @@ from torch import nn
 from shipyard.errors import GenerationError
 from shipyard.kernels import cpu_flags, kernel_disabled
 from shipyard.kernels import native as native_kernels
+from shipyard.models.attention import NativeKernels
 from shipyard.models.quantized import (
     Int8Linear,
     int8_gemm_available,
@@ -172,6 +173,10 @@ def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
         layer.set_kernel(int8_kernel)
     if on_cpu:
         pack_linears(module)
+    native = on_cpu and native_kernels.load()
+    for part in module.modules():
+        if isinstance(part, NativeKernels):  # attention and activations: native or not
+            part.native_kernels = native
     # counted after packing, so a second call (layers already packed) reports the same
     fp32_layers = [m for m in module.modules() if type(m) in (nn.Linear, PackedLinear)]
     packed = [m for m in fp32_layers if isinstance(m, PackedLinear)] if on_cpu else []

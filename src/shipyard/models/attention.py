@@ -25,17 +25,27 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    *,
+    native: bool = False,
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention` for q (B, H, T, hs) over k, v (B, G, S, hs), G dividing H
     (grouped-query attention: query head h reads key/value head h // (H / G)); (B, H, T, hs).
 
-    A decode step (one new token, float32 on CPU, no autograd or dropout, a boolean mask or
-    none) runs shipyard's native kernel once generation has loaded it (`shipyard.kernels`,
-    `prepare_decoding`): it reads only the allowed slots' keys and values (not a batch's left
-    padding or a cache's spare slots), ~1.5x faster than SDPA's CPU kernel at 16 rows; the
-    same numbers up to float32 rounding.
+    native: the calling layer was prepared for generation (`NativeKernels.native_kernels`, set
+    by `prepare_decoding`). Then a decode step (one new token, float32 on CPU, no autograd or
+    dropout, a boolean mask or none) runs shipyard's native kernel (`shipyard.kernels`): it
+    reads only the allowed slots' keys and values (not a batch's left padding or a cache's
+    spare slots), ~1.5x faster than SDPA's CPU kernel at 16 rows; the same numbers up to
+    float32 rounding. Otherwise SDPA, so a model's plain forward gives the same bits in every
+    process, whatever generation loaded there.
     """
-    if q.size(2) == 1 and not is_causal and dropout_p == 0.0 and _native_decode(q, k, v, attn_mask):
+    if (
+        native
+        and q.size(2) == 1
+        and not is_causal
+        and dropout_p == 0.0
+        and _native_decode(q, k, v, attn_mask)
+    ):
         return torch.ops.shipyard.decode_attention(q, k, v, attn_mask, q.size(-1) ** -0.5)
     H, G = q.size(1), k.size(1)
     if G == H:
@@ -72,10 +82,18 @@ def native_inference(*tensors: torch.Tensor) -> bool:
     return native_kernels.loaded()
 
 
-def gelu_tanh(x: torch.Tensor, fallback: nn.Module) -> torch.Tensor:
-    """GELU with the tanh approximation: the native kernel where it may run (~4x faster than
-    PyTorch's on AVX2, within 1e-6), else `fallback` (an `nn.GELU(approximate="tanh")`)."""
-    if native_inference(x):
+class NativeKernels:
+    """Mixin of the layers whose forward can run shipyard's native kernels: only once
+    `prepare_decoding` has set `native_kernels` on them (generation), never in a plain forward."""
+
+    native_kernels: bool = False
+
+
+def gelu_tanh(x: torch.Tensor, fallback: nn.Module, *, native: bool = False) -> torch.Tensor:
+    """GELU with the tanh approximation: with `native` (a layer prepared for generation) the
+    native kernel where it may run (~4x faster than PyTorch's on AVX2, within 1e-6), else
+    `fallback` (an `nn.GELU(approximate="tanh")`)."""
+    if native and native_inference(x):
         return torch.ops.shipyard.gelu_tanh(x)
     return fallback(x)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
-from shipyard.models.attention import attention, gelu_tanh
+from shipyard.models.attention import NativeKernels, attention, gelu_tanh
 from shipyard.models.protocol import (
     KVCache,
     check_segments,
@@ -67,7 +67,7 @@ class GPTConfig(StrictModel):
         return self
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(NativeKernels, nn.Module):
     """Multi-head self-attention; causal or not is decided per call (GPT vs encoder)."""
 
     def __init__(
@@ -100,12 +100,12 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nh, S, hs), S = T_cached + T
         dropout = self.dropout if self.training else 0.0
-        y = attention(q, k, v, attn_mask, dropout, is_causal)  # (B, nh, T, hs)
+        y = attention(q, k, v, attn_mask, dropout, is_causal, native=self.native_kernels)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
-class FeedForward(nn.Module):
+class FeedForward(NativeKernels, nn.Module):
     """Position-wise MLP: C -> H (4C by default) -> GELU (tanh approximation, as GPT-2) -> C."""
 
     def __init__(self, n_embd: int, dropout: float, bias: bool, hidden: int | None = None) -> None:
@@ -118,7 +118,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map (B, T, C) to (B, T, C)."""
-        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x), self.gelu)))  # (B, T, C)
+        h = gelu_tanh(self.c_fc(x), self.gelu, native=self.native_kernels)  # (B, T, H)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):

@@ -35,7 +35,7 @@ from torch import nn
 
 from shipyard.config_base import StrictModel
 from shipyard.errors import ModelError
-from shipyard.models.attention import attention
+from shipyard.models.attention import NativeKernels, attention
 from shipyard.models.protocol import (
     KVCache,
     check_segments,
@@ -374,7 +374,7 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-class Attention(nn.Module):
+class Attention(NativeKernels, nn.Module):
     """Grouped-query self-attention with RoPE; HF names (q_proj... or phi3's fused qkv_proj)."""
 
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
@@ -430,7 +430,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, nkv, S, hs)
         dropout = self.dropout if self.training else 0.0
-        y = attention(q, k, v, attn_mask, dropout, is_causal)  # (B, nh, T, hs)
+        y = attention(q, k, v, attn_mask, dropout, is_causal, native=self.native_kernels)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
         return self.o_proj(y)  # (B, T, C)
 
