@@ -147,6 +147,33 @@ def test_short_request_submitted_later_finishes_first(model: GPT) -> None:
     assert 2 in recorder.batch_sizes
 
 
+def test_a_first_token_is_handed_out_before_the_next_decode_step(model: GPT) -> None:
+    """The prefill's token reaches its stream at once, not after the decode step that follows
+    in the same engine iteration (here parked: it would never come)."""
+    parked = {2: threading.Event(), 3: threading.Event()}
+    go = {2: threading.Event(), 3: threading.Event()}
+
+    def gate(request_id: str, index: int, logits: torch.Tensor) -> None:
+        if request_id == "long" and index in parked:
+            parked[index].set()
+            assert go[index].wait(WAIT_S)
+
+    with Engine(model, TOK, max_batch_size=4, logits_hook=gate) as engine:
+        long = engine.submit_sync("a long story", greedy(10), request_id="long")
+        assert parked[2].wait(WAIT_S)  # decoding; the short request arrives meanwhile
+        short = engine.submit_sync("hi", greedy(3), request_id="short")
+        go[2].set()
+        assert parked[3].wait(WAIT_S)  # next iteration: short prefilled, then this decode step
+        first: list[object] = []
+        reader = threading.Thread(target=lambda: first.append(next(iter(short))), daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+        assert first, "the first token waited for the decode step"
+        go[3].set()
+        assert short.result().completion_tokens == 3
+        assert long.result().completion_tokens == 10
+
+
 def test_full_queue_raises_engine_overloaded(model: GPT) -> None:
     gate = Gate("a", 1)
     with Engine(model, TOK, max_batch_size=1, max_queue=1, logits_hook=gate) as engine:
