@@ -156,6 +156,27 @@ def test_decode_attention_equals_sdpa(B: int, H: int, G: int, S: int, hs: int) -
     close(no_mask, F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True))
 
 
+@pytest.mark.parametrize(("B", "H", "G", "S", "hs"), [(5, 6, 2, 33, 64), (2, 2, 1, 11, 12)])
+def test_decode_attention_reads_a_float16_cache_as_its_float32_values(
+    B: int, H: int, G: int, S: int, hs: int
+) -> None:
+    q, k, v, mask = decode_case(B, H, G, S, hs)
+    k16, v16 = k.half(), v.half()  # views of a float16 cache: strided like the float32 one
+    got = ops.decode_attention(q, k16, v16, mask, hs**-0.5)
+    as_float = ops.decode_attention(q, k16.float(), v16.float(), mask, hs**-0.5)
+    if hs % 16 == 0:  # the vector path: the very same arithmetic on the float16 numbers
+        assert torch.equal(got, as_float)
+    close(got, as_float)  # the scalar path (other head sizes): its tails may fuse differently
+    want = F.scaled_dot_product_attention(
+        q, k16.float(), v16.float(), attn_mask=mask, enable_gqa=True
+    )
+    close(got, want)
+    close(attention(q, k16, v16, mask, native=True), want)
+    assert torch.equal(attention(q, k16, v16, mask), want)  # SDPA: converted back to float32
+    with pytest.raises(RuntimeError, match=r"float32 or float16 k and v"):
+        ops.decode_attention(q, k16, v, mask, 1.0)
+
+
 def test_decode_attention_over_no_allowed_slot_is_nan_and_bad_shapes_raise() -> None:
     q, k, v, mask = decode_case(2, 2, 2, 5)
     mask = mask.clone()

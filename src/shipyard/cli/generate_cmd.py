@@ -47,6 +47,12 @@ def generate(
         "--decode-weights",
         help="auto (the package's weights), int8 (quantize to int8 for decoding) or fp32.",
     ),
+    kv_cache: str = typer.Option(
+        "auto",
+        "--kv-cache",
+        help="What the KV cache stores: auto (fp16 with int8 weights, else the model's), "
+        "fp32 or fp16.",
+    ),
 ) -> None:
     """Generate text from a language-model package; tokens are printed as they come.
 
@@ -84,7 +90,9 @@ def generate(
         stop_on_eos=not ignore_eos,
     )
     result = None
-    for event in stream(model, tokenizer, text_or_ids, params, weights=decode_weights):
+    for event in stream(
+        model, tokenizer, text_or_ids, params, weights=decode_weights, kv_cache=kv_cache
+    ):
         if not as_json and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()

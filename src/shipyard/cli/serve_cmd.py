@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from shipyard.cli.api_keys_cmd import KEYS_FILE_HELP
-from shipyard.generate.packed import DECODE_WEIGHTS
+from shipyard.generate.packed import DECODE_WEIGHTS, KV_CACHES
 from shipyard.serve.settings import ServeError, ServeSettings, default
 
 if TYPE_CHECKING:
@@ -66,6 +66,12 @@ def serve(
         "--decode-weights",
         help="Language models: auto (package's weights), int8 (quantize for decoding) or fp32.",
     ),
+    kv_cache: str = typer.Option(
+        "auto",
+        "--kv-cache",
+        help="Language models: what the KV cache stores: auto (fp16 with int8 weights on the "
+        "native kernels, else the model's), fp32 or fp16.",
+    ),
     timeout_s: float = typer.Option(
         default("timeout_s"), "--timeout-s", help="Per-request deadline → 504."
     ),
@@ -108,6 +114,8 @@ def serve(
             f"unknown --decode-weights {decode_weights!r}; "
             f"choose one of {', '.join(DECODE_WEIGHTS)}"
         )
+    if kv_cache not in KV_CACHES:
+        raise ServeError(f"unknown --kv-cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
     if keys_file is None and not insecure_no_auth:
         default = _default_keys_file()
         keys_file = default if default.is_file() else None
@@ -129,6 +137,7 @@ def serve(
             max_queue=max_queue,
             max_running_seqs=max_running_seqs,
             decode_weights=decode_weights,
+            kv_cache=kv_cache,
             timeout_s=timeout_s,
             max_body_bytes=max_body_bytes,
             rate_limit=rate_limit,

@@ -8,6 +8,11 @@ cheap next to the decode steps in between.
 Layout: every row ends at the same slot (the batch's `seq_len`); a row with fewer tokens is
 padded on the left. The engine keeps each row's padding and masks those slots.
 
+The cache stores keys and values in the dtype the model computes them in, or in the one it is
+given: float16 halves the bytes a decode step reads (at 16 rows the cache is most of them) at
+an 11-bit mantissa; the engine uses it with int8 weights (`kv_cache_dtype`). Attention reads it
+as it is (shipyard's native kernel) or converted back (SDPA).
+
 A recurrent model's cache is its `RecurrentState` (one fixed-size state per row, no padding),
 which has the same `select` / `concat` / `seq_len` / `batch_size`; `new_cache` picks by model.
 """
@@ -27,6 +32,17 @@ from shipyard.models.protocol import (
 )
 
 _ALIGN = 16  # capacity grows in multiples of this many slots
+_HALF_MAX = 65504.0  # the largest finite float16
+
+
+def cache_values(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` as a cache of `dtype` stores it: converted, and into float16 saturated at +-65504
+    (a key beyond float16's range stays finite instead of turning the softmax into NaN)."""
+    if x.dtype == dtype:
+        return x
+    if dtype == torch.float16:
+        x = x.clamp(-_HALF_MAX, _HALF_MAX)
+    return x.to(dtype)
 
 
 def _capacity(needed: int) -> int:
@@ -44,10 +60,12 @@ class BatchKVCache(KVCache):
 
     All layers share one key and one value tensor, (n_layer, B, nh, capacity, hs) (`storage`),
     so a traced decode step can take the whole cache as two arguments (`reserve`, `advance`).
+    dtype: what the storage holds (None: the dtype of the first keys appended).
     """
 
-    def __init__(self, n_layer: int) -> None:
+    def __init__(self, n_layer: int, dtype: torch.dtype | None = None) -> None:
         super().__init__(n_layer)
+        self.dtype = dtype
         self._k: torch.Tensor | None = None  # (n_layer, B, nh, capacity, hs)
         self._v: torch.Tensor | None = None
         self._len = [0] * n_layer
@@ -113,15 +131,16 @@ class BatchKVCache(KVCache):
         if self._k is None or self._v is None:
             B, nh, _, hs = k.shape
             shape = (self.n_layer, B, nh, _capacity(T), hs)
-            self._k, self._v = k.new_empty(shape), v.new_empty(shape)
+            dtype = self.dtype or k.dtype
+            self._k, self._v = k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype)
             self._tail_zero = False
         elif self._k.size(1) != k.size(0):
             raise ModelError(f"KV cache holds {self._k.size(1)} rows but got {k.size(0)}")
         elif n + T > self._k.size(3):
             self._grow(n + T, zero=False)
         kbuf, vbuf = self._k[layer], self._v[layer]  # (B, nh, capacity, hs)
-        kbuf[:, :, n : n + T] = k
-        vbuf[:, :, n : n + T] = v
+        kbuf[:, :, n : n + T] = cache_values(k, kbuf.dtype)
+        vbuf[:, :, n : n + T] = cache_values(v, vbuf.dtype)
         self._len[layer] = n + T
         return kbuf[:, :, : n + T], vbuf[:, :, : n + T]
 
@@ -184,7 +203,7 @@ class BatchKVCache(KVCache):
         parts = [c for c in caches if c.batch_size > 0]
         if not parts:
             raise ModelError("concat needs at least one non-empty cache")
-        out = cls(parts[0].n_layer)
+        out = cls(parts[0].n_layer, parts[0].dtype)
         S = max(c.seq_len for c in parts)
         B = sum(c.batch_size for c in parts)
         ref = parts[0].storage[0]
@@ -206,11 +225,12 @@ DecodeCache = BatchKVCache | RecurrentState
 """What a batch of sequences decodes with: a KV cache, or a recurrent model's state."""
 
 
-def new_cache(model: DecodingModel) -> DecodeCache:
-    """An empty decode cache for `model`: its own recurrent state, else a `BatchKVCache`."""
+def new_cache(model: DecodingModel, kv_dtype: torch.dtype | None = None) -> DecodeCache:
+    """An empty decode cache for `model`: its own recurrent state, else a `BatchKVCache` storing
+    `kv_dtype` (None: the model's own)."""
     if isinstance(model, RecurrentLanguageModel):
         return model.new_state()
-    return BatchKVCache(model.n_layer)
+    return BatchKVCache(model.n_layer, kv_dtype)
 
 
 def concat_caches(caches: Sequence[DecodeCache]) -> DecodeCache:

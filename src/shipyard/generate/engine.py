@@ -46,7 +46,7 @@ from shipyard.generate.cache import (
     forward_cached,
     new_cache,
 )
-from shipyard.generate.packed import prepare_decoding
+from shipyard.generate.packed import kv_cache_dtype, prepare_decoding
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
 from shipyard.generate.sequence import (
@@ -281,6 +281,8 @@ class Engine:
         and kept in `self.kernels`; training it later is unaffected).
     weights: "auto" (the package's weights on their fastest exact kernel), "int8" (quantize
         fp32 Linear layers to int8 in place and decode with the int8 GEMM) or "fp32".
+    kv_cache: what the KV cache stores: "auto" (float16 with int8 weights on the native kernels,
+        else the model's dtype), "fp32" or "fp16" (see `kv_cache_dtype`).
     autocast_dtype: e.g. torch.bfloat16 to run the model under autocast (GPU); None = as is.
     observer: metrics hooks; logits_hook: see `LogitsHook` (tests, debugging).
     start: start the engine thread now (else call `start()`).
@@ -301,6 +303,7 @@ class Engine:
         logits_hook: LogitsHook | None = None,
         start: bool = True,
         weights: str = "auto",
+        kv_cache: str = "auto",
     ) -> None:
         self.max_context = context_limit(model)  # None: no limit (a recurrent model)
         module = language_module(model)
@@ -318,6 +321,9 @@ class Engine:
         if device is not None:
             module.to(device)
         self.kernels = prepare_decoding(module, weights)
+        self.kv_dtype = kv_cache_dtype(module, kv_cache)  # None: the model's own
+        if self.kv_dtype is not None and not isinstance(model, RecurrentLanguageModel):
+            self.kernels += f"; KV cache {str(self.kv_dtype).removeprefix('torch.')}"
         log.info(self.kernels)
         self.model = model
         self._recurrent = isinstance(model, RecurrentLanguageModel)
@@ -511,9 +517,10 @@ class Engine:
 
     def _trace_and_run(self) -> None:
         if not self._eager_why and is_language_model(self.model):
-            self._step = traced_step(self.model)  # None (logged) where tracing fails
+            # None (logged) where tracing fails
+            self._step = traced_step(self.model, self.kv_dtype)
             if self._step is not None:
-                self._prefill_step = traced_prefill(self.model)
+                self._prefill_step = traced_prefill(self.model, self.kv_dtype)
         if self._step is not None:
             self.step_kind = "traced"
             log.info("generation engine: traced decode step (%.2f s)", self._step.trace_s)
@@ -593,7 +600,7 @@ class Engine:
                 if ongoing and budget is not None and (len(ongoing) + 1) * worst > budget:
                     break  # first in, first served: wait for room rather than skip ahead
                 self._waiting.popleft()
-                head.cache = new_cache(self.model)
+                head.cache = new_cache(self.model, self.kv_dtype)
                 self._prefilling.append(head)
                 admitted.append(head)
         now = time.perf_counter()

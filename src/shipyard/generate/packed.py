@@ -190,6 +190,33 @@ def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
     return f"decode kernels: {'; '.join(parts)} (cpu flags: {' '.join(flags) or 'none'})"
 
 
+KV_CACHES = ("auto", "fp32", "fp16")
+
+
+def kv_cache_dtype(module: nn.Module, kv_cache: str = "auto") -> torch.dtype | None:
+    """The dtype a decode KV cache of `module` stores (after `prepare_decoding`); None: the dtype
+    the model computes its keys in (float32 on CPU).
+
+    kv_cache: "fp32" or "fp16" as asked; "auto" is float16 when the model decodes int8 weights
+    on shipyard's native kernels (its attention reads float16 directly; at 16 rows the cache is
+    most of what a decode step reads, and half of it is ~20-25% of the step on the benchmark
+    GPT), else the model's own dtype, so fp32 weights decode exactly as their forward computes.
+    float16 keeps 11 significant bits, far below int8 weights' rounding (tests and the
+    benchmark measure the tokens and perplexity). "fp16" elsewhere still works: SDPA reads
+    the cache converted back to float32 at every step, so there it only saves memory.
+    """
+    if kv_cache not in KV_CACHES:
+        raise GenerationError(
+            f"unknown KV cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}"
+        )
+    if kv_cache == "fp32":
+        return torch.float32
+    if kv_cache == "fp16":
+        return torch.float16
+    native_int8 = any(isinstance(m, Int8Linear) and m.kernel == "native" for m in module.modules())
+    return torch.float16 if native_int8 else None
+
+
 _REPORTED_FLAGS = {
     "avx2",
     "fma",

@@ -13,7 +13,7 @@ import torch
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError
 from shipyard.generate.cache import BatchKVCache, forward_cached, new_cache
-from shipyard.generate.packed import prepare_decoding
+from shipyard.generate.packed import kv_cache_dtype, prepare_decoding
 from shipyard.generate.params import SamplingParams
 from shipyard.generate.sampling import SamplingBatch, TokenHistory, choose_tokens
 from shipyard.generate.sequence import (
@@ -98,10 +98,12 @@ def stream(
     request_id: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     weights: str = "auto",
+    kv_cache: str = "auto",
 ) -> Iterator[TokenEvent]:
     """Yield one `TokenEvent` per generated token; the last has finish_reason and the result.
 
-    Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`).
+    Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`)
+    and what its KV cache stores (`kv_cache_dtype`, `kv_cache`: auto, fp32 or fp16).
     A GPT or Llama on CPU decodes through a traced step (`shipyard.generate.traced`; traced once
     per model and cache size, when the tokens asked of the model pay for it), else eagerly.
     Raises GenerationError for a prompt that does not fit.
@@ -112,11 +114,13 @@ def stream(
     ids = encode_prompt(tokenizer, prompt, params, context_limit(model), V)
     state = SequenceState(request_id or new_request_id(), ids, params, tokenizer)
     prepare_decoding(module, weights)
+    kv_dtype = kv_cache_dtype(module, kv_cache)
     if is_language_model(model) and not traced_step_unsupported(model, autocast_dtype):
-        step = traced_step(model) if trace_pays(model, params.max_tokens) else None
+        step = traced_step(model, kv_dtype) if trace_pays(model, params.max_tokens) else None
         if step is not None:
-            return _decode_traced(model, state, device, step, traced_prefill(model))
-    return _decode(model, state, device, autocast_dtype)
+            prefill = traced_prefill(model, kv_dtype)
+            return _decode_traced(model, state, device, step, prefill)
+    return _decode(model, state, device, autocast_dtype, kv_dtype)
 
 
 def _sampling(
@@ -135,11 +139,12 @@ def _decode(
     state: SequenceState,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    kv_dtype: torch.dtype | None,
 ) -> Iterator[TokenEvent]:
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
         batch, history = _sampling(state, V, device)
-        cache = new_cache(model)
+        cache = new_cache(model, kv_dtype)
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
     while True:
         # inference_mode only around the work: a generator must not leak it into its caller.
@@ -167,7 +172,7 @@ def _decode_traced(
     params, V = state.params, model.vocab_size
     with torch.inference_mode():
         batch, history = _sampling(state, V, device)
-        cache = BatchKVCache(model.n_layer)
+        cache = BatchKVCache(model.n_layer, step.kv_dtype)
         x = torch.tensor([state.prompt_ids], dtype=torch.long, device=device)  # (1, P)
         start = torch.zeros(1, dtype=torch.long, device=device)  # no left padding
         if prefill is not None and x.size(1) > 1:
@@ -197,11 +202,13 @@ def generate(
     request_id: str | None = None,
     autocast_dtype: torch.dtype | None = None,
     weights: str = "auto",
+    kv_cache: str = "auto",
 ) -> GenerationResult:
     """Generate a completion of `prompt` (text or token ids) and return it with usage and timings.
 
-    Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`). Raises
-    GenerationError for bad parameters or a prompt that does not fit the model's context.
+    Puts the model in eval mode and picks its decode kernels (`prepare_decoding`, `weights`) and
+    its KV cache's dtype (`kv_cache`, see `stream`). Raises GenerationError for bad parameters
+    or a prompt that does not fit the model's context.
     """
     for event in stream(
         model,
@@ -211,6 +218,7 @@ def generate(
         request_id=request_id,
         autocast_dtype=autocast_dtype,
         weights=weights,
+        kv_cache=kv_cache,
     ):
         if event.result is not None:
             return event.result

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shipyard.generate.cache import BatchKVCache
+from shipyard.errors import ModelError
+from shipyard.generate.cache import BatchKVCache, cache_values
 from shipyard.models.gpt import GPT
 from shipyard.models.llama import Llama
 from shipyard.models.protocol import KVCache, LanguageModel
@@ -84,8 +85,8 @@ class StaticKVCache(KVCache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, n_kv, T, hs) keys/values at `position`; return all slots."""
         keys, values = self._k[layer], self._v[layer]  # (B, n_kv, capacity, hs)
-        keys.index_copy_(2, self.position, k)
-        values.index_copy_(2, self.position, v)
+        keys.index_copy_(2, self.position, cache_values(k, keys.dtype))
+        values.index_copy_(2, self.position, cache_values(v, values.dtype))
         return keys, values
 
     def attention_mask(
@@ -151,6 +152,7 @@ class TracedStep:
     trace_s: float  # seconds tracing and freezing took
     signature: tuple[object, ...]
     kv_shape: tuple[int, int]  # (key/value heads, head size): what an empty cache allocates
+    kv_dtype: torch.dtype  # what the cache stores (the trace casts new keys/values to it)
 
     def __call__(
         self, tokens: torch.Tensor, cache: BatchKVCache, start: torch.Tensor
@@ -160,10 +162,18 @@ class TracedStep:
         counts the slots."""
         B, T = tokens.shape
         position = cache.seq_len
+        if cache.dtype not in (None, self.kv_dtype):
+            raise ModelError(
+                f"this step was traced for a {self.kv_dtype} KV cache, not {cache.dtype}"
+            )
         if cache.batch_size == 0:
-            cache.allocate(B, *self.kv_shape, T, dtype=torch.float32, device=tokens.device)
+            cache.allocate(B, *self.kv_shape, T, dtype=self.kv_dtype, device=tokens.device)
         cache.reserve(position + T)
         keys, values = cache.storage
+        if keys.dtype != self.kv_dtype:
+            raise ModelError(
+                f"this step was traced for a {self.kv_dtype} KV cache, not {keys.dtype}"
+            )
         pos = torch.arange(position, position + T, dtype=torch.long, device=keys.device)
         logits = self.step(tokens, pos, start, keys, values)
         cache.advance(T)
@@ -209,43 +219,40 @@ def _signature(module: nn.Module) -> tuple[object, ...]:
     return tuple(parts)
 
 
-_Traces = weakref.WeakKeyDictionary[nn.Module, TracedStep]
-_STEPS: _Traces = weakref.WeakKeyDictionary()  # decode steps (one token per row)
-_PREFILLS: _Traces = weakref.WeakKeyDictionary()  # prefill steps (two or more)
-# models whose trace failed, with the weights signature it failed on: not retried until it changes
-_FAILED: weakref.WeakKeyDictionary[nn.Module, tuple[object, ...]] = weakref.WeakKeyDictionary()
-_FAILED_PREFILL: weakref.WeakKeyDictionary[nn.Module, tuple[object, ...]] = (
+_Kind = tuple[int, torch.dtype]  # (tokens per row in the example: 1 decode, 2 prefill; KV dtype)
+# per model: its steps by kind, and the weights signature each kind failed to trace on (not
+# retried until the weights or kernels change)
+_STEPS: weakref.WeakKeyDictionary[nn.Module, dict[_Kind, TracedStep]] = weakref.WeakKeyDictionary()
+_FAILED: weakref.WeakKeyDictionary[nn.Module, dict[_Kind, tuple[object, ...]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def traced_step(model: LanguageModel) -> TracedStep | None:
-    """The frozen decode step of `model`: traced on first use, then reused until the model's
-    weights or int8 kernels change. None (logged once) where tracing fails, for any reason; a
-    failed model is not traced again until its weights or kernels change. Call outside
-    inference_mode.
+def traced_step(model: LanguageModel, kv_dtype: torch.dtype | None = None) -> TracedStep | None:
+    """The frozen decode step of `model` over a KV cache of `kv_dtype` (None: float32): traced
+    on first use, then reused until the model's weights or int8 kernels change. None (logged
+    once) where tracing fails, for any reason; a failed model is not traced again until its
+    weights or kernels change. Call outside inference_mode.
     """
-    return _traced(model, 1, _STEPS, _FAILED)
+    return _traced(model, 1, kv_dtype or torch.float32)
 
 
-def traced_prefill(model: LanguageModel) -> TracedStep | None:
+def traced_prefill(model: LanguageModel, kv_dtype: torch.dtype | None = None) -> TracedStep | None:
     """The frozen prefill step of `model` (two or more tokens per row: a prompt, or a chunk
     of one), as `traced_step`. It runs the same ops as the model's eager forward, without
     the ~0.2 ms of Python per layer: most of a short prompt's time to first token on CPU."""
-    return _traced(model, 2, _PREFILLS, _FAILED_PREFILL)
+    return _traced(model, 2, kv_dtype or torch.float32)
 
 
-def _traced(
-    model: LanguageModel,
-    tokens: int,
-    traces: _Traces,
-    failed: weakref.WeakKeyDictionary[nn.Module, tuple[object, ...]],
-) -> TracedStep | None:
+def _traced(model: LanguageModel, tokens: int, kv_dtype: torch.dtype) -> TracedStep | None:
     assert isinstance(model, nn.Module)
+    kind = (tokens, kv_dtype)
     signature = _signature(model)
-    if failed.get(model) == signature:
+    failed = _FAILED.setdefault(model, {})
+    if failed.get(kind) == signature:
         return None
-    cached = traces.get(model)
+    traces = _STEPS.setdefault(model, {})
+    cached = traces.get(kind)
     if cached is not None and cached.signature == signature:
         return cached
     start = time.perf_counter()
@@ -256,8 +263,8 @@ def _traced(
         torch.zeros(1, tokens, dtype=torch.long, device=device),
         torch.arange(tokens, dtype=torch.long, device=device),
         torch.zeros(1, dtype=torch.long, device=device),
-        torch.zeros(shape, device=device),
-        torch.zeros(shape, device=device),
+        torch.zeros(shape, dtype=kv_dtype, device=device),
+        torch.zeros(shape, dtype=kv_dtype, device=device),
     )
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -271,12 +278,12 @@ def _traced(
             _warm_up(frozen, example)
     except Exception as e:  # an optimisation: whatever fails decodes eagerly
         # a PyTorch without TorchScript, an op the tracer refuses, a model check at trace time
-        kind = "decode" if tokens == 1 else "prefill"
-        log.warning("%s step: tracing failed (%s: %s); eager", kind, type(e).__name__, e)
-        failed[model] = signature
+        what = "decode" if tokens == 1 else "prefill"
+        log.warning("%s step: tracing failed (%s: %s); eager", what, type(e).__name__, e)
+        failed[kind] = signature
         return None
     elapsed = time.perf_counter() - start
-    traces[model] = cached = TracedStep(frozen, elapsed, signature, kv_shape)
+    traces[kind] = cached = TracedStep(frozen, elapsed, signature, kv_shape, kv_dtype)
     log.info(
         "%s step: traced %s in %.2f s (off: $SHIPYARD_DISABLE_KERNELS=%s)",
         "decode" if tokens == 1 else "prefill",
@@ -294,7 +301,7 @@ def trace_pays(model: LanguageModel, max_tokens: int) -> bool:
     """Count a request of `max_tokens`; True when `model` has a traced step already or its
     requests so far (this one included) asked for at least `TRACE_AFTER_TOKENS` tokens."""
     assert isinstance(model, nn.Module)
-    if model in _STEPS:
+    if has_traced_step(model):
         return True
     _ASKED[model] = asked = _ASKED.get(model, 0) + max_tokens
     return asked >= TRACE_AFTER_TOKENS
@@ -303,4 +310,4 @@ def trace_pays(model: LanguageModel, max_tokens: int) -> bool:
 def has_traced_step(model: LanguageModel) -> bool:
     """Whether `model` has a traced step (False: it never decoded through one)."""
     assert isinstance(model, nn.Module)
-    return model in _STEPS
+    return any(tokens == 1 for tokens, _ in _STEPS.get(model, {}))

@@ -2,7 +2,7 @@
 
 `native.load()` builds `cpu_linear.cpp` once per machine, PyTorch version and compiler into a
 cache directory and registers its operators (`torch.ops.shipyard.*`); it returns False (and
-the callers keep PyTorch's own kernels) wherever that cannot work: no AVX2/FMA, no C++
+the callers keep PyTorch's own kernels) wherever that cannot work: no AVX2/FMA/F16C, no C++
 compiler, a failed build, or $SHIPYARD_DISABLE_KERNELS=native.
 """
 

@@ -1,6 +1,6 @@
 // shipyard's native CPU linear kernels: y = x @ W^T + b for the few rows of a decode step.
 //
-// Built at run time by shipyard/kernels/native.py (x86-64 with AVX2 and FMA, any C++17
+// Built at run time by shipyard/kernels/native.py (x86-64 with AVX2, FMA and F16C, any C++17
 // compiler) and registered as PyTorch operators, so the traced decode step calls them with no
 // Python in between. The weights are packed once, by blocks of 16 output features:
 // packed[block][k][16] (zero padded past N). One pass streams each block once and keeps
@@ -311,7 +311,18 @@ void linear_i8_boxed(const c10::OperatorHandle &, torch::jit::Stack *stack) {
 // (grouped-query attention). Slots whose mask is false are skipped, keys and values unread (the
 // left padding of a batch, the cache's spare slots). Each (row, head) is computed alone, in slot
 // order, so its result does not depend on the rest of the batch. A row with no allowed slot
-// gives NaN, as a softmax over nothing does.
+// gives NaN, as a softmax over nothing does. Keys and values are float32 or float16 (a half-size
+// cache: converted to float32 as they are loaded, F16C; all arithmetic stays float32). At 16
+// rows the cache is most of what a decode step reads, and it comes from memory: the values of
+// the next slots are requested during the keys' pass, so both streams are in flight at once.
+
+// Loads of 8 (or 1) cached floats from a float32 or a float16 (stored as uint16_t) cache.
+inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t *p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+}
+inline float load1(const float *p) { return *p; }
+inline float load1(const uint16_t *p) { return _cvtsh_ss(*p); }
 
 inline float hsum8(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -320,25 +331,30 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-inline float dot(const float *a, const float *b, int64_t D) {
+template <typename T>
+inline float dot(const float *a, const T *b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), acc);
   float s = hsum8(acc);
-  for (; d < D; d++) s += a[d] * b[d];
+  for (; d < D; d++) s += a[d] * load1(b + d);
   return s;
 }
 
-inline void prefetch_row(const float *p, int64_t D) {
-  for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char *>(p + d), _MM_HINT_T0);
+// Ask for the D elements at p (one request per 64-byte line).
+template <typename T>
+inline void prefetch_row(const T *p, int64_t D) {
+  constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t d = 0; d < D; d += line) _mm_prefetch(reinterpret_cast<const char *>(p + d), _MM_HINT_T0);
 }
 
-inline void axpy(float a, const float *x, float *y, int64_t D) {
+template <typename T>
+inline void axpy(float a, const T *x, float *y, int64_t D) {
   const __m256 av = _mm256_set1_ps(a);
   int64_t d = 0;
   for (; d + 8 <= D; d += 8)
-    _mm256_storeu_ps(y + d, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
-  for (; d < D; d++) y[d] += a * x[d];
+    _mm256_storeu_ps(y + d, _mm256_fmadd_ps(av, load8(x + d), _mm256_loadu_ps(y + d)));
+  for (; d < D; d++) y[d] += a * load1(x + d);
 }
 
 // exp(x) for 8 floats: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial (Cephes'
@@ -363,31 +379,36 @@ inline __m256 exp8(__m256 x) {
 }
 
 // One (row, head) with D = 8 * NV: the allowed slots `slot[0..n)`, four keys at a time (four
-// independent sums), then the softmax weights 8 at a time, then the values into NV registers.
-template <int NV>
-void attend(const float *q, const float *k, int64_t ks, const float *v, int64_t vs,
+// independent sums; the keys and values 8 slots ahead requested meanwhile), then the softmax
+// weights 8 at a time, then the values into NV registers. T: float or uint16_t (float16).
+template <int NV, typename T>
+void attend(const float *q, const T *k, int64_t ks, const T *v, int64_t vs,
             const int64_t *slot, int64_t n, float scale, float *w, float *out) {
   __m256 qv[NV];
 #pragma GCC unroll 16
   for (int j = 0; j < NV; j++) qv[j] = _mm256_loadu_ps(q + 8 * j);
+  for (int64_t t = 0; t < n && t < 8; t++) {  // the first slots (later ones: in the loop)
+    prefetch_row(k + slot[t] * ks, 8 * NV);
+    prefetch_row(v + slot[t] * vs, 8 * NV);
+  }
   float best = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
-    const float *k0 = k + slot[i] * ks, *k1 = k + slot[i + 1] * ks;
-    const float *k2 = k + slot[i + 2] * ks, *k3 = k + slot[i + 3] * ks;
-    if (i + 8 < n) {
-      prefetch_row(k + slot[i + 8] * ks, 8 * NV);
-      prefetch_row(k + slot[i + 9] * ks, 8 * NV);
-      prefetch_row(k + slot[i + 10] * ks, 8 * NV);
-      prefetch_row(k + slot[i + 11] * ks, 8 * NV);
+    const T *k0 = k + slot[i] * ks, *k1 = k + slot[i + 1] * ks;
+    const T *k2 = k + slot[i + 2] * ks, *k3 = k + slot[i + 3] * ks;
+    if (i + 12 <= n) {
+      for (int t = 8; t < 12; t++) {
+        prefetch_row(k + slot[i + t] * ks, 8 * NV);
+        prefetch_row(v + slot[i + t] * vs, 8 * NV);
+      }
     }
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
 #pragma GCC unroll 16
     for (int j = 0; j < NV; j++) {
-      a0 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(k0 + 8 * j), a0);
-      a1 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(k1 + 8 * j), a1);
-      a2 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(k2 + 8 * j), a2);
-      a3 = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(k3 + 8 * j), a3);
+      a0 = _mm256_fmadd_ps(qv[j], load8(k0 + 8 * j), a0);
+      a1 = _mm256_fmadd_ps(qv[j], load8(k1 + 8 * j), a1);
+      a2 = _mm256_fmadd_ps(qv[j], load8(k2 + 8 * j), a2);
+      a3 = _mm256_fmadd_ps(qv[j], load8(k3 + 8 * j), a3);
     }
     w[i] = hsum8(a0) * scale;
     w[i + 1] = hsum8(a1) * scale;
@@ -396,10 +417,10 @@ void attend(const float *q, const float *k, int64_t ks, const float *v, int64_t 
     for (int t = 0; t < 4; t++) best = w[i + t] > best ? w[i + t] : best;
   }
   for (; i < n; i++) {
-    const float *kr = k + slot[i] * ks;
+    const T *kr = k + slot[i] * ks;
     __m256 a = _mm256_setzero_ps();
 #pragma GCC unroll 16
-    for (int j = 0; j < NV; j++) a = _mm256_fmadd_ps(qv[j], _mm256_loadu_ps(kr + 8 * j), a);
+    for (int j = 0; j < NV; j++) a = _mm256_fmadd_ps(qv[j], load8(kr + 8 * j), a);
     w[i] = hsum8(a) * scale;
     best = w[i] > best ? w[i] : best;
   }
@@ -423,11 +444,10 @@ void attend(const float *q, const float *k, int64_t ks, const float *v, int64_t 
 #pragma GCC unroll 16
   for (int j = 0; j < NV; j++) acc[j] = _mm256_setzero_ps();
   for (int64_t t = 0; t < n; t++) {
-    const float *vr = v + slot[t] * vs;
-    if (t + 4 < n) prefetch_row(v + slot[t + 4] * vs, 8 * NV);
+    const T *vr = v + slot[t] * vs;
     const __m256 p = _mm256_set1_ps(w[t]);
 #pragma GCC unroll 16
-    for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+    for (int j = 0; j < NV; j++) acc[j] = _mm256_fmadd_ps(p, load8(vr + 8 * j), acc[j]);
   }
   const __m256 inv = _mm256_set1_ps(1.f / total);
 #pragma GCC unroll 16
@@ -462,14 +482,74 @@ at::Tensor gelu_tanh(const at::Tensor &x) {
   return y;
 }
 
+// One call's (row, head) pairs from i0 to i1; T: the cache's element type.
+template <typename T>
+void decode_attention_rows(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                           const bool *mp, int64_t m_b, int64_t m_s, float sc, float *yp,
+                           int64_t i0, int64_t i1) {
+  const int64_t H = q.size(1), D = q.size(3), G = k.size(1), S = k.size(2);
+  const int64_t group = H / G;
+  const float *qp = q.data_ptr<float>();
+  const T *kp = static_cast<const T *>(k.data_ptr()), *vp = static_cast<const T *>(v.data_ptr());
+  const int64_t ks = k.stride(2), vs = v.stride(2);
+  std::vector<float> scores(static_cast<size_t>(S));
+  std::vector<int64_t> slots(static_cast<size_t>(S));
+  for (int64_t i = i0; i < i1; i++) {
+    const int64_t b = i / H, h = i % H, g = h / group;
+    const float *qr = qp + b * q.stride(0) + h * q.stride(1);
+    const T *kr = kp + b * k.stride(0) + g * k.stride(1);
+    const T *vr = vp + b * v.stride(0) + g * v.stride(1);
+    const bool *mr = mp != nullptr ? mp + b * m_b : nullptr;
+    float *out = yp + i * D;
+    if (D == 16 || D == 32 || D == 64 || D == 128) {
+      int64_t n = 0;
+      for (int64_t s = 0; s < S; s++)
+        if (mr == nullptr || mr[s * m_s]) slots[n++] = s;
+      switch (D) {
+        case 16: attend<2>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
+        case 32: attend<4>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
+        case 64: attend<8>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
+        default: attend<16>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
+      }
+      continue;
+    }
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < S; s++) {
+      if (mr != nullptr && !mr[s * m_s]) continue;
+      // the cache is cold (every layer's keys and values of every row): ask for the keys a
+      // few slots ahead, and for this slot's values, read in the second pass
+      prefetch_row(kr + (s + 12) * ks, D);
+      prefetch_row(vr + s * vs, D);
+      const float x = dot(qr, kr + s * ks, D) * sc;
+      scores[s] = x;
+      if (x > best) best = x;
+    }
+    for (int64_t d = 0; d < D; d++) out[d] = 0.f;
+    if (best == -std::numeric_limits<float>::infinity()) {  // nothing allowed (or all -inf)
+      for (int64_t d = 0; d < D; d++) out[d] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < S; s++) {
+      if (mr != nullptr && !mr[s * m_s]) continue;
+      const float p = std::exp(scores[s] - best);
+      total += p;
+      axpy(p, vr + s * vs, out, D);
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < D; d++) out[d] *= inv;
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                             const c10::optional<at::Tensor> &mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
               "shipyard decode_attention: q (B, H, 1, D), k and v (B, G, S, D)");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat && q.device().is_cpu() && k.device().is_cpu() &&
-                  v.device().is_cpu(),
-              "shipyard decode_attention: float32 CPU tensors");
+  const bool half = k.scalar_type() == at::kHalf;
+  TORCH_CHECK(q.scalar_type() == at::kFloat && v.scalar_type() == k.scalar_type() &&
+                  (half || k.scalar_type() == at::kFloat) && q.device().is_cpu() &&
+                  k.device().is_cpu() && v.device().is_cpu(),
+              "shipyard decode_attention: float32 CPU q, float32 or float16 k and v");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), G = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == G && v.size(2) == S &&
                   k.size(3) == D && v.size(3) == D && G > 0 && H % G == 0,
@@ -489,60 +569,14 @@ at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::
     m_s = m.stride(3);
   }
   at::Tensor y = at::empty({B, H, 1, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *yp = y.data_ptr<float>();
-  const int64_t group = H / G;
   const float sc = static_cast<float>(scale);
   const int64_t grain = S * D >= 4096 ? 1 : 4096 / (S * D + 1) + 1;
   at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(static_cast<size_t>(S));
-    std::vector<int64_t> slots(static_cast<size_t>(S));
-    for (int64_t i = i0; i < i1; i++) {
-      const int64_t b = i / H, h = i % H, g = h / group;
-      const float *qr = qp + b * q.stride(0) + h * q.stride(1);
-      const float *kr = kp + b * k.stride(0) + g * k.stride(1);
-      const float *vr = vp + b * v.stride(0) + g * v.stride(1);
-      const bool *mr = mp != nullptr ? mp + b * m_b : nullptr;
-      float *out = yp + i * D;
-      if (D == 16 || D == 32 || D == 64 || D == 128) {
-        int64_t n = 0;
-        for (int64_t s = 0; s < S; s++)
-          if (mr == nullptr || mr[s * m_s]) slots[n++] = s;
-        const int64_t ks = k.stride(2), vs = v.stride(2);
-        switch (D) {
-          case 16: attend<2>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
-          case 32: attend<4>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
-          case 64: attend<8>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
-          default: attend<16>(qr, kr, ks, vr, vs, slots.data(), n, sc, scores.data(), out); break;
-        }
-        continue;
-      }
-      float best = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < S; s++) {
-        if (mr != nullptr && !mr[s * m_s]) continue;
-        // the cache is cold (every layer's keys and values of every row): ask for the keys a
-        // few slots ahead, and for this slot's values, read in the second pass
-        prefetch_row(kr + (s + 12) * k.stride(2), D);
-        prefetch_row(vr + s * v.stride(2), D);
-        const float x = dot(qr, kr + s * k.stride(2), D) * sc;
-        scores[s] = x;
-        if (x > best) best = x;
-      }
-      for (int64_t d = 0; d < D; d++) out[d] = 0.f;
-      if (best == -std::numeric_limits<float>::infinity()) {  // nothing allowed (or all -inf)
-        for (int64_t d = 0; d < D; d++) out[d] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      float total = 0.f;
-      for (int64_t s = 0; s < S; s++) {
-        if (mr != nullptr && !mr[s * m_s]) continue;
-        const float p = std::exp(scores[s] - best);
-        total += p;
-        axpy(p, vr + s * v.stride(2), out, D);
-      }
-      const float inv = 1.f / total;
-      for (int64_t d = 0; d < D; d++) out[d] *= inv;
-    }
+    if (half)
+      decode_attention_rows<uint16_t>(q, k, v, mp, m_b, m_s, sc, yp, i0, i1);
+    else
+      decode_attention_rows<float>(q, k, v, mp, m_b, m_s, sc, yp, i0, i1);
   });
   return y;
 }

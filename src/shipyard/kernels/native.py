@@ -39,8 +39,8 @@ DISABLE_ENV = "SHIPYARD_DISABLE_KERNELS"
 """Comma-separated kernels to treat as unavailable (e.g. "native,int8-gemm"): forces fallbacks."""
 
 SOURCE = Path(__file__).with_name("cpu_linear.cpp")
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")
-_REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w")
+_REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 _BUILD_TIMEOUT_S = 600
 
 log = logging.getLogger("shipyard.kernels")

@@ -38,6 +38,10 @@ def attention(
     spare slots), ~1.5x faster than SDPA's CPU kernel at 16 rows; the same numbers up to
     float32 rounding. Otherwise SDPA, so a model's plain forward gives the same bits in every
     process, whatever generation loaded there.
+
+    k and v may be stored in another dtype than q (a float16 KV cache, see
+    `shipyard.generate.cache.BatchKVCache`): the native kernel reads them as they are, SDPA gets
+    them converted to q's dtype.
     """
     if (
         native
@@ -47,6 +51,8 @@ def attention(
         and _native_decode(q, k, v, attn_mask)
     ):
         return torch.ops.shipyard.decode_attention(q, k, v, attn_mask, q.size(-1) ** -0.5)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     H, G = q.size(1), k.size(1)
     if G == H:
         return F.scaled_dot_product_attention(
@@ -105,4 +111,7 @@ def _native_decode(
         mask.dtype != torch.bool or mask.dim() != 4 or mask.size(1) != 1 or mask.size(2) != 1
     ):
         return False
+    if k.dtype == torch.float16 and v.dtype == torch.float16:  # a float16 cache: read as it is
+        cached_ok = all(t.device.type == "cpu" and t.stride(-1) == 1 for t in (k, v))
+        return cached_ok and native_inference(q)
     return native_inference(q, k, v)

@@ -99,6 +99,7 @@ def start_engine(loaded: LoadedModel, name: str, version: str, settings: ServeSe
         max_queue=settings.max_queue,
         observer=observer,
         weights=settings.decode_weights,
+        kv_cache=settings.kv_cache,
     )
     observer.engine = engine
     return engine

@@ -59,6 +59,11 @@ class ServeSettings(BaseModel):
         description="Language models: auto (the package's weights, fastest exact kernel), "
         "int8 (quantize fp32 weights to int8 for decoding) or fp32.",
     )
+    kv_cache: Literal["auto", "fp32", "fp16"] = Field(
+        "auto",
+        description="Language models: what the KV cache stores: auto (float16 with int8 "
+        "weights on the native kernels, else the model's dtype), fp32 or fp16.",
+    )
     # limits
     max_queue: int = Field(
         256,
