@@ -13,8 +13,10 @@ same logits). Every generation produces exactly N tokens (EOS ignored), greedily
    The HTTP load comes from a minimal keep-alive client on asyncio streams (`RawClient`), since
    it shares the cores with the server; the 16 streams read through httpx are printed too;
 4. shipyard with int8 decoding (`--decode-weights int8`: per-channel int8 weights, the x86 int8
-   GEMM where this CPU has one): single stream and 16 HTTP streams, rounds interleaved with fp32,
-   and how often its greedy tokens equal fp32's.
+   GEMM where this CPU has one; its KV cache float16 by default): single stream and 16 HTTP
+   streams, rounds interleaved with fp32, and how often its greedy tokens equal fp32's (on the
+   single prompt, and over all 16 prompts for every engine); the 16 streams also with
+   `--kv-cache fp32` (int8 weights, float32 cache, as CTranslate2's int8 keeps it).
 
 5. the decode step: shipyard's single stream with the traced step (the default, see
    `shipyard.generate.traced`) against the eager step ($SHIPYARD_DISABLE_KERNELS=traced-step),
@@ -202,6 +204,12 @@ def ct2_generators(hf: Any, work: Path, threads: int) -> dict[str, Any]:
     return generators
 
 
+def agreement_rate(reference: list[list[int]], ids: list[list[int]]) -> float:
+    """Share of positions where `ids` has the reference's greedy token (prompt by prompt)."""
+    pairs = [(a, b) for r, o in zip(reference, ids, strict=True) for a, b in zip(r, o, strict=True)]
+    return sum(a == b for a, b in pairs) / len(pairs)
+
+
 def ct2_generate(generator: Any, batch: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
     """Seconds and token ids for CTranslate2 greedy generation of exactly n tokens per prompt."""
     tokens = [[f"<{i}>" for i in p] for p in batch]
@@ -221,7 +229,7 @@ def ct2_generate(generator: Any, batch: list[list[int]], n: int) -> tuple[float,
 
 
 def start_shipyard(
-    package: Path, threads: int, decode_weights: str = "auto"
+    package: Path, threads: int, decode_weights: str = "auto", kv_cache: str = "auto"
 ) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = serve_command(
@@ -232,6 +240,8 @@ def start_shipyard(
         str(BATCH),
         "--decode-weights",
         decode_weights,
+        "--kv-cache",
+        kv_cache,
         "--log-level",
         "warning",
     )
@@ -360,13 +370,17 @@ async def httpx_batch(url: str, batch: list[list[int]], n: int) -> float:
 
 
 def trace_up_front(model: Any) -> None:
-    """Trace the decode step now (as a long-running process would at start-up) and print how
-    long it took."""
-    from shipyard.generate.traced import traced_step
+    """Trace the decode and prefill steps now, for the KV cache generation will use (as a
+    long-running process would at start-up), and print how long it took."""
+    from shipyard.generate.packed import kv_cache_dtype
+    from shipyard.generate.traced import traced_prefill, traced_step
 
-    step = traced_step(model)
-    if step is not None:
-        print(f"traced decode step in {step.trace_s:.2f} s", flush=True)
+    kv_dtype = kv_cache_dtype(model)  # the model was prepared by a first `generate`
+    step = traced_step(model, kv_dtype)
+    prefill = traced_prefill(model, kv_dtype)
+    if step is not None and prefill is not None:
+        took = step.trace_s + prefill.trace_s
+        print(f"traced decode and prefill steps ({step.kv_dtype} cache) in {took:.2f} s")
 
 
 def decode_step_rows(
@@ -707,23 +721,38 @@ def main() -> None:
     hf_generate(hf, batch, 4, tok.pad_id)
     hf_b = [hf_generate(hf, batch, n, tok.pad_id)[0] for _ in range(repeats)]
     hf_batch = BATCH * n / statistics.median(hf_b)
+    ct2_b = {name: [ct2_generate(g, batch, n) for _ in range(repeats)] for name, g in ct2.items()}
     ct2_batch = {
-        name: BATCH * n / statistics.median(ct2_generate(g, batch, n)[0] for _ in range(repeats))
-        for name, g in ct2.items()
+        name: BATCH * n / statistics.median(t for t, _ in runs_) for name, runs_ in ct2_b.items()
     }
+    # greedy agreement with shipyard fp32 over all 16 prompts (a random model's logits are
+    # flat: a near tie flips a whole continuation, so one prompt says little)
+    reference = [generate(gpt, tok, p, params).token_ids for p in batch]
+    batch_ids = {
+        "shipyard int8": [generate(gpt8, tok, p, params, weights="int8").token_ids for p in batch],
+        "shipyard int8, fp32 KV cache": [
+            generate(gpt8, tok, p, params, weights="int8", kv_cache="fp32").token_ids for p in batch
+        ],
+        **{f"CTranslate2 {name}": runs_[0][1] for name, runs_ in ct2_b.items()},
+    }
+    agreement = {name: agreement_rate(reference, ids) for name, ids in batch_ids.items()}
 
     proc, url = start_shipyard(package, args.threads)
     proc8, url8 = start_shipyard(package, args.threads, "int8")
+    proc8f, url8f = start_shipyard(package, args.threads, "int8", "fp32")
     try:
-        asyncio.run(http_batch(url, batch, 8))  # warm-up
-        asyncio.run(http_batch(url8, batch, 8))
-        runs, runs8 = [], []
+        for u in (url, url8, url8f):
+            asyncio.run(http_batch(u, batch, 8))  # warm-up
+        runs, runs8, runs8f = [], [], []
         for _ in range(repeats):  # interleaved
             runs.append(asyncio.run(http_batch(url, batch, n)))
             runs8.append(asyncio.run(http_batch(url8, batch, n)))
-        assert all(tokens == BATCH * n for _, tokens in runs + runs8), (runs, runs8)
+            runs8f.append(asyncio.run(http_batch(url8f, batch, n)))
+        every = runs + runs8 + runs8f
+        assert all(tokens == BATCH * n for _, tokens in every), every
         ours_batch = BATCH * n / statistics.median(t for t, _ in runs)
         int8_batch = BATCH * n / statistics.median(t for t, _ in runs8)
+        int8_fp32kv_batch = BATCH * n / statistics.median(t for t, _ in runs8f)
         ours_ttft = asyncio.run(http_ttft(url, single, 5))
         int8_ttft = asyncio.run(http_ttft(url8, single, 5))
         via_httpx = {
@@ -731,7 +760,7 @@ def main() -> None:
             "int8": asyncio.run(httpx_batch(url8, batch, n)),
         }
     finally:
-        for p in (proc, proc8):
+        for p in (proc, proc8, proc8f):
             p.terminate()
             p.wait(timeout=60)
 
@@ -747,6 +776,10 @@ def main() -> None:
         ids = runs_[0][1][0]
         agree = sum(a == b for a, b in zip(ids, ours_s[0].token_ids, strict=True)) / n
         print(f"CTranslate2 {name}: greedy tokens equal to shipyard fp32's: {agree:.0%}")
+    print(
+        f"greedy tokens equal to shipyard fp32's over all {BATCH} prompts: "
+        + ", ".join(f"{name} {rate:.1%}" for name, rate in agreement.items())
+    )
     print_step_rows(step_rows)
     print(
         f"shipyard {BATCH} HTTP streams read with httpx instead of the raw client: "
@@ -757,7 +790,12 @@ def main() -> None:
         + ", ".join(f"{w} {t * 1000:.1f} ms" for w, t in local_ttft.items())
     )
     print(f"int8 vs fp32 shipyard: single {int8_single / ours_single:.2f}x, ", end="")
-    print(f"{BATCH} streams {int8_batch / ours_batch:.2f}x\n")
+    print(f"{BATCH} streams {int8_batch / ours_batch:.2f}x")
+    line = f"int8 with a float32 KV cache (--kv-cache fp32): {BATCH} HTTP streams "
+    line += f"{int8_fp32kv_batch:.1f} tokens/s"
+    if "int8" in ct2_batch:
+        line += f" ({int8_fp32kv_batch / ct2_batch['int8']:.2f}x CTranslate2 int8)"
+    print(line + "\n")
     ours = {
         "fp32": (ours_single, ours_batch, ours_ttft),
         "int8": (int8_single, int8_batch, int8_ttft),
@@ -782,6 +820,8 @@ def main() -> None:
         "repeats": repeats,
         "greedy_tokens_identical": same,
         "int8_greedy_agreement": int8_agree,
+        f"greedy_agreement_{BATCH}_prompts": agreement,
+        f"int8_fp32_kv_{BATCH}_streams_tokens_per_s": int8_fp32kv_batch,
         "decode_step": step_rows,
         "in_process_ttft_s": local_ttft,
         f"httpx_{BATCH}_streams_tokens_per_s": via_httpx,
