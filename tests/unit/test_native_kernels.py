@@ -87,26 +87,87 @@ def test_a_rows_result_does_not_depend_on_its_batch_or_the_threads() -> None:
     assert torch.equal(one, batch) and torch.equal(two, batch)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 6, 9])
-def test_int8_linear_equals_the_dequantized_weights(rows: int) -> None:
-    torch.manual_seed(rows)
-    q, scale = quantize_weight_int8(torch.randn(50, 40))
-    b, x = torch.randn(50), torch.randn(rows, 40)
-    got = ops.linear_i8(x, native.pack_weight(q), scale, b, None, 4)  # no fallback: all native
-    close(got, F.linear(x, q.float() * scale[:, None], b))
+def int8_reference(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """What `linear_i8` computes, in torch: each row quantized with its own scale
+    (s = max|x| / 127, round half to even, clamp to +-127), exact integer sums, then
+    float(acc) * (s * scale) + bias (in float64, rounded once: the kernel's fma rounds once too,
+    so the two differ at most where the float64 sum itself rounds, ~2^-29 of the time)."""
+    s = x.abs().amax(dim=1) / 127.0
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    xq = torch.clamp(torch.round(x / safe[:, None]), -127, 127).to(torch.int64)
+    acc = xq @ q.to(torch.int64).T  # exact
+    y = acc.float().double() * (s[:, None] * scale[None, :]).double()
+    return (y if bias is None else y + bias.double()).float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 33])
+@pytest.mark.parametrize(("out_features", "in_features"), [(50, 39), (16, 64), (37, 1027)])
+def test_int8_linear_is_exact_on_per_row_quantized_activations(
+    rows: int, out_features: int, in_features: int
+) -> None:
+    torch.manual_seed(rows * 7 + in_features)
+    q, scale = quantize_weight_int8(torch.randn(out_features, in_features))
+    b, x = torch.randn(out_features), torch.randn(rows, in_features)
+    packed = native.pack_int8(q)
+    got = ops.linear_i8(x, packed, scale, b, in_features, None, 64)  # no fallback
+    assert torch.equal(got, int8_reference(x, q, scale, b))
+    # and close to the int8 weights in float32: the activations' 8 bits are all it adds
+    want = F.linear(x, q.float() * scale[:, None], b)
+    assert (got - want).norm() / want.norm() < 0.02
+
+
+def test_int8_linear_sums_exactly_without_saturating() -> None:
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (21, 255), dtype=torch.int8)
+    q[0], q[1] = 127, -127  # 127 * 127 + 127 * 127 per pair: the 16-bit step must not saturate
+    x = torch.randint(-127, 128, (6, 255)).float()
+    x[:, 0], x[0], x[1] = 127.0, 127.0, -127.0  # every row's scale is exactly 1
+    got = ops.linear_i8(x, native.pack_int8(q), torch.ones(21), None, 255, None, 64)
+    assert torch.equal(got.to(torch.int64), x.to(torch.int64) @ q.to(torch.int64).T)
+
+
+def test_int8_linear_rows_are_independent_of_their_batch_and_the_threads() -> None:
+    torch.manual_seed(1)
+    q, scale = quantize_weight_int8(torch.randn(70, 48))
+    packed, b = native.pack_int8(q), torch.randn(70)
+    x = torch.randn(9, 48)
+    x[3] *= 100.0  # an outlier row changes no other row (one scale per row)
+    x[4] = 0.0  # a row of zeros gives the bias
+    x[5, 7] = float("nan")  # a NaN row gives NaN, alone
+    batch = ops.linear_i8(x, packed, scale, b, 48, None, 64)
+
+    def same(got: torch.Tensor, want: torch.Tensor) -> None:  # bitwise, NaN where NaN
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+    for i in (0, 3, 8):
+        same(ops.linear_i8(x[i : i + 1], packed, scale, b, 48, None, 64), batch[i : i + 1])
+    same(batch[4], b)
+    assert batch[5].isnan().all() and not batch[[0, 1, 2, 3, 4, 6, 7, 8]].isnan().any()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        same(ops.linear_i8(x, packed, scale, b, 48, None, 64), batch)
+    finally:
+        torch.set_num_threads(threads)
+    no_bias = ops.linear_i8(x, packed, scale, None, 48, None, 64)
+    lead = ops.linear_i8(x.view(3, 3, 48), packed, scale, None, 48, None, 64)
+    same(lead, no_bias.view(3, 3, 70))
 
 
 @pytest.mark.skipif(not int8_gemm_available(), reason="no x86 int8 GEMM here")
 def test_int8_linear_hands_many_rows_to_the_int8_gemm() -> None:
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(torch.nn.Linear(40, 50)).eval()
-    fallback, packed = _prepack_int8(layer), native.pack_weight(layer.weight_int8)
-    for rows in (4, 5, 12):
+    fallback, packed = _prepack_int8(layer), native.pack_int8(layer.weight_int8)
+    scale, bias = layer.weight_scale, layer.bias
+    for rows in (8, 9, 12):
         x = torch.randn(rows, 40)
-        got = ops.linear_i8(x, packed, layer.weight_scale, layer.bias, fallback, 4)
-        if rows <= 4:  # weight-only: the dequantized weights' numbers
-            close(got, F.linear(x, layer.dequantized_weight(), layer.bias))
-        else:  # the int8 GEMM's (activations quantized too), exactly
+        got = ops.linear_i8(x, packed, scale, bias, 40, fallback, 8)
+        if rows <= 8:  # its own: per-row 8-bit activations
+            assert torch.equal(got, ops.linear_i8(x, packed, scale, bias, 40, None, 8))
+        else:  # the int8 GEMM's (7-bit activations, one scale per call), exactly
             assert torch.equal(got, torch.ops.quantized.linear_dynamic(x, fallback, True))
 
 
@@ -119,8 +180,16 @@ def test_bad_inputs_are_clear_errors() -> None:
         ops.linear_f32(torch.randn(2, 5), w, packed, None, 8)
     with pytest.raises(RuntimeError, match="packed weight does not match"):
         ops.linear_f32(torch.randn(2, 4), torch.randn(40, 4), packed, None, 8)
-    with pytest.raises(RuntimeError, match="float32 or int8"):
+    with pytest.raises(RuntimeError, match="2-D float32 CPU weight"):
         native.pack_weight(torch.randn(3, 3, dtype=torch.float64))
+    q = torch.full((8, 5), -128, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"weights must lie in \[-127, 127\]"):
+        native.pack_int8(q)
+    packed8 = native.pack_int8(q.clamp(min=-127))
+    with pytest.raises(RuntimeError, match="x has 4 features, the weight 5"):
+        ops.linear_i8(torch.randn(2, 4), packed8, torch.ones(8), None, 5, None, 64)
+    with pytest.raises(RuntimeError, match="does not match the scales and in_features"):
+        ops.linear_i8(torch.randn(2, 9), packed8, torch.ones(8), None, 9, None, 64)
 
 
 def decode_case(

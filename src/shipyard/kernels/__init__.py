@@ -15,6 +15,7 @@ from shipyard.kernels.native import (
     load,
     loaded,
     native_unavailable,
+    pack_int8,
     pack_weight,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "load",
     "loaded",
     "native_unavailable",
+    "pack_int8",
     "pack_weight",
 ]

@@ -11,9 +11,12 @@ The library is only ever loaded from that cache directory, which is created priv
 user (0700) like any compiler cache; set $SHIPYARD_KERNEL_CACHE to move it.
 
 Operators (see `cpu_linear.cpp`):
-    torch.ops.shipyard.pack_weight(weight) -> packed (blocks, K, 16), float32 or int8
+    torch.ops.shipyard.pack_weight(weight) -> packed (blocks, K, 16) float32
     torch.ops.shipyard.linear_f32(x, weight, packed, bias, max_rows) -> y
-    torch.ops.shipyard.linear_i8(x, packed_int8, scale, bias, fallback, max_rows) -> y
+    torch.ops.shipyard.pack_int8(weight_int8) -> packed (blocks, 4 * ceil(K / 4), 16) int8
+    torch.ops.shipyard.linear_i8(x, packed, scale, bias, in_features, fallback, max_rows) -> y
+    torch.ops.shipyard.decode_attention(q, k, v, mask, scale) -> y
+    torch.ops.shipyard.gelu_tanh(x) -> y
 """
 
 from __future__ import annotations
@@ -208,7 +211,8 @@ def loaded() -> bool:
 
 
 def _self_test() -> bool:
-    """Both operators agree with `F.linear` on a small odd-sized product (1 and 7 rows)."""
+    """Both linear operators agree with their definitions on a small odd-sized product (1 and 7
+    rows): `F.linear` for float32; for int8, per-row 8-bit activations times the int8 weights."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 19, generator=gen)
     bias = torch.randn(37, generator=gen)
@@ -220,13 +224,20 @@ def _self_test() -> bool:
             y = torch.ops.shipyard.linear_f32(x, weight, pack_weight(weight), bias, 64)
             if not torch.allclose(y, torch.nn.functional.linear(x, weight, bias), atol=1e-4):
                 return False
-            y8 = torch.ops.shipyard.linear_i8(x, pack_weight(q), scale, bias, None, 64)
-            ref = torch.nn.functional.linear(x, q.float() * scale[:, None], bias)
-            if not torch.allclose(y8, ref, atol=1e-3):
+            y8 = torch.ops.shipyard.linear_i8(x, pack_int8(q), scale, bias, 19, None, 64)
+            s = x.abs().amax(dim=1, keepdim=True) / 127.0
+            xq = torch.clamp(torch.round(x / s), -127, 127)
+            ref = torch.nn.functional.linear(xq * s, q.float() * scale[:, None], bias)
+            if not torch.allclose(y8, ref, rtol=1e-4, atol=1e-4):
                 return False
     return True
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The (out, in) float32 or int8 weight packed for the native linear operators."""
+    """The (out, in) float32 weight packed for `linear_f32`."""
     return torch.ops.shipyard.pack_weight(weight.detach())
+
+
+def pack_int8(weight: torch.Tensor) -> torch.Tensor:
+    """The (out, in) int8 weight (values in [-127, 127]) packed for `linear_i8`."""
+    return torch.ops.shipyard.pack_int8(weight.detach())
