@@ -4,8 +4,9 @@ forced off ($SHIPYARD_DISABLE_KERNELS), and the engine's guarantees on the int8 
 Tolerances: the int8 GEMM quantizes activations per call to 7 bits (reduce_range) on top of the
 int8 weights, so a layer's output is within 3% (relative L2) of the same int8 weights in fp32;
 whole-model logits within 5% relative L2. "dequantized" equals per-call dequantization to fp32
-rounding (1e-5); so does the native kernel up to its row limit (weight-only int8), past which
-it hands the rows to the int8 GEMM.
+rounding (1e-5). The native kernel quantizes each row's activations to 8 bits (its exact
+numerics: tests/unit/test_native_kernels.py) up to its row limit, past which it hands the rows
+to the int8 GEMM.
 """
 
 from __future__ import annotations

@@ -246,13 +246,37 @@ def test_decode_attention_reads_a_float16_cache_as_its_float32_values(
         ops.decode_attention(q, k16, v, mask, 1.0)
 
 
+@pytest.mark.parametrize("hs", [64, 12])
+def test_decode_attention_of_a_short_prefill_equals_sdpa(hs: int) -> None:
+    torch.manual_seed(hs)
+    B, H, G, T, S = 2, 4, 2, 5, 13
+    q = torch.randn(B, H, T, hs)
+    k, v = torch.randn(B, G, S, hs), torch.randn(B, G, S, hs)
+    slots, position = torch.arange(S), torch.arange(6, 6 + T)  # the new tokens' slots
+    start = torch.tensor([0, 3])  # row 1 is left-padded
+    mask = (slots[None, None, :] <= position[None, :, None]) & (
+        slots[None, None, :] >= start[:, None, None]
+    )
+    mask = mask[:, None]  # (B, 1, T, S): causal over the new slots, per row
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = ops.decode_attention(q, k, v, mask, hs**-0.5)
+    close(got, want)
+    close(attention(q, k, v, mask, native=True), want)
+    one = ops.decode_attention(q[:, :, 2:3], k, v, mask[:, :, 2:3], hs**-0.5)
+    assert torch.equal(one, got[:, :, 2:3])  # each query computed alone
+    shared = ops.decode_attention(q, k, v, mask[:1, :, :1], hs**-0.5)  # (1, 1, 1, S) broadcast
+    close(
+        shared, F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:1, :, :1], enable_gqa=True)
+    )
+
+
 def test_decode_attention_over_no_allowed_slot_is_nan_and_bad_shapes_raise() -> None:
     q, k, v, mask = decode_case(2, 2, 2, 5)
     mask = mask.clone()
     mask[0] = False
     out = ops.decode_attention(q, k, v, mask, 1.0)
     assert out[0].isnan().all() and not out[1].isnan().any()
-    with pytest.raises(RuntimeError, match=r"mask must be bool"):
+    with pytest.raises(RuntimeError, match=r"mask must be bool \(B or 1, 1, T or 1, S\)"):
         ops.decode_attention(q, k, v, mask.float(), 1.0)
     with pytest.raises(RuntimeError, match=r"shapes do not match"):
         ops.decode_attention(q, k[:, :1].expand(2, 3, 5, 16), v, None, 1.0)

@@ -136,11 +136,12 @@ DECODE_WEIGHTS = ("auto", "fp32", "int8")
 def prepare_decoding(module: nn.Module, weights: str = "auto") -> str:
     """Pick the decode kernels of `module` in place (eval mode first); return a one-line summary.
 
-    weights: "auto" keeps the package's weights and runs each on its fastest kernel that is
-        exact for them: int8 layers (`Int8Linear`) on the native kernel (weight-only int8 for a
-        few rows, the int8 GEMM for more) or the int8 GEMM, fp32 layers on the native kernel or
-        oneDNN, all with prepacked weights. "int8" first quantizes every fp32 Linear that is
-        not weight-tied (per-output-channel int8, as `shipyard compress --quantize weight-int8`),
+    weights: "auto" keeps the package's weights and runs each on its fastest kernel: int8
+        layers (`Int8Linear`) on the native kernel (int8 x int8 with per-row 8-bit activations
+        for a few rows, the int8 GEMM for more) or the int8 GEMM, fp32 layers (exactly) on the
+        native kernel or oneDNN, all with prepacked weights. "int8" first quantizes every fp32
+        Linear that is not weight-tied (per-output-channel int8, as `shipyard compress
+        --quantize weight-int8`),
         so an fp32 package decodes with 4x fewer weight bytes (CPU only: a model on another
         device raises GenerationError). "fp32" runs int8 layers on their
         dequantized fp32 weights (the reference numerics of the package's weights).

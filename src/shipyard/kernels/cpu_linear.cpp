@@ -531,8 +531,9 @@ at::Tensor linear_i8_native(const at::Tensor &x, const at::Tensor &packed, const
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention of one new token per row over its cached keys/values (a decode step):
-// y[b,h] = softmax(scale * q[b,h] . k[b,g,s] over the allowed slots s) @ v[b,g,s], g = h / (H/G)
+// Attention of the new tokens of each row over its cached keys/values (a decode step: one token;
+// a short prefill: a few, each with its own row of the mask):
+// y[b,h,t] = softmax(scale * q[b,h,t] . k[b,g,s] over the allowed slots s) @ v[b,g,s], g = h / (H/G)
 // (grouped-query attention). Slots whose mask is false are skipped, keys and values unread (the
 // left padding of a batch, the cache's spare slots). Each (row, head) is computed alone, in slot
 // order, so its result does not depend on the rest of the batch. A row with no allowed slot
@@ -707,12 +708,12 @@ at::Tensor gelu_tanh(const at::Tensor &x) {
   return y;
 }
 
-// One call's (row, head) pairs from i0 to i1; T: the cache's element type.
+// One call's (row, head, query) triples from i0 to i1; T: the cache's element type.
 template <typename T>
 void decode_attention_rows(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
-                           const bool *mp, int64_t m_b, int64_t m_s, float sc, float *yp,
-                           int64_t i0, int64_t i1) {
-  const int64_t H = q.size(1), D = q.size(3), G = k.size(1), S = k.size(2);
+                           const bool *mp, int64_t m_b, int64_t m_t, int64_t m_s, float sc,
+                           float *yp, int64_t i0, int64_t i1) {
+  const int64_t H = q.size(1), Q = q.size(2), D = q.size(3), G = k.size(1), S = k.size(2);
   const int64_t group = H / G;
   const float *qp = q.data_ptr<float>();
   const T *kp = static_cast<const T *>(k.data_ptr()), *vp = static_cast<const T *>(v.data_ptr());
@@ -720,11 +721,11 @@ void decode_attention_rows(const at::Tensor &q, const at::Tensor &k, const at::T
   std::vector<float> scores(static_cast<size_t>(S));
   std::vector<int64_t> slots(static_cast<size_t>(S));
   for (int64_t i = i0; i < i1; i++) {
-    const int64_t b = i / H, h = i % H, g = h / group;
-    const float *qr = qp + b * q.stride(0) + h * q.stride(1);
+    const int64_t b = i / (H * Q), h = (i / Q) % H, t = i % Q, g = h / group;
+    const float *qr = qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
     const T *kr = kp + b * k.stride(0) + g * k.stride(1);
     const T *vr = vp + b * v.stride(0) + g * v.stride(1);
-    const bool *mr = mp != nullptr ? mp + b * m_b : nullptr;
+    const bool *mr = mp != nullptr ? mp + b * m_b + t * m_t : nullptr;
     float *out = yp + i * D;
     if (D == 16 || D == 32 || D == 64 || D == 128) {
       int64_t n = 0;
@@ -768,40 +769,43 @@ void decode_attention_rows(const at::Tensor &q, const at::Tensor &k, const at::T
 
 at::Tensor decode_attention(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                             const c10::optional<at::Tensor> &mask, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
-              "shipyard decode_attention: q (B, H, 1, D), k and v (B, G, S, D)");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "shipyard decode_attention: q (B, H, T, D), k and v (B, G, S, D)");
   const bool half = k.scalar_type() == at::kHalf;
   TORCH_CHECK(q.scalar_type() == at::kFloat && v.scalar_type() == k.scalar_type() &&
                   (half || k.scalar_type() == at::kFloat) && q.device().is_cpu() &&
                   k.device().is_cpu() && v.device().is_cpu(),
               "shipyard decode_attention: float32 CPU q, float32 or float16 k and v");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), G = k.size(1), S = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), G = k.size(1),
+                S = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == G && v.size(2) == S &&
                   k.size(3) == D && v.size(3) == D && G > 0 && H % G == 0,
               "shipyard decode_attention: shapes do not match");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "shipyard decode_attention: the head dimension must be contiguous");
   const bool *mp = nullptr;
-  int64_t m_b = 0, m_s = 0;
+  int64_t m_b = 0, m_t = 0, m_s = 0;
   at::Tensor m;
   if (mask.has_value() && mask->defined()) {
     m = *mask;
     TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(1) == 1 &&
-                    m.size(2) == 1 && m.size(3) == S && (m.size(0) == B || m.size(0) == 1),
-                "shipyard decode_attention: mask must be bool (B or 1, 1, 1, S)");
+                    (m.size(2) == Q || m.size(2) == 1) && m.size(3) == S &&
+                    (m.size(0) == B || m.size(0) == 1),
+                "shipyard decode_attention: mask must be bool (B or 1, 1, T or 1, S)");
     mp = m.data_ptr<bool>();
     m_b = m.size(0) == 1 ? 0 : m.stride(0);
+    m_t = m.size(2) == 1 ? 0 : m.stride(2);
     m_s = m.stride(3);
   }
-  at::Tensor y = at::empty({B, H, 1, D}, q.options());
+  at::Tensor y = at::empty({B, H, Q, D}, q.options());
   float *yp = y.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const int64_t grain = S * D >= 4096 ? 1 : 4096 / (S * D + 1) + 1;
-  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * H * Q, grain, [&](int64_t i0, int64_t i1) {
     if (half)
-      decode_attention_rows<uint16_t>(q, k, v, mp, m_b, m_s, sc, yp, i0, i1);
+      decode_attention_rows<uint16_t>(q, k, v, mp, m_b, m_t, m_s, sc, yp, i0, i1);
     else
-      decode_attention_rows<float>(q, k, v, mp, m_b, m_s, sc, yp, i0, i1);
+      decode_attention_rows<float>(q, k, v, mp, m_b, m_t, m_s, sc, yp, i0, i1);
   });
   return y;
 }

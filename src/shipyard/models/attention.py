@@ -14,6 +14,9 @@ from torch import nn
 
 from shipyard.kernels import native as native_kernels
 
+NATIVE_MAX_QUERIES = 64
+"""New tokens per row up to which the native kernel attends (a decode step, a short prompt or
+prompt chunk through the traced prefill, with its mask); longer prefills keep SDPA."""
 # SDPA's grouped-query flag (torch >= 2.5) reads shared key/value heads without copying them.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -45,7 +48,7 @@ def attention(
     """
     if (
         native
-        and q.size(2) == 1
+        and q.size(2) <= NATIVE_MAX_QUERIES
         and not is_causal
         and dropout_p == 0.0
         and _native_decode(q, k, v, attn_mask)
@@ -108,8 +111,13 @@ def _native_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> bool:
     if mask is not None and (
-        mask.dtype != torch.bool or mask.dim() != 4 or mask.size(1) != 1 or mask.size(2) != 1
+        mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.size(1) != 1
+        or mask.size(2) not in (1, q.size(2))
     ):
+        return False
+    if mask is None and q.size(2) > 1:  # no mask means all slots: not causal, not a prefill
         return False
     if k.dtype == torch.float16 and v.dtype == torch.float16:  # a float16 cache: read as it is
         cached_ok = all(t.device.type == "cpu" and t.stride(-1) == 1 for t in (k, v))
