@@ -35,11 +35,12 @@ def attention(
     (grouped-query attention: query head h reads key/value head h // (H / G)); (B, H, T, hs).
 
     native: the calling layer was prepared for generation (`NativeKernels.native_kernels`, set
-    by `prepare_decoding`). Then a decode step (one new token, float32 on CPU, no autograd or
-    dropout, a boolean mask or none) runs shipyard's native kernel (`shipyard.kernels`): it
-    reads only the allowed slots' keys and values (not a batch's left padding or a cache's
-    spare slots), ~1.5x faster than SDPA's CPU kernel at 16 rows; the same numbers up to
-    float32 rounding. Otherwise SDPA, so a model's plain forward gives the same bits in every
+    by `prepare_decoding`). Then a decode step or a short prefill (up to `NATIVE_MAX_QUERIES`
+    new tokens, float32 on CPU, no autograd or dropout, a boolean mask; a decode step may
+    have none) runs shipyard's native kernel (`shipyard.kernels`): it reads only the allowed
+    slots' keys and values (not a batch's left padding or a cache's spare slots), ~1.5x
+    faster than SDPA's CPU kernel at 16 rows and without its per-call cost on a short prompt;
+    the same numbers up to float32 rounding. Otherwise SDPA, so a model's plain forward gives the same bits in every
     process, whatever generation loaded there.
 
     k and v may be stored in another dtype than q (a float16 KV cache, see
