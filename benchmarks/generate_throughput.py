@@ -35,6 +35,7 @@ eager), then the same weights imported as a package (`import_hf`) behind `shipya
     python benchmarks/generate_throughput.py            # N=128 new tokens, 3 repeats
     python benchmarks/generate_throughput.py --quick    # N=32, 1 repeat
     python benchmarks/generate_throughput.py --llama --quick
+    python benchmarks/generate_throughput.py --threads 1 --both   # both models, one verdict
 """
 
 from __future__ import annotations
@@ -466,7 +467,7 @@ def http_rows(
             proc.wait(timeout=60)
 
 
-def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
+def llama_main(args: argparse.Namespace, n: int, repeats: int) -> list[dict[str, Any]]:
     """The Llama-shaped model: single stream in process, 16 HTTP streams and time to first
     token from `shipyard serve` (an imported package of the same weights), against
     transformers and CTranslate2."""
@@ -572,6 +573,7 @@ def llama_main(args: argparse.Namespace, n: int, repeats: int) -> None:
     path = args.out / "generate_throughput_llama.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+    return ct2_rows
 
 
 # ------------------------------------------------------------------------------ tables
@@ -655,6 +657,14 @@ def main() -> None:
     parser.add_argument(
         "--llama", action="store_true", help="the ~254M Llama-shaped model instead of the GPT"
     )
+    parser.add_argument(
+        "--both",
+        action="store_true",
+        help="the GPT, then the Llama (--llama-tokens new tokens), in one run: one verdict",
+    )
+    parser.add_argument(
+        "--llama-tokens", type=int, default=32, help="with --both: the Llama's new tokens"
+    )
     args = parser.parse_args()
     n = args.tokens or (32 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -662,7 +672,34 @@ def main() -> None:
     if args.llama:
         llama_main(args, n, repeats)
         return
+    if not args.both:
+        gpt_main(args, n, repeats)
+        return
+    verdict = {"GPT": gpt_main(args, n, repeats)}
+    print()
+    verdict["Llama"] = llama_main(args, args.llama_tokens, repeats)
+    print_verdict(verdict)
 
+
+def print_verdict(rows_by_model: dict[str, list[dict[str, Any]]]) -> None:
+    """One line per model and measure against CTranslate2 (issue 14: >= 1x each), then the
+    count, for a run that measured both models."""
+    print("\nshipyard vs CTranslate2, both models in this run (>= 1x: met):")
+    met = total = 0
+    for model, rows in rows_by_model.items():
+        for r in rows:
+            ok = r["ratio"] >= 1.0
+            met, total = met + ok, total + 1
+            print(f"  {model:<6} {r['measure']:<34} {r['ratio']:5.2f}x {'met' if ok else 'MISSED'}")
+    if not total:
+        print("  CTranslate2 not installed: nothing to compare")
+        return
+    print(f"{met} of {total} measures met")
+
+
+def gpt_main(args: argparse.Namespace, n: int, repeats: int) -> list[dict[str, Any]]:
+    """The GPT 6x384 (the default): every measure of the module docstring; returns the rows
+    against CTranslate2 (empty without it)."""
     from shipyard.compress.measure import describe_machine, machine
     from shipyard.generate import SamplingParams, generate
     from shipyard.package import load_package
@@ -831,6 +868,7 @@ def main() -> None:
     path = args.out / "generate_throughput.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+    return ct2_rows
 
 
 if __name__ == "__main__":
