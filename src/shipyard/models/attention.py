@@ -40,8 +40,8 @@ def attention(
     have none) runs shipyard's native kernel (`shipyard.kernels`): it reads only the allowed
     slots' keys and values (not a batch's left padding or a cache's spare slots), ~1.5x
     faster than SDPA's CPU kernel at 16 rows and without its per-call cost on a short prompt;
-    the same numbers up to float32 rounding. Otherwise SDPA, so a model's plain forward gives the same bits in every
-    process, whatever generation loaded there.
+    the same numbers up to float32 rounding. Otherwise SDPA, so a model's plain forward gives
+    the same bits in every process, whatever generation loaded there.
 
     k and v may be stored in another dtype than q (a float16 KV cache, see
     `shipyard.generate.cache.BatchKVCache`): the native kernel reads them as they are, SDPA gets
