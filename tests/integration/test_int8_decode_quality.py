@@ -9,6 +9,8 @@ import copy
 import inspect
 import json
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,16 +40,28 @@ def perplexity(model: torch.nn.Module, ids: list[int], block: int) -> float:
     return float(torch.exp(loss))
 
 
+def trained_fp32_and_int8(base: Path) -> tuple[Any, torch.nn.Module, torch.nn.Module]:
+    """The trained test GPT's package, and two copies of its model prepared for decoding: fp32
+    and int8 (checking that the int8 copy got the fastest int8 kernel here)."""
+    loaded = loaded_lm(base)
+    fp32 = copy.deepcopy(loaded.model).eval()
+    int8 = copy.deepcopy(loaded.model).eval()
+    prepare_decoding(fp32, "fp32")
+    kernel = "native" if native.load() else "int8-gemm"
+    assert f"int8 linear(s): {kernel}" in prepare_decoding(int8, "int8")
+    return loaded, fp32, int8
+
+
+def python_source_ids(tokenizer: Any, n: int) -> list[int]:
+    """The first n token ids of some Python source (what the test GPT was trained on)."""
+    return tokenizer.encode(textwrap.dedent(inspect.getsource(textwrap)))[:n]
+
+
 def test_trained_gpt_int8_perplexity_within_one_percent(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    loaded = loaded_lm(tmp_path_factory.getbasetemp())
-    fp32 = copy.deepcopy(loaded.model).eval()
-    int8 = copy.deepcopy(loaded.model).eval()
-    kernel = "native" if native.load() else "int8-gemm"
-    assert f"int8 linear(s): {kernel}" in prepare_decoding(int8, "int8")
-    text = textwrap.dedent(inspect.getsource(textwrap))  # Python source, as in training
-    ids = loaded.tokenizer.encode(text)[:4097]
+    loaded, fp32, int8 = trained_fp32_and_int8(tmp_path_factory.getbasetemp())
+    ids = python_source_ids(loaded.tokenizer, 4097)
     block = fp32.config.block_size
     ppl32, ppl8 = perplexity(fp32, ids, block), perplexity(int8, ids, block)
     assert ppl8 == pytest.approx(ppl32, rel=0.01), (ppl32, ppl8)
@@ -82,15 +96,10 @@ def decode_perplexity(
 def test_trained_gpt_decode_path_perplexity_with_a_float16_cache(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    loaded = loaded_lm(tmp_path_factory.getbasetemp())
-    fp32 = copy.deepcopy(loaded.model).eval()
-    int8 = copy.deepcopy(loaded.model).eval()
-    prepare_decoding(fp32, "fp32")
-    prepare_decoding(int8, "int8")
+    loaded, fp32, int8 = trained_fp32_and_int8(tmp_path_factory.getbasetemp())
     if native.load():
         assert kv_cache_dtype(int8) is torch.float16  # what int8 decoding uses by default
-    text = textwrap.dedent(inspect.getsource(textwrap))
-    ids = loaded.tokenizer.encode(text)[: fp32.config.block_size]  # one context's worth
+    ids = python_source_ids(loaded.tokenizer, fp32.config.block_size)  # one context's worth
     reference = decode_perplexity(fp32, ids, torch.float32)
     half_cache = decode_perplexity(fp32, ids, torch.float16)
     int8_full = decode_perplexity(int8, ids, torch.float32)

@@ -4,7 +4,6 @@ incremental detokenization and stop strings, and single-sequence generate/stream
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,16 +26,8 @@ from shipyard.models.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 TOK = Tokenizer.byte()
+pytestmark = pytest.mark.usefixtures("one_thread")
 NEG_INF = float("-inf")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only add overhead (and contention on a busy CI box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_gpt(seed: int = 0, **overrides: object) -> GPT:

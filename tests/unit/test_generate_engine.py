@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,15 +29,8 @@ from shipyard.models.quantized import DISABLE_ENV
 
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 TOK = Tokenizer.byte()
+pytestmark = pytest.mark.usefixtures("one_thread")
 WAIT_S = 30.0  # generous bound on every Event.wait, so a bug fails instead of hanging
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

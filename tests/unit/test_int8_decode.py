@@ -12,10 +12,10 @@ to the int8 GEMM.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
+from tests.decode_support import tiny_llama
 from torch import nn
 
 from shipyard.data.tokenization import Tokenizer
@@ -24,10 +24,11 @@ from shipyard.generate import Engine, SamplingParams, generate
 from shipyard.generate.packed import PackedLinear, prepare_decoding
 from shipyard.kernels import native
 from shipyard.models.gpt import GPT, GPTConfig
-from shipyard.models.llama import Llama, LlamaConfig
+from shipyard.models.llama import Llama
 from shipyard.models.quantized import Int8Linear, int8_gemm_available
 
 TOK = Tokenizer.byte()
+pytestmark = pytest.mark.usefixtures("one_thread")
 needs_gemm = pytest.mark.skipif(not int8_gemm_available(), reason="no x86 int8 GEMM here")
 
 
@@ -38,14 +39,6 @@ def expected_int8_kernel() -> str:
     return "int8-gemm" if int8_gemm_available() else "dequantized"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -53,20 +46,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def tiny_gpt() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), TOK.vocab_size).eval()
-
-
-def tiny_llama() -> Llama:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        vocab_size=TOK.vocab_size,
-    )
-    return Llama(config).eval()
 
 
 def int8_layer() -> Int8Linear:

@@ -11,10 +11,10 @@ models with a clear greedy choice (a peaked GPT), where that rounding cannot fli
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
+from tests.decode_support import peaked_gpt, tiny_llama
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError, ModelError
@@ -23,41 +23,11 @@ from shipyard.generate.cache import BatchKVCache, cache_values, new_cache
 from shipyard.generate.packed import kv_cache_dtype, prepare_decoding
 from shipyard.generate.traced import TRACED_KERNEL, traced_prefill, traced_step
 from shipyard.kernels import native
-from shipyard.models.gpt import GPT, GPTConfig
-from shipyard.models.llama import Llama, LlamaConfig
 from shipyard.models.quantized import DISABLE_ENV
 
 TOK = Tokenizer.byte()
+pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = SamplingParams(max_tokens=20, temperature=0, stop_on_eos=False, logprobs=True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def peaked_gpt() -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=96), TOK.vocab_size)
-    with torch.no_grad():
-        model.transformer.wte.weight.mul_(8.0)  # a clear greedy choice, as in a trained model
-    return model.eval()
-
-
-def small_llama() -> Llama:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TOK.vocab_size,
-    )
-    return Llama(config).eval()
 
 
 def test_cache_values_convert_and_saturate_into_float16() -> None:
@@ -107,7 +77,7 @@ def test_auto_picks_float16_only_for_int8_weights_on_the_native_kernels(
         kv_cache_dtype(fp32, "int8")
 
 
-@pytest.mark.parametrize("build", [peaked_gpt, small_llama])
+@pytest.mark.parametrize("build", [peaked_gpt, tiny_llama])
 @pytest.mark.parametrize("traced", [True, False])
 def test_generation_over_a_float16_cache_stays_close_to_float32(
     build: object, traced: bool, monkeypatch: pytest.MonkeyPatch

@@ -5,7 +5,6 @@ round trips, meta-device construction and the one-line errors."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 100
 MAX_POS = 48  # prompts go past it, so the scaled RoPE types (dynamic above all) are exercised
 TOK = Tokenizer.byte()  # ids < VOCAB decode to bytes; generation never stops on EOS here
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE: dict[str, Any] = {
     "vocab_size": VOCAB,
@@ -86,14 +86,6 @@ CASES = [
 # only up to there (as in transformers' model; its generate() re-prefills LongRoPE there).
 SCALE_FREE_LENGTH = {"dynamic": MAX_POS, "longrope": 16}
 IDS = [f"{f}-{r}-{'tied' if t else 'untied'}" for f, r, t in CASES]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hf_kwargs(family: str, rope: str, tied: bool) -> dict[str, Any]:

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.decode_support import peaked_gpt, tiny_llama
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.generate import SamplingParams, generate
 from shipyard.generate.packed import prepare_decoding
 from shipyard.kernels import native
 from shipyard.models.attention import NativeKernels, attention, gelu_tanh
-from shipyard.models.gpt import GPT, GPTConfig
-from shipyard.models.llama import Llama, LlamaConfig
+from shipyard.models.llama import Llama
 from shipyard.models.quantized import (
     Int8Linear,
     _prepack_int8,
@@ -314,25 +314,8 @@ def test_attention_keeps_sdpa_for_training_and_prefill() -> None:
     )
 
 
-def peaked_gpt() -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=96), TOK.vocab_size)
-    with torch.no_grad():
-        model.transformer.wte.weight.mul_(8.0)  # a clear greedy choice, as in a trained model
-    return model.eval()
-
-
 def small_llama() -> Llama:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TOK.vocab_size,
-    )
-    return Llama(config).eval()
+    return tiny_llama(intermediate_size=96, tie_word_embeddings=True)
 
 
 @pytest.mark.parametrize("build", [peaked_gpt, small_llama])

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 
 import pytest
 import torch
+from tests.decode_support import tiny_llama
 
 from shipyard.data.tokenization import Tokenizer
 from shipyard.generate import Engine, GenerationResult, SamplingParams, generate
@@ -30,39 +30,17 @@ from shipyard.generate.traced import (
     traced_step_unsupported,
 )
 from shipyard.models.gpt import GPT, GPTConfig
-from shipyard.models.llama import Llama, LlamaConfig, RopeParameters
+from shipyard.models.llama import Llama, RopeParameters
 from shipyard.models.quantized import DISABLE_ENV
 
 TOK = Tokenizer.byte()
+pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = SamplingParams(max_tokens=24, temperature=0, stop_on_eos=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_gpt() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), TOK.vocab_size).eval()
-
-
-def tiny_llama(**overrides: object) -> Llama:
-    torch.manual_seed(0)
-    fields: dict[str, object] = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": False,
-        "vocab_size": TOK.vocab_size,
-    }
-    fields.update(overrides)
-    return Llama(LlamaConfig.model_validate(fields)).eval()
 
 
 def eager_ids(

@@ -22,7 +22,8 @@ step (start a new engine); `generate` re-checks and retraces.
 
 A second trace, the prefill step (`traced_prefill`), runs prompts (and prompt chunks) of two or
 more tokens the same way, with a causal mask over the new slots and the LM head on the last
-position only. Both are made on TorchScript's legacy executor (see `_warm_up`).
+position only. Both are made on TorchScript's legacy executor (see `_warm_up`). A step is traced
+for one KV cache dtype (float32, or float16: `kv_cache_dtype`): a model keeps one per dtype.
 
 Tracing takes ~0.3 s for a 6-layer model and under a second for a 250M one, more than a short
 request saves, so `stream`/`generate` trace a model only once it has been asked for
@@ -162,15 +163,12 @@ class TracedStep:
         counts the slots."""
         B, T = tokens.shape
         position = cache.seq_len
-        if cache.dtype not in (None, self.kv_dtype):
-            raise ModelError(
-                f"this step was traced for a {self.kv_dtype} KV cache, not {cache.dtype}"
-            )
         if cache.batch_size == 0:
-            cache.allocate(B, *self.kv_shape, T, dtype=self.kv_dtype, device=tokens.device)
+            dtype = cache.dtype or self.kv_dtype
+            cache.allocate(B, *self.kv_shape, T, dtype=dtype, device=tokens.device)
         cache.reserve(position + T)
         keys, values = cache.storage
-        if keys.dtype != self.kv_dtype:
+        if keys.dtype != self.kv_dtype:  # the trace casts new keys to the dtype it was made for
             raise ModelError(
                 f"this step was traced for a {self.kv_dtype} KV cache, not {keys.dtype}"
             )

@@ -239,9 +239,7 @@ at::Tensor linear_f32(const at::Tensor &x, const at::Tensor &weight, const at::T
 // xbuf[m][kq] = {4 bytes |xq|, 4 bytes xq} (zero padded), each 4-byte word broadcast to a register.
 
 constexpr int64_t K_CHUNK = 256;  // groups of 4 k per chunk of a block (several rows)
-#ifndef Q8_PREFETCH
-#define Q8_PREFETCH 16  // groups of 4 k (64-byte lines of a block) read ahead
-#endif
+constexpr int64_t Q8_PREFETCH = 16;  // groups of 4 k (64-byte lines of a block) read ahead
 
 // (N, K) int8 in [-127, 127] -> packed (ceil(N/16), 4*ceil(K/4), 16), layout above.
 at::Tensor pack_int8(const at::Tensor &weight) {

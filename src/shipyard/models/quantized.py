@@ -14,7 +14,7 @@ They live with the models because the package loader (below compress/) rebuilds 
   `int8_gemm_available`) or "native" (the CPU decode path: shipyard's own int8 x int8 kernel,
   `shipyard.kernels`: each row's activations quantized to 8 bits with the row's own scale,
   products summed exactly in int32, so a row's result does not depend on the rest of the
-  batch; ~1.3-1.7x the int8 GEMM's speed at 1-8 rows on a 384-wide GPT) for up to
+  batch; ~1.1-1.9x the int8 GEMM's speed at 1-8 rows on a 384-wide GPT) for up to
   `NATIVE_INT8_MAX_ROWS` rows; more rows go to "int8-gemm" when there is one (as fast or
   faster there: its AVX2 inner step is one instruction shorter, with 7-bit activations).
 - `DynamicInt8Linear` (scheme "dynamic-int8"): the same int8 weights run through PyTorch's
