@@ -12,8 +12,10 @@ from shipyard.data.tokenization import Tokenizer
 from shipyard.errors import GenerationError, ShipyardError
 from shipyard.generate import (
     IncrementalDetokenizer,
+    SamplingBatch,
     SamplingParams,
     TokenHistory,
+    choose_tokens,
     generate,
     process_logits,
     sample,
@@ -150,6 +152,25 @@ def test_batch_rows_use_their_own_params() -> None:
     for b in range(3):
         alone = process_logits(logits[b], params[b], history(prompts[b], outputs[b], 10))
         torch.testing.assert_close(batched[b], alone)
+
+
+def test_a_batch_builds_only_the_tensors_its_rows_need() -> None:
+    greedy = SamplingBatch.from_params([SamplingParams(temperature=0)] * 3, 10)
+    logits = torch.randn(3, 10)
+    assert torch.equal(process_logits(logits, greedy), logits)
+    tokens, _ = choose_tokens(logits, greedy, None, [None] * 3, [0, 0, 0])
+    assert tokens == logits.argmax(-1).tolist()
+    lazy = ("temperature", "greedy", "top_k", "top_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty")  # fmt: skip
+    assert not set(lazy) & set(vars(greedy))  # an all-greedy batch made no tensor at all
+    mixed = SamplingBatch.from_params(
+        [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_k=3)], 10
+    )
+    assert mixed.any_temperature and mixed.any_top_k and not mixed.any_top_p
+    assert mixed.temperature.view(-1).tolist() == [1.0, 0.5]  # greedy rows divide by 1
+    assert mixed.top_k.view(-1).tolist() == [10, 3] and mixed.greedy.tolist() == [True, False]
+    plain = SamplingBatch.from_params([SamplingParams(temperature=1.0, top_k=50)], 10)
+    assert not plain.any_temperature and not plain.any_top_k  # 1 and k >= V change nothing
 
 
 # --- sampling -------------------------------------------------------------------------------

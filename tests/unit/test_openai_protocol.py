@@ -7,7 +7,8 @@ tests/integration/test_openai_http.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,7 @@ from shipyard.models.gpt import GPT, GPTConfig
 from shipyard.serve import ServeSettings, create_app
 from shipyard.serve.auth import add_key
 from shipyard.serve.protocols.openai import CHAT_STOPS, chat_prompt
+from shipyard.serve.protocols.openai.streaming import EventStream
 
 TOK = Tokenizer.byte()
 
@@ -201,6 +203,30 @@ def test_auth_errors_use_the_openai_body(tmp_path: Path) -> None:
         assert c.get("/v2/models/lm").json() == {"error": r.json()["error"]["message"]}
 
 
+def test_generation_routes_keep_the_openai_error_body_and_route_metrics(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    secret, _ = add_key(keys, "infer")
+    app = create_app(ServeSettings(keys_file=keys, access_log=False), preloaded=[fake_lm()])
+    body = {"model": "lm", "prompt": "ab", "max_tokens": 2, "ignore_eos": True}
+    with TestClient(app) as c:
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = c.post(path, json=body)  # no key: refused by the lane, in OpenAI's body
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["error"]["type"] == "authentication_error"
+            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert c.get(path).status_code == 405  # FastAPI still owns the other methods
+        auth = {"Authorization": f"Bearer {secret}"}
+        r = c.post("/v1/completions", json={**body, "model": "nope"}, headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = c.post("/v1/completions", json=body, headers=auth)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        # the lane reports the route template to the metrics, as FastAPI's router would
+        admin_secret, _ = add_key(keys, "admin")
+        text = c.get("/metrics", headers={"Authorization": f"Bearer {admin_secret}"}).text
+    assert 'route="/v1/completions",status="200"' in text
+    assert 'route="/v1/chat/completions",status="401"' in text
+
+
 def test_engine_is_created_at_load_and_closed_at_shutdown() -> None:
     app = create_app(ServeSettings(access_log=False, max_running_seqs=3, max_queue=5),
                      preloaded=[fake_lm()])  # fmt: skip
@@ -208,3 +234,65 @@ def test_engine_is_created_at_load_and_closed_at_shutdown() -> None:
         engine = app.state.server.repo.get("lm").engine
         assert engine is not None and engine.max_batch_size == 3 and engine.max_queue == 5
     assert engine._thread is not None and not engine._thread.is_alive()
+
+
+class _Exchange:
+    """One streamed response over raw ASGI: the body generator's chunks, what was sent, and
+    whether the generator was closed; the client hangs up after `hang_up_after` chunks."""
+
+    def __init__(self, chunks: int, hang_up_after: int | None = None) -> None:
+        self.chunks, self.hang_up_after = chunks, hang_up_after
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+        self.gone = asyncio.Event()
+
+    async def body(self) -> AsyncGenerator[bytes, None]:
+        try:
+            for i in range(self.chunks):
+                yield b"data: %d\n\n" % i
+            await asyncio.Event().wait()  # a token that never comes
+        finally:
+            self.closed = True
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        if len(self.sent) - 1 == self.hang_up_after:
+            self.gone.set()
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.sent if m["type"] == "http.response.body"]
+
+
+def test_event_stream_stops_and_closes_its_body_when_the_client_hangs_up() -> None:
+    ex = _Exchange(chunks=3, hang_up_after=2)
+
+    async def run() -> None:  # returns normally: a hang-up ends the response, not the server
+        await asyncio.wait_for(EventStream(ex.body())({"type": "http"}, ex.receive, ex.send), 10)
+
+    asyncio.run(run())
+    start = ex.sent[0]
+    assert start["type"] == "http.response.start" and start["status"] == 200
+    headers = dict(start["headers"])
+    assert headers[b"content-type"].startswith(b"text/event-stream")
+    assert headers[b"cache-control"] == b"no-cache" and b"content-length" not in headers
+    assert ex.bodies() == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n"]
+    assert ex.closed
+
+
+def test_event_stream_passes_on_a_cancellation_from_outside() -> None:
+    ex = _Exchange(chunks=1)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(EventStream(ex.body())({"type": "http"}, ex.receive, ex.send))
+        while len(ex.sent) < 2:
+            await asyncio.sleep(0)
+        task.cancel()  # the server stopping, say: not a hang-up, so it must propagate
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert ex.closed and ex.bodies() == [b"data: 0\n\n"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -59,16 +60,15 @@ class TokenHistory:
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters as (B, 1) tensors, built once per batch composition."""
+    """The sampling parameters of B rows: flags saying which steps any row needs, and per-row
+    (B, 1) tensors, each built on first use (an all-greedy batch without penalties, the
+    common case, never builds one). Made once per batch composition."""
 
-    temperature: torch.Tensor  # (B, 1); 1 for greedy rows (their argmax ignores it)
-    greedy: torch.Tensor  # (B,) bool
-    top_k: torch.Tensor  # (B, 1) long; vocab_size when off
-    top_p: torch.Tensor  # (B, 1)
-    repetition_penalty: torch.Tensor  # (B, 1)
-    presence_penalty: torch.Tensor  # (B, 1)
-    frequency_penalty: torch.Tensor  # (B, 1)
+    params: tuple[SamplingParams, ...]
+    vocab_size: int
+    device: torch.device | str | None
     all_greedy: bool
+    any_temperature: bool  # some row divides by a temperature other than 1
     any_top_k: bool
     any_top_p: bool
     any_repetition: bool
@@ -81,28 +81,60 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str | None = None,
     ) -> SamplingBatch:
-        """Stack the parameters of B rows."""
-
-        def col(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)
-
-        top_k = [min(p.top_k, vocab_size) if p.top_k else vocab_size for p in params]
+        """The batch of B rows with these parameters."""
+        rows = tuple(params)
         return cls(
-            temperature=col([p.temperature if p.temperature > 0 else 1.0 for p in params]),
-            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
-            top_k=col([float(k) for k in top_k], torch.long),
-            top_p=col([p.top_p for p in params]),
-            repetition_penalty=col([p.repetition_penalty for p in params]),
-            presence_penalty=col([p.presence_penalty for p in params]),
-            frequency_penalty=col([p.frequency_penalty for p in params]),
-            all_greedy=all(p.greedy for p in params),
-            any_top_k=any(k < vocab_size for k in top_k),
-            any_top_p=any(p.top_p < 1.0 for p in params),
-            any_repetition=any(p.repetition_penalty != 1.0 for p in params),
+            params=rows,
+            vocab_size=vocab_size,
+            device=device,
+            all_greedy=all(p.greedy for p in rows),
+            any_temperature=any(p.temperature > 0 and p.temperature != 1.0 for p in rows),
+            any_top_k=any(p.top_k is not None and p.top_k < vocab_size for p in rows),
+            any_top_p=any(p.top_p < 1.0 for p in rows),
+            any_repetition=any(p.repetition_penalty != 1.0 for p in rows),
             any_presence_frequency=any(
-                p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params
+                p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in rows
             ),
         )
+
+    def _column(self, values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device).view(-1, 1)
+
+    @cached_property
+    def temperature(self) -> torch.Tensor:
+        """(B, 1); 1 for greedy rows (their argmax ignores it)."""
+        return self._column([p.temperature if p.temperature > 0 else 1.0 for p in self.params])
+
+    @cached_property
+    def greedy(self) -> torch.Tensor:
+        """(B,) bool."""
+        return torch.tensor([p.greedy for p in self.params], dtype=torch.bool, device=self.device)
+
+    @cached_property
+    def top_k(self) -> torch.Tensor:
+        """(B, 1) long; vocab_size when off."""
+        V = self.vocab_size
+        return self._column([min(p.top_k, V) if p.top_k else V for p in self.params], torch.long)
+
+    @cached_property
+    def top_p(self) -> torch.Tensor:
+        """(B, 1)."""
+        return self._column([p.top_p for p in self.params])
+
+    @cached_property
+    def repetition_penalty(self) -> torch.Tensor:
+        """(B, 1)."""
+        return self._column([p.repetition_penalty for p in self.params])
+
+    @cached_property
+    def presence_penalty(self) -> torch.Tensor:
+        """(B, 1)."""
+        return self._column([p.presence_penalty for p in self.params])
+
+    @cached_property
+    def frequency_penalty(self) -> torch.Tensor:
+        """(B, 1)."""
+        return self._column([p.frequency_penalty for p in self.params])
 
 
 def _as_batch(
@@ -143,7 +175,8 @@ def process_logits(
         if batch.any_presence_frequency:
             present = (history.counts > 0).float()  # (B, V)
             x = x - batch.presence_penalty * present - batch.frequency_penalty * history.counts
-    x = x / batch.temperature
+    if batch.any_temperature:
+        x = x / batch.temperature
     if batch.any_top_k or batch.any_top_p:
         sorted_x, order = torch.sort(x, dim=-1, descending=True)  # (B, V)
         remove = torch.zeros_like(sorted_x, dtype=torch.bool)

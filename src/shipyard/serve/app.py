@@ -90,7 +90,7 @@ def create_app(settings: ServeSettings, *, preloaded: Sequence[LoadedModel] = ()
     # Middleware added last runs first: the access log wraps the fast lane, which wraps FastAPI.
     app.add_middleware(
         InferenceFastLane,
-        routes=[*simple.FAST_ROUTES, *kserve_v2.FAST_ROUTES],
+        routes=[*simple.FAST_ROUTES, *kserve_v2.FAST_ROUTES, *openai.FAST_ROUTES],
         render_error=_error_body,
     )
     app.add_middleware(

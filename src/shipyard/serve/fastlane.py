@@ -1,4 +1,5 @@
-"""The inference fast lane: `POST` requests to the inference routes skip FastAPI's router.
+"""The inference fast lane: `POST` requests to the inference routes (KServe V2 and simple
+inference, OpenAI completions) skip FastAPI's router.
 
 At thousands of small requests per second, FastAPI's route matching, dependency solving and
 exception layers cost more than parsing the request and running a small model. The lane sits
@@ -42,12 +43,15 @@ class FastRoute:
     """A `POST` route template and its endpoint, called as `endpoint(request, **params)`.
 
     `openapi` holds what FastAPI's `add_api_route` takes to document it (`summary`,
-    `responses`, `openapi_extra`, ...): the lane itself never looks at it.
+    `responses`, `openapi_extra`, ...): the lane itself never looks at it. `render_error`, when
+    set, renders this route's `RequestError`s (the OpenAI routes answer with OpenAI's error
+    body) in place of the lane's default.
     """
 
     path: str  # the template; also what metrics and the access log report as the route
     endpoint: Endpoint
     openapi: dict[str, Any] = field(default_factory=dict)
+    render_error: ErrorRenderer | None = None
     regex: re.Pattern[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,7 +95,7 @@ class InferenceFastLane:
     """ASGI middleware: serve `routes` directly, pass every other request to `app`.
 
     `render_error` turns a `RequestError` from an endpoint into the response the app's own
-    exception handler would send.
+    exception handler would send (unless the route renders its own).
     """
 
     def __init__(
@@ -114,7 +118,7 @@ class InferenceFastLane:
                 try:
                     response = await route.endpoint(request, **params)
                 except RequestError as exc:
-                    response = self.render_error(exc)
+                    response = (route.render_error or self.render_error)(exc)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

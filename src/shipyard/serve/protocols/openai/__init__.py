@@ -26,11 +26,12 @@ from shipyard.serve.protocols.openai.parsing import (
     chat_prompt,
     chat_prompt_ids,
 )
-from shipyard.serve.protocols.openai.routes import build_router
+from shipyard.serve.protocols.openai.routes import FAST_ROUTES, build_router
 
 __all__ = [
     "CHAT_STOPS",
     "CHAT_TEMPLATE",
+    "FAST_ROUTES",
     "UNSUPPORTED",
     "OpenAIError",
     "build_router",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
-from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi import Request, Response
+from starlette.types import Receive, Scope, Send
 
 from shipyard.generate import AsyncRequestStream, TokenEvent
 from shipyard.serve.protocols.openai.answers import (
@@ -80,6 +80,55 @@ class _TextChunks:
         return (self._prefix[index] + _json_string(text) + self._suffix).encode()
 
 
+class EventStream(Response):
+    """A `text/event-stream` response of `body`'s chunks that stops as soon as the client goes
+    away (the body generator is then closed: its `finally` frees the engine's slots).
+
+    What Starlette's `StreamingResponse` does with its disconnect listener, without the task
+    group and cancel scopes it builds for every response: a plain task waits for
+    `http.disconnect` and cancels the response's own task, whose cancellation ends here.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncGenerator[bytes, None]) -> None:
+        self.body_iterator = body
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        finished = False
+
+        def hang_up(waiter: asyncio.Future[None]) -> None:
+            if not finished and not waiter.cancelled():
+                task.cancel()
+
+        gone = asyncio.ensure_future(_disconnect(receive))
+        gone.add_done_callback(hang_up)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone.done() or gone.cancelled():
+                raise  # cancelled from outside (the server stopping): not ours to swallow
+            task.uncancel()  # the client hung up: this response is over, the server is not
+        finally:
+            finished = True
+            gone.cancel()
+            await self.body_iterator.aclose()
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return when the client goes away (the request body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 def streaming_response(
     request: Request,
     req: ParsedRequest,
@@ -87,7 +136,7 @@ def streaming_response(
     *,
     chat: bool,
     response_id: str,
-) -> StreamingResponse:
+) -> EventStream:
     tokenizer = req.engine.tokenizer
     created = int(time.time())
     head = {
@@ -99,7 +148,7 @@ def streaming_response(
 
     text_chunk = _TextChunks(head, chat, len(streams))
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncGenerator[bytes, None]:
         completion_tokens = 0
         offsets = [0] * len(streams)
         try:
@@ -153,8 +202,4 @@ def streaming_response(
                 if stream.final is None:
                     stream.cancel()
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(body())
