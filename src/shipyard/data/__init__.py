@@ -5,17 +5,45 @@ Example::
     from shipyard.data import DataConfig, prepare_data
     data = prepare_data(DataConfig(source="builtin:digits"), "classification", seed=0)
     x, y = data.train[0]          # (1, 8, 8) float32, int64 class id
+
+The names below are imported from their modules on first use (PEP 562), so reading a run config
+(`shipyard.data.config`) does not import the datasets, the corpora or torch.
 """
 
 from __future__ import annotations
 
-from shipyard.data.chat import ChatTemplate, ChatTemplateError
-from shipyard.data.config import DataConfig, SplitFiles, SplitRatios, TokenizerConfig
-from shipyard.data.corpus import TokenWindows, default_cache_dir
-from shipyard.data.datasets import ArrayDataset
-from shipyard.data.prepare import DataInfo, PreparedData, prepare_data
-from shipyard.data.preprocessing import Preprocessor
-from shipyard.data.tokenization import EOS_TOKEN, PAD_TOKEN, HFTokenizerConfig, Tokenizer
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shipyard.data.chat import ChatTemplate, ChatTemplateError
+    from shipyard.data.config import DataConfig, SplitFiles, SplitRatios, TokenizerConfig
+    from shipyard.data.corpus import TokenWindows, default_cache_dir
+    from shipyard.data.datasets import ArrayDataset
+    from shipyard.data.prepare import DataInfo, PreparedData, prepare_data
+    from shipyard.data.preprocessing import Preprocessor
+    from shipyard.data.tokenization import EOS_TOKEN, PAD_TOKEN, HFTokenizerConfig, Tokenizer
+
+# Each public name → the module (under shipyard.data) that defines it.
+_EXPORTS: dict[str, str] = {
+    "ChatTemplate": "chat",
+    "ChatTemplateError": "chat",
+    "DataConfig": "config",
+    "SplitFiles": "config",
+    "SplitRatios": "config",
+    "TokenizerConfig": "config",
+    "TokenWindows": "corpus",
+    "default_cache_dir": "corpus",
+    "ArrayDataset": "datasets",
+    "DataInfo": "prepare",
+    "PreparedData": "prepare",
+    "prepare_data": "prepare",
+    "Preprocessor": "preprocessing",
+    "EOS_TOKEN": "tokenization",
+    "PAD_TOKEN": "tokenization",
+    "HFTokenizerConfig": "tokenization",
+    "Tokenizer": "tokenization",
+}
 
 __all__ = [
     "EOS_TOKEN",
@@ -36,3 +64,16 @@ __all__ = [
     "default_cache_dir",
     "prepare_data",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
