@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,7 +202,7 @@ def test_primary_metric_and_format() -> None:
     not dist.is_available() or dist.is_initialized(), reason="needs a fresh torch.distributed"
 )
 def test_to_device_and_single_process_group_sync() -> None:
-    # compute() goes through torchmetrics' all-gather path when a process group exists
+    # compute() with a process group of one: no all-reduce, the same numbers
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
@@ -213,3 +215,60 @@ def test_to_device_and_single_process_group_sync() -> None:
     reference = build_metrics("language-modeling")
     feed(reference, logits, targets, [12])
     assert got == pytest.approx(reference.compute(), rel=1e-12)
+
+
+def _rank_computes(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    """One process of `test_metrics_all_reduce_across_processes`: its share of every task's
+    data (the last rank gets none), the metrics computed together, written as JSON."""
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world
+    )
+    try:
+        results = {}
+        for task, (outputs, targets) in _shared_data().items():
+            m = _task_metrics(task)
+            rows = torch.arange(len(outputs))
+            mine = rows[rows % (world - 1) == rank] if rank < world - 1 else rows[:0]
+            if len(mine):
+                m.update(outputs[mine], targets[mine])
+            results[task] = m.compute()
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _shared_data() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randn(40, 3, generator=g)
+    return {
+        "classification": classification_data(40),
+        "regression": (targets + 0.3 * torch.randn(40, 3, generator=g), targets),
+        "language-modeling": lm_data(pad=True),
+    }
+
+
+def _task_metrics(task: str) -> MetricSet:
+    if task == "classification":
+        return build_metrics("classification", num_classes=5, top_k=2)
+    return build_metrics(task)  # type: ignore[arg-type]
+
+
+def test_metrics_all_reduce_across_processes(tmp_path: Path) -> None:
+    # three gloo processes; the third saw no batch and still joins every collective
+    world = 3
+    torch.multiprocessing.start_processes(  # forked: no second import of torch and sklearn
+        _rank_computes,
+        args=(world, str(tmp_path / "store"), str(tmp_path)),
+        nprocs=world,
+        start_method="fork",
+    )
+    for task, (outputs, targets) in _shared_data().items():
+        alone = _task_metrics(task)
+        alone.update(outputs, targets)
+        expected = alone.compute()
+        for rank in range(world):
+            got = json.loads((tmp_path / f"{rank}.json").read_text())[task]
+            assert got.keys() == expected.keys(), (task, rank)
+            for name, value in expected.items():  # sums of floats: only the order differs
+                want = pytest.approx(value, rel=1e-9) if isinstance(value, float) else value
+                assert got[name] == want, (task, rank, name)

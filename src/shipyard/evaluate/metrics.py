@@ -1,9 +1,11 @@
 """Streaming evaluation metrics: fed one batch at a time, summarised once at the end.
 
 Only running sums and a confusion matrix are kept, never every logit, so a metric set evaluates a
-split of any size in constant memory. State lives in torchmetrics `Metric` objects, which all-reduce
-across processes on `compute()` when a `torch.distributed` process group is initialised; loss sums
-and counts are such states too, so every rank reports the same global numbers.
+split of any size in constant memory. The sums live in float64 tensors that `compute()` all-reduces
+across processes (one collective) when a `torch.distributed` process group of more than one
+process is initialised, so every rank reports the same global numbers. (torchmetrics did this job
+until it cost every command that trains or evaluates ~3 s of imports: it pulls in scipy.signal and,
+where installed, transformers.)
 
     metrics = build_metrics("classification", num_classes=3, class_names=["a", "b", "c"])
     for x, y in loader:
@@ -15,15 +17,12 @@ and counts are such states too, so every rank reports the same global numbers.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric, R2Score
-from torchmetrics.classification import MulticlassConfusionMatrix
-from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
 from shipyard.config_base import TASKS, Task
 from shipyard.data.instructions import IGNORE_INDEX
@@ -32,26 +31,42 @@ from shipyard.errors import EvaluateError
 # Label value that marks padding / unscored tokens, as in F.cross_entropy.
 
 
-class _Totals(Metric):
-    """Named float64 running sums that all-reduce (sum) across processes on compute()."""
+class _Sums:
+    """Named float64 running sums (scalars, or tensors of a fixed shape): all of a metric set's
+    state. `reduced()` gives them summed over every process of the default group, leaving the
+    local sums as they were; every rank must call it (a collective), batches or not."""
 
-    full_state_update = False
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self._shapes = dict(shapes)
+        self._device = torch.device("cpu")
+        self.reset()
 
-    def __init__(self, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self._names = names
-        for name in names:
-            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+    def reset(self) -> None:
+        self.values = {
+            name: torch.zeros(shape, dtype=torch.float64, device=self._device)
+            for name, shape in self._shapes.items()
+        }
 
-    def update(self, **values: Any) -> None:
-        for name, value in values.items():
-            if name not in self._names:
-                raise KeyError(f"unknown total {name!r}; known: {list(self._names)}")
-            delta = torch.as_tensor(value, dtype=torch.float64, device=self.device)
-            setattr(self, name, getattr(self, name) + delta.detach())
+    def to(self, device: torch.device | str) -> None:
+        self._device = torch.device(device)
+        self.values = {name: v.to(self._device) for name, v in self.values.items()}
 
-    def compute(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in self._names}
+    def add(self, **deltas: float | int | Tensor) -> None:
+        for name, delta in deltas.items():
+            if name not in self.values:
+                raise KeyError(f"unknown sum {name!r}; known: {list(self.values)}")
+            value = torch.as_tensor(delta, dtype=torch.float64, device=self._device)
+            self.values[name] += value.detach()
+
+    def reduced(self) -> dict[str, Tensor]:
+        flat = torch.cat([v.reshape(-1) for v in self.values.values()])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat)  # a copy: the local sums stay local
+        out, at = {}, 0
+        for name, v in self.values.items():
+            out[name] = flat[at : at + v.numel()].reshape(v.shape)
+            at += v.numel()
+        return out
 
 
 class MetricSet:
@@ -59,8 +74,8 @@ class MetricSet:
 
     task: Task
 
-    def __init__(self, metrics: dict[str, Metric]) -> None:
-        self._metrics = metrics
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self._sums = _Sums(shapes)
 
     def update(
         self,
@@ -83,19 +98,13 @@ class MetricSet:
 
     def reset(self) -> None:
         """Forget every batch fed in so far."""
-        for metric in self._metrics.values():
-            metric.reset()
+        self._sums.reset()
 
     def to(self, device: torch.device | str) -> MetricSet:
-        """Move the metric state to `device` (where the outputs live); returns self."""
-        for name, metric in self._metrics.items():
-            self._metrics[name] = metric.to(device)
+        """Move the metric state to `device` (where the outputs live; with NCCL, a GPU); returns
+        self."""
+        self._sums.to(device)
         return self
-
-    def _totals(self) -> _Totals:
-        totals = self._metrics["totals"]
-        assert isinstance(totals, _Totals)
-        return totals
 
     def _add_loss(self, loss_sum: float | Tensor | None, count: int | None, default: int) -> None:
         if loss_sum is None:
@@ -112,25 +121,24 @@ class MetricSet:
         n = default if count is None else count
         if n < 0:
             raise EvaluateError(f"count must be >= 0, got {n}")
-        self._totals().update(loss_sum=loss_sum, loss_count=n)
+        self._sums.add(loss_sum=loss_sum, loss_count=n)
 
-    def _synced_totals(self) -> dict[str, float]:
-        with warnings.catch_warnings():
-            # a rank that saw no batches still has to join the all-reduce; we check emptiness below
-            warnings.filterwarnings("ignore", message=r".*called before the ``update`` method")
-            totals = self._totals().compute()
-        if totals["samples"] == 0:
+    def _reduced(self) -> dict[str, Tensor]:
+        """Every sum over all processes (a rank that saw no batches still joins the all-reduce;
+        emptiness is checked on the global count)."""
+        sums = self._sums.reduced()
+        if float(sums["samples"]) == 0:
             raise EvaluateError(
                 f"no {self.task} batches were fed to the metrics since the last reset; "
                 "call update(outputs, targets) at least once before compute()"
             )
-        return totals
+        return sums
 
 
-def _mean_loss(totals: dict[str, float]) -> dict[str, float]:
-    if totals["loss_count"] == 0:
+def _mean_loss(sums: dict[str, Tensor]) -> dict[str, float]:
+    if float(sums["loss_count"]) == 0:
         return {}
-    return {"loss": totals["loss_sum"] / totals["loss_count"]}
+    return {"loss": float(sums["loss_sum"]) / float(sums["loss_count"])}
 
 
 class ClassificationMetrics(MetricSet):
@@ -143,12 +151,11 @@ class ClassificationMetrics(MetricSet):
     task: Task = "classification"
 
     def __init__(self, num_classes: int, top_k: int, class_names: list[str]) -> None:
-        metrics: dict[str, Metric] = {
-            "totals": _Totals(("samples", "topk_correct", "loss_sum", "loss_count")),
-            # rows = true class, columns = predicted class; every other score derives from it
-            "confusion": MulticlassConfusionMatrix(num_classes, validate_args=False),
+        scalars: dict[str, tuple[int, ...]] = {
+            name: () for name in ("samples", "topk_correct", "loss_sum", "loss_count")
         }
-        super().__init__(metrics)
+        # rows = true class, columns = predicted class; every other score derives from it
+        super().__init__({**scalars, "confusion": (num_classes, num_classes)})
         self.num_classes = num_classes
         self.top_k = top_k
         self.class_names = class_names
@@ -179,16 +186,18 @@ class ClassificationMetrics(MetricSet):
                 f"[0, {self.num_classes - 1}]"
             )
         logits = outputs.float()
-        self._metrics["confusion"].update(logits.argmax(dim=1), targets)
+        C = self.num_classes
+        cells = targets.long() * C + logits.argmax(dim=1)  # (true, predicted) as one index
+        counts = torch.bincount(cells, minlength=C * C).reshape(C, C)
+        self._sums.add(confusion=counts, samples=len(targets))
         if 1 < self.top_k < self.num_classes:
             top = logits.topk(self.top_k, dim=1).indices  # (B, k)
-            self._totals().update(topk_correct=(top == targets[:, None]).any(dim=1).sum())
-        self._totals().update(samples=len(targets))
+            self._sums.add(topk_correct=(top == targets[:, None]).any(dim=1).sum())
         self._add_loss(loss_sum, count, default=len(targets))
 
     def compute(self) -> dict[str, Any]:
-        totals = self._synced_totals()
-        cm = self._metrics["confusion"].compute().to(torch.float64).cpu()  # (C_true, C_pred)
+        totals = self._reduced()
+        cm = totals["confusion"].cpu()  # (C_true, C_pred), float64 counts
         tp = cm.diagonal()
         support = cm.sum(dim=1)
         predicted = cm.sum(dim=0)
@@ -204,7 +213,9 @@ class ClassificationMetrics(MetricSet):
         result["recall_macro"] = float(recall[seen].mean())
         result["f1_macro"] = float(f1[seen].mean())
         if 1 < self.top_k < self.num_classes:
-            result[f"top{self.top_k}_accuracy"] = totals["topk_correct"] / totals["samples"]
+            result[f"top{self.top_k}_accuracy"] = float(totals["topk_correct"]) / float(
+                totals["samples"]
+            )
         result["per_class"] = {
             name: {
                 "precision": float(precision[i]),
@@ -224,16 +235,22 @@ class RegressionMetrics(MetricSet):
     task: Task = "regression"
 
     def __init__(self) -> None:
-        metrics: dict[str, Metric] = {
-            "totals": _Totals(("samples", "loss_sum", "loss_count")),
-            "mse": MeanSquaredError(),
-            "mae": MeanAbsoluteError(),
-            "r2": R2Score(multioutput="uniform_average"),
-        }
-        # float64 sums: R² subtracts two large sums of squares, which float32 would cancel away
-        for name in ("mse", "mae", "r2"):
-            metrics[name] = metrics[name].set_dtype(torch.float64)
-        super().__init__(metrics)
+        names = ("samples", "loss_sum", "loss_count", "elements", "squared_error", "absolute_error")
+        super().__init__({name: () for name in names})
+        # per output: sums of the targets, of their squares and of the squared residuals (R²),
+        # made at the first batch (which says how many outputs); float64, because R² subtracts
+        # two large sums of squares, which float32 would cancel away
+        self._outputs: _Sums | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._outputs = None
+
+    def to(self, device: torch.device | str) -> RegressionMetrics:
+        super().to(device)
+        if self._outputs is not None:
+            self._outputs.to(device)
+        return self
 
     def update(
         self,
@@ -258,22 +275,73 @@ class RegressionMetrics(MetricSet):
                 )
             targets = targets.reshape(outputs.shape)  # e.g. (B,) targets for (B, 1) outputs
         preds, target = outputs.to(torch.float64), targets.to(torch.float64)
-        self._metrics["mse"].update(preds.flatten(), target.flatten())
-        self._metrics["mae"].update(preds.flatten(), target.flatten())
-        self._metrics["r2"].update(preds, target)
-        self._totals().update(samples=len(targets))
+        D = preds.shape[1]
+        if self._outputs is None:
+            self._outputs = _Sums({"sum": (D,), "sum_squares": (D,), "residual_squares": (D,)})
+            self._outputs.to(self._sums.values["samples"].device)
+        elif self._outputs.values["sum"].numel() != D:
+            raise EvaluateError(
+                f"regression outputs changed width: {self._outputs.values['sum'].numel()} "
+                f"targets before, {D} now"
+            )
+        error = preds - target
+        self._outputs.add(
+            sum=target.sum(0),
+            sum_squares=target.square().sum(0),
+            residual_squares=error.square().sum(0),
+        )
+        self._sums.add(
+            samples=len(targets),
+            elements=error.numel(),
+            squared_error=error.square().sum(),
+            absolute_error=error.abs().sum(),
+        )
         self._add_loss(loss_sum, count, default=len(targets))
 
+    def _reduced_outputs(self) -> dict[str, Tensor]:
+        """The per-output sums over all processes; a rank that saw no batch joins with zeros."""
+        D = 0 if self._outputs is None else self._outputs.values["sum"].numel()
+        device = self._sums.values["samples"].device
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            width = torch.tensor([D], dtype=torch.float64, device=device)
+            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            widest = int(width.item())
+            if self._outputs is not None and widest != D:
+                raise EvaluateError(f"ranks fed regression outputs of {D} and {widest} targets")
+            D = widest
+        if self._outputs is None:
+            self._outputs = _Sums({"sum": (D,), "sum_squares": (D,), "residual_squares": (D,)})
+            self._outputs.to(device)
+        return self._outputs.reduced()
+
     def compute(self) -> dict[str, Any]:
-        totals = self._synced_totals()
-        mse = float(self._metrics["mse"].compute())
+        totals = self._reduced()
+        outputs = self._reduced_outputs()
+        elements = float(totals["elements"])
+        mse = float(totals["squared_error"]) / elements
         result: dict[str, Any] = _mean_loss(totals)
         result["mse"] = mse
-        result["mae"] = float(self._metrics["mae"].compute())
+        result["mae"] = float(totals["absolute_error"]) / elements
         result["rmse"] = math.sqrt(mse)
         # R² needs at least two samples; report NaN rather than fail on a one-row split
-        result["r2"] = float(self._metrics["r2"].compute()) if totals["samples"] > 1 else math.nan
+        n = float(totals["samples"])
+        result["r2"] = _r2(outputs, n) if n > 1 else math.nan
         return result
+
+
+def _r2(sums: dict[str, Tensor], n: float) -> float:
+    """R², uniformly averaged over outputs. An output whose targets are (near) constant scores 1
+    when its residuals are (near) zero too, else 0, as scikit-learn and torchmetrics do."""
+    rss = sums["residual_squares"]
+    tss = sums["sum_squares"] - sums["sum"] * (sums["sum"] / n)
+    zero = torch.zeros_like(rss)
+    has_rss = ~torch.isclose(rss, zero, atol=1e-4)
+    has_tss = ~torch.isclose(tss, zero, atol=1e-4)
+    scores = torch.ones_like(rss)
+    both = has_rss & has_tss
+    scores[both] = 1 - rss[both] / tss[both]
+    scores[has_rss & ~has_tss] = 0.0
+    return float(scores.mean())
 
 
 class LanguageModelingMetrics(MetricSet):
@@ -286,7 +354,7 @@ class LanguageModelingMetrics(MetricSet):
 
     def __init__(self) -> None:
         names = ("samples", "tokens", "correct", "loss_sum", "loss_count")
-        super().__init__({"totals": _Totals(names)})
+        super().__init__({name: () for name in names})
 
     def update(
         self,
@@ -314,25 +382,26 @@ class LanguageModelingMetrics(MetricSet):
                 f"(use {IGNORE_INDEX} for padding)"
             )
         correct = int(((logits.argmax(dim=1) == flat) & scored).sum())
-        totals = self._totals()
-        totals.update(samples=targets.shape[0], tokens=tokens, correct=correct)
+        totals = self._sums
+        totals.add(samples=targets.shape[0], tokens=tokens, correct=correct)
         if loss_sum is None and count is None:
             # Per-token losses summed in float64: the total then does not depend on batching.
             per_token = F.cross_entropy(
                 logits.float(), flat, ignore_index=IGNORE_INDEX, reduction="none"
             )
-            totals.update(loss_sum=per_token.to(torch.float64).sum(), loss_count=tokens)
+            totals.add(loss_sum=per_token.to(torch.float64).sum(), loss_count=tokens)
         else:
             self._add_loss(loss_sum, count, default=tokens)
 
     def compute(self) -> dict[str, Any]:
-        totals = self._synced_totals()
+        totals = self._reduced()
         result: dict[str, Any] = _mean_loss(totals)
         if "loss" in result:
             # exp overflows a float past ~709; an untrained or diverged model can get there
             result["perplexity"] = math.exp(result["loss"]) if result["loss"] < 709 else math.inf
-        result["tokens"] = int(totals["tokens"])
-        result["accuracy"] = totals["correct"] / totals["tokens"] if totals["tokens"] else math.nan
+        tokens = float(totals["tokens"])
+        result["tokens"] = int(tokens)
+        result["accuracy"] = float(totals["correct"]) / tokens if tokens else math.nan
         return result
 
 
