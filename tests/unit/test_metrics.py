@@ -11,6 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn import metrics as skm
+from tests.metrics_support import (
+    classification_data,
+    lm_data,
+    rank_computes,
+    shared_data,
+    task_metrics,
+)
 
 from shipyard.evaluate import (
     EvaluateError,
@@ -31,13 +38,6 @@ def feed(
         metrics.update(outputs[start : start + size], targets[start : start + size])
         start += size
     assert start == len(outputs)
-
-
-def classification_data(n: int = 100, c: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    targets = torch.randint(0, c - 1, (n,), generator=g)  # class c-1 never occurs as a target
-    logits = torch.randn(n, c, generator=g) + 1.5 * F.one_hot(targets, c)  # better than chance
-    return logits, targets
 
 
 def test_classification_matches_sklearn_and_ignores_batching() -> None:
@@ -126,16 +126,6 @@ def test_regression_accepts_flat_targets_for_one_output_and_loss() -> None:
     assert got == {"loss": 2.0, "mse": 2.0, "mae": 1.0, "rmse": math.sqrt(2.0), "r2": 1 - 4 / 4.5}
 
 
-def lm_data(pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
-    logits = 3.0 * torch.randn(12, 9, 17, generator=g)  # (B, T, V)
-    targets = torch.randint(0, 17, (12, 9), generator=g)
-    if pad:
-        targets[3, 5:] = -100
-        targets[7, 2:] = -100
-    return logits, targets
-
-
 @pytest.mark.parametrize("pad", [False, True])
 def test_language_modeling_matches_cross_entropy_and_ignores_batching(pad: bool) -> None:
     logits, targets = lm_data(pad)
@@ -217,53 +207,15 @@ def test_to_device_and_single_process_group_sync() -> None:
     assert got == pytest.approx(reference.compute(), rel=1e-12)
 
 
-def _rank_computes(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    """One process of `test_metrics_all_reduce_across_processes`: its share of every task's
-    data (the last rank gets none), the metrics computed together, written as JSON."""
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world
-    )
-    try:
-        results = {}
-        for task, (outputs, targets) in _shared_data().items():
-            m = _task_metrics(task)
-            rows = torch.arange(len(outputs))
-            mine = rows[rows % (world - 1) == rank] if rank < world - 1 else rows[:0]
-            if len(mine):
-                m.update(outputs[mine], targets[mine])
-            results[task] = m.compute()
-        Path(out_dir, f"{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
-
-
-def _shared_data() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    targets = torch.randn(40, 3, generator=g)
-    return {
-        "classification": classification_data(40),
-        "regression": (targets + 0.3 * torch.randn(40, 3, generator=g), targets),
-        "language-modeling": lm_data(pad=True),
-    }
-
-
-def _task_metrics(task: str) -> MetricSet:
-    if task == "classification":
-        return build_metrics("classification", num_classes=5, top_k=2)
-    return build_metrics(task)  # type: ignore[arg-type]
-
-
 def test_metrics_all_reduce_across_processes(tmp_path: Path) -> None:
     # three gloo processes; the third saw no batch and still joins every collective
     world = 3
-    torch.multiprocessing.start_processes(  # forked: no second import of torch and sklearn
-        _rank_computes,
-        args=(world, str(tmp_path / "store"), str(tmp_path)),
-        nprocs=world,
-        start_method="fork",
+    # spawned, not forked: a forked child of a process whose OpenMP pool ran deadlocks in it
+    torch.multiprocessing.spawn(
+        rank_computes, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world
     )
-    for task, (outputs, targets) in _shared_data().items():
-        alone = _task_metrics(task)
+    for task, (outputs, targets) in shared_data().items():
+        alone = task_metrics(task)
         alone.update(outputs, targets)
         expected = alone.compute()
         for rank in range(world):
