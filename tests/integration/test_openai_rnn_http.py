@@ -252,9 +252,11 @@ def test_a_full_engine_answers_503(lm: Any) -> None:
 
         engine.logits_hook = park
         try:
-            first = engine.submit_sync("#", SamplingParams(max_tokens=3))  # the only slot
+            # the only slot, then the only place in the queue; their tokens are sampled
+            # (temperature 1), so an end-of-text token must not finish them early
+            first = engine.submit_sync("#", SamplingParams(max_tokens=3, stop_on_eos=False))
             assert reached.wait(WAIT_S)
-            queued = engine.submit_sync("#", SamplingParams(max_tokens=2))  # the only place
+            queued = engine.submit_sync("#", SamplingParams(max_tokens=2, stop_on_eos=False))
             body = {"model": MODEL, "prompt": "#", "max_tokens": 3}
             busy = httpx.post(f"{base}/v1/completions", json=body, timeout=WAIT_S)
             assert busy.status_code == 503 and "retry-after" in busy.headers
