@@ -174,6 +174,10 @@ def test_bad_inputs_give_clear_errors() -> None:
         m.compute()
     with pytest.raises(EvaluateError, match="do not match"):
         build_metrics("regression").update(torch.randn(4, 2), torch.randn(4, 3))
+    regression = build_metrics("regression")
+    regression.update(torch.randn(4, 2), torch.randn(4, 2))
+    with pytest.raises(EvaluateError, match="changed width: 2 targets before, 3 now"):
+        regression.update(torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(EvaluateError, match="vocabulary has 5"):
         build_metrics("language-modeling").update(torch.randn(1, 2, 5), torch.tensor([[1, 5]]))
 

@@ -28,7 +28,10 @@ from shipyard.config_base import TASKS, Task
 from shipyard.data.instructions import IGNORE_INDEX
 from shipyard.errors import EvaluateError
 
-# Label value that marks padding / unscored tokens, as in F.cross_entropy.
+
+def _distributed() -> bool:
+    """True inside a process group of more than one process (collectives needed)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class _Sums:
@@ -38,29 +41,29 @@ class _Sums:
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
         self._shapes = dict(shapes)
-        self._device = torch.device("cpu")
+        self.device = torch.device("cpu")
         self.reset()
 
     def reset(self) -> None:
         self.values = {
-            name: torch.zeros(shape, dtype=torch.float64, device=self._device)
+            name: torch.zeros(shape, dtype=torch.float64, device=self.device)
             for name, shape in self._shapes.items()
         }
 
     def to(self, device: torch.device | str) -> None:
-        self._device = torch.device(device)
-        self.values = {name: v.to(self._device) for name, v in self.values.items()}
+        self.device = torch.device(device)
+        self.values = {name: v.to(self.device) for name, v in self.values.items()}
 
     def add(self, **deltas: float | int | Tensor) -> None:
         for name, delta in deltas.items():
             if name not in self.values:
                 raise KeyError(f"unknown sum {name!r}; known: {list(self.values)}")
-            value = torch.as_tensor(delta, dtype=torch.float64, device=self._device)
+            value = torch.as_tensor(delta, dtype=torch.float64, device=self.device)
             self.values[name] += value.detach()
 
     def reduced(self) -> dict[str, Tensor]:
         flat = torch.cat([v.reshape(-1) for v in self.values.values()])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             dist.all_reduce(flat)  # a copy: the local sums stay local
         out, at = {}, 0
         for name, v in self.values.items():
@@ -277,8 +280,7 @@ class RegressionMetrics(MetricSet):
         preds, target = outputs.to(torch.float64), targets.to(torch.float64)
         D = preds.shape[1]
         if self._outputs is None:
-            self._outputs = _Sums({"sum": (D,), "sum_squares": (D,), "residual_squares": (D,)})
-            self._outputs.to(self._sums.values["samples"].device)
+            self._outputs = _output_sums(D, self._sums.device)
         elif self._outputs.values["sum"].numel() != D:
             raise EvaluateError(
                 f"regression outputs changed width: {self._outputs.values['sum'].numel()} "
@@ -301,18 +303,15 @@ class RegressionMetrics(MetricSet):
     def _reduced_outputs(self) -> dict[str, Tensor]:
         """The per-output sums over all processes; a rank that saw no batch joins with zeros."""
         D = 0 if self._outputs is None else self._outputs.values["sum"].numel()
-        device = self._sums.values["samples"].device
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            width = torch.tensor([D], dtype=torch.float64, device=device)
+        if _distributed():
+            width = torch.tensor([D], dtype=torch.float64, device=self._sums.device)
             dist.all_reduce(width, op=dist.ReduceOp.MAX)
             widest = int(width.item())
             if self._outputs is not None and widest != D:
                 raise EvaluateError(f"ranks fed regression outputs of {D} and {widest} targets")
             D = widest
-        if self._outputs is None:
-            self._outputs = _Sums({"sum": (D,), "sum_squares": (D,), "residual_squares": (D,)})
-            self._outputs.to(device)
-        return self._outputs.reduced()
+        sums = self._outputs or _output_sums(D, self._sums.device)  # zeros on a rank with none
+        return sums.reduced()
 
     def compute(self) -> dict[str, Any]:
         totals = self._reduced()
@@ -327,6 +326,13 @@ class RegressionMetrics(MetricSet):
         n = float(totals["samples"])
         result["r2"] = _r2(outputs, n) if n > 1 else math.nan
         return result
+
+
+def _output_sums(width: int, device: torch.device) -> _Sums:
+    """A regression's per-output sums: of the targets, their squares, the squared residuals."""
+    sums = _Sums({"sum": (width,), "sum_squares": (width,), "residual_squares": (width,)})
+    sums.to(device)
+    return sums
 
 
 def _r2(sums: dict[str, Tensor], n: float) -> float:

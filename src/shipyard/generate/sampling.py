@@ -58,6 +58,16 @@ class TokenHistory:
         self.counts[rows, tokens] += 1.0
 
 
+def _param_column(name: str) -> cached_property[torch.Tensor]:
+    """A `SamplingBatch` property: the rows' `name` parameter as a (B, 1) float32 column, built
+    on first use."""
+
+    def column(self: SamplingBatch) -> torch.Tensor:
+        return self._column([getattr(p, name) for p in self.params])
+
+    return cached_property(column)
+
+
 @dataclass
 class SamplingBatch:
     """The sampling parameters of B rows: flags saying which steps any row needs, and per-row
@@ -116,25 +126,11 @@ class SamplingBatch:
         V = self.vocab_size
         return self._column([min(p.top_k, V) if p.top_k else V for p in self.params], torch.long)
 
-    @cached_property
-    def top_p(self) -> torch.Tensor:
-        """(B, 1)."""
-        return self._column([p.top_p for p in self.params])
-
-    @cached_property
-    def repetition_penalty(self) -> torch.Tensor:
-        """(B, 1)."""
-        return self._column([p.repetition_penalty for p in self.params])
-
-    @cached_property
-    def presence_penalty(self) -> torch.Tensor:
-        """(B, 1)."""
-        return self._column([p.presence_penalty for p in self.params])
-
-    @cached_property
-    def frequency_penalty(self) -> torch.Tensor:
-        """(B, 1)."""
-        return self._column([p.frequency_penalty for p in self.params])
+    # (B, 1) float32 columns of one parameter each, as the rows set it
+    top_p = _param_column("top_p")
+    repetition_penalty = _param_column("repetition_penalty")
+    presence_penalty = _param_column("presence_penalty")
+    frequency_penalty = _param_column("frequency_penalty")
 
 
 def _as_batch(

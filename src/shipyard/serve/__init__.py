@@ -13,8 +13,9 @@ The names below are imported from their modules on first use (PEP 562), so manag
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from shipyard.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from shipyard.serve.app import create_app
@@ -35,14 +36,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["Batcher", "ModelRepository", "ServeError", "ServeSettings", "ServedModel", "create_app"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
